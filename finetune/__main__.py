@@ -1,0 +1,103 @@
+"""`python -m finetune [VERB] [recipe=NAME] [group=option ...] [key=value ...] [--cfg job] [--help]`"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+VERBS = {"train": "load base -> attach LoRA -> SFT with TRL -> evaluate -> export (the default)"}
+
+
+def usage() -> str:
+    from finetune.config import GROUPS, schema_keys
+    from finetune.registry import group_options, recipes
+
+    lines = [
+        "usage: python -m finetune [VERB] [recipe=NAME] [group=option ...] [key=value ...] [--cfg job [--resolve]]",
+        "",
+        "verbs:",
+        *[f"  {v:<8} {d}" for v, d in VERBS.items()],
+        "",
+        f"recipes (recipe=NAME): {', '.join(recipes())}   (default: tiny_qlora, the embedded demo)",
+        "",
+        "groups (group=option):",
+        *[f"  {g:<9} {', '.join(group_options(g))}" for g in GROUPS],
+        "",
+        "keys (key=value):",
+    ]
+    for key, f in schema_keys().items():
+        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
+        lines.append(f"  {key:<28} {f.metadata.get('help', '')}{choices}")
+    return "\n".join(lines)
+
+
+def quiet_optional_kernel_notice() -> None:
+    """bitsandbytes warns on every CPU import with AVX512-BF16 that it could not fetch an optional faster
+    CPU kernel from the Hub (`pip install kernels`). It changes nothing for GPU users and runs fine
+    without it; only that notice is dropped, every other warning stays."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_optional_kernel_notice()
+    verb = "train"
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        verb = argv.pop(0)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+
+    from finetune.errors import UserError, closest
+
+    try:
+        if verb not in VERBS:
+            raise UserError(f"Unknown verb '{verb}'. Available: {', '.join(VERBS)}.{closest(verb, VERBS)}")
+        show_cfg = "--cfg" in argv
+        resolve = "--resolve" in argv
+        if show_cfg:
+            i = argv.index("--cfg")
+            if argv[i + 1 : i + 2] != ["job"]:
+                raise UserError("--cfg takes 'job': python -m finetune recipe=NAME --cfg job")
+            del argv[i : i + 2]
+        if resolve:
+            argv.remove("--resolve")
+        unknown = [a for a in argv if a.startswith("-")]
+        if unknown:
+            raise UserError(f"Unknown option {unknown[0]}: options are --cfg job, --resolve and --help; "
+                            "everything else is key=value.")
+
+        from finetune import registry
+
+        if show_cfg:
+            from omegaconf import OmegaConf
+
+            cfg = registry.compose(argv)
+            print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
+            return 0
+
+        cfg = registry.load_config(argv)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
+        logger = logging.getLogger("finetune")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        from finetune import pipeline
+
+        summary = pipeline.train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    keys = ("eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "train_runtime_s", "peak_memory_gb")
+    print("\n".join(f"{k:>18}: {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))))
+    print(f"run directory: {os.path.abspath(cfg.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

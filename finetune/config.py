@@ -1,0 +1,216 @@
+"""The typed schema of a run: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Each module takes its own slice (`cfg.model`, `cfg.train`, ...). `validate` checks every field's
+choices and range and the combinations across groups, and reports all problems at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+from finetune.errors import UserError, closest
+
+
+def opt(default: Any, help: str, choices: Optional[list] = None, min: Optional[float] = None,
+        max: Optional[float] = None, min_exclusive: bool = False) -> Any:
+    """A field with its help text and, where they apply, allowed values and range."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DTYPES = ["auto", "bfloat16", "float16", "float32"]
+OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt(MISSING, "Hugging Face Hub id or local folder of the base model")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model")
+    tokenizer: Optional[str] = opt(None, "tokenizer id or folder; defaults to name_or_path")
+    trust_remote_code: bool = opt(False, "run modelling code shipped with the checkpoint (only for repos you trust)")
+    attn_implementation: str = opt("sdpa", "attention kernel", ["sdpa", "eager", "flash_attention_2"])
+
+
+@dataclass
+class QuantConfig:
+    method: str = opt("nf4", "how the frozen base weights are stored", ["nf4", "int8", "none"])
+    double_quant: bool = opt(True, "4-bit only: quantize the quantization scales too (~0.4 bit/param saved)")
+    compute_dtype: str = opt("auto", "dtype 4-bit layers compute in; auto follows train.precision", DTYPES)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(True, "train LoRA adapters; false trains every weight (16/32-bit base only)")
+    r: int = opt(16, "adapter rank", min=1)
+    alpha: float = opt(32, "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)", min=0,
+                       min_exclusive=True)
+    dropout: float = opt(0.05, "dropout on the adapter input", min=0, max=0.9)
+    target_modules: List[str] = opt(["all-linear"], "module names to adapt; [all-linear] = every linear layer but the output head")
+    bias: str = opt("none", "train biases too", ["none", "all", "lora_only"])
+    use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
+    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA): slower, sometimes better at low rank")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt(MISSING, "training data: a .jsonl/.json file, or a Hugging Face Hub dataset id")
+    name: Optional[str] = opt(None, "Hub dataset configuration name")
+    split: str = opt("train", "split of `path` to train on")
+    revision: Optional[str] = opt(None, "Hub dataset revision")
+    eval_path: Optional[str] = opt(None, "eval data file or Hub id; null = `path` again (with eval_split) or a held-out fraction")
+    eval_split: Optional[str] = opt(None, "split for evaluation; null = hold out eval_fraction of the training split")
+    eval_fraction: float = opt(0.05, "fraction of training rows held out for eval when no eval split is given", min=0, max=0.5)
+    max_samples: Optional[int] = opt(None, "use only the first N training rows", min=1)
+    eval_max_samples: Optional[int] = opt(200, "use only the first N eval rows", min=1)
+    max_length: int = opt(2048, "tokens per training sequence; longer rows are truncated", min=8)
+    chat_template: Optional[str] = opt(None, "null = the tokenizer's own template (a plain one if it has none), or a bundled one", ["plain"])
+    train_on_inputs: bool = opt(False, "compute the loss on every token, not only on the assistant's replies")
+    packing: bool = opt(False, "pack several rows into each sequence")
+    num_proc: Optional[int] = opt(None, "processes for tokenization", min=1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", min=0)
+    max_steps: int = opt(-1, "optimizer steps; -1 = run `epochs`")
+    micro_batch_size: int = opt(4, "sequences per forward pass", min=1)
+    grad_accum: int = opt(4, "micro-batches per optimizer step; effective batch = micro_batch_size x grad_accum", min=1)
+    learning_rate: float = opt(2e-4, "peak learning rate", min=0, min_exclusive=True)
+    lr_scheduler: str = opt("cosine", "learning-rate schedule after warmup", ["cosine", "linear", "constant", "constant_with_warmup"])
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", min=0, max=0.5)
+    weight_decay: float = opt(0.0, "decoupled weight decay", min=0)
+    max_grad_norm: float = opt(0.3, "gradient clipping norm (0.3 as in the QLoRA paper)", min=0)
+    optim: str = opt("paged_adamw_8bit", "optimizer; the paged 8-bit AdamW of bitsandbytes saves the most memory", OPTIMIZERS)
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant): much less memory, ~1/3 more compute")
+    precision: str = opt("auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU", ["auto", "bf16", "fp16", "fp32"])
+    liger_kernel: bool = opt(False, "use Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]')")
+    seed: int = opt(42, "seed for adapter init, data order and dropout")
+    logging_steps: int = opt(10, "log loss, lr and throughput every N steps", min=1)
+    eval_steps: int = opt(0, "also evaluate every N steps during training; 0 = only before and after", min=0)
+    save_steps: int = opt(200, "write a resumable checkpoint every N steps", min=1)
+    save_total_limit: int = opt(2, "checkpoints kept", min=1)
+    eval_batch_size: int = opt(8, "sequences per eval forward pass", min=1)
+
+
+@dataclass
+class EvalConfig:
+    exact_match_samples: int = opt(0, "eval rows answered greedily and scored by exact match, before and after training; 0 = off", min=0)
+    max_new_tokens: int = opt(64, "token limit of each generated answer", min=1)
+    batch_size: int = opt(16, "prompts generated together", min=1)
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = opt("none", "experiment tracker", ["none", "wandb"])
+    project: str = opt("finetune", "W&B project")
+    entity: Optional[str] = opt(None, "W&B team or user")
+    name: Optional[str] = opt(None, "W&B run name; null = the run directory's name")
+    group: Optional[str] = opt(None, "W&B group")
+    tags: List[str] = opt([], "W&B tags")
+    mode: str = opt("online", "W&B mode; the WANDB_MODE environment variable wins", ["online", "offline", "disabled"])
+
+
+@dataclass
+class ExportConfig:
+    merge: bool = opt(False, "also write merged/: the base reloaded in 16-bit with the adapter merged in")
+    merge_dtype: str = opt("bfloat16", "dtype of the merged weights", ["bfloat16", "float16", "float32"])
+    check_samples: int = opt(4, "eval rows on which the merged model's logits are compared with base + adapter", min=1)
+    check_tolerance: float = opt(0.05, "largest allowed |logit| difference, merged vs base + adapter, relative to the logit range", min=0, min_exclusive=True)
+
+
+@dataclass
+class FinetuneConfig:
+    recipe: str = opt("tiny_qlora", "the recipe this run was composed from (set by recipe=NAME)")
+    output_dir: str = opt("outputs/${recipe}/${now:%Y-%m-%d_%H-%M-%S}", "run directory")
+    overwrite: bool = opt(False, "replace an existing non-empty output_dir")
+    resume: bool = opt(False, "continue an existing output_dir from its last checkpoint")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+GROUPS = [f.name for f in dataclasses.fields(FinetuneConfig) if dataclasses.is_dataclass(f.default_factory)]
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
+
+
+def schema_keys(cls: type = FinetuneConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf key of the schema, dotted ('train.learning_rate'), with its field."""
+    keys = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            keys.update(schema_keys(f.default_factory, prefix + f.name + "."))
+        else:
+            keys[prefix + f.name] = f
+    return keys
+
+
+def _check_field(key: str, f: dataclasses.Field, value: Any) -> Optional[str]:
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        null = " (or null)" if f.default is None else ""
+        return f"{key}={value} is not allowed: choose one of {allowed}{null}.{closest(str(value), map(str, meta['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            return f"{key}={value} is out of range: it must be {'>' if meta.get('min_exclusive') else '>='} {lo}."
+        if hi is not None and value > hi:
+            return f"{key}={value} is out of range: it must be <= {hi}."
+    return None
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Check every field, then the combinations across groups; raise one UserError listing all problems."""
+    problems = []
+    for key, f in schema_keys().items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        problems.append(_check_field(key, f, obj))
+
+    q, lora, t = cfg.quant, cfg.lora, cfg.train
+    if q.method != "none" and not lora.enabled:
+        problems.append(f"quant={q.method} with lora.enabled=false: quantized base weights cannot be trained. "
+                        "Set lora.enabled=true, or quant=none for full fine-tuning.")
+    if q.method != "nf4" and q.double_quant:
+        problems.append(f"quant.double_quant=true is a 4-bit (nf4) option but quant={q.method} (8-bit or none): "
+                        "use quant=nf4, or set quant.double_quant=false.")
+    compute = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(q.compute_dtype)
+    if q.method == "nf4" and compute and t.precision != "auto" and compute != t.precision:
+        problems.append(f"quant.compute_dtype={q.compute_dtype} but train.precision={t.precision}: the 4-bit layers "
+                        "would compute in another dtype than training. Set both the same, or quant.compute_dtype=auto.")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append("train.max_steps and train.epochs are both 0 or less: set one of them, e.g. train.epochs=1.")
+    if t.max_steps == 0:
+        problems.append("train.max_steps=0 trains nothing: use -1 to train for train.epochs, or a positive number.")
+    if cfg.resume and cfg.overwrite:
+        problems.append("resume=true and overwrite=true contradict each other: resume continues output_dir, "
+                        "overwrite deletes it. Pick one.")
+    if cfg.export.merge and not lora.enabled:
+        problems.append("export.merge=true needs LoRA (lora.enabled=true): without an adapter there is nothing to merge.")
+    if lora.use_dora and q.method == "int8":
+        problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
+    if cfg.eval.exact_match_samples and not (cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_fraction > 0):
+        problems.append("eval.exact_match_samples > 0 needs an eval split: set data.eval_path, data.eval_split "
+                        "or data.eval_fraction > 0.")
+    problems = [p for p in problems if p]
+    if problems:
+        raise UserError(*problems)

@@ -1,0 +1,58 @@
+"""The one exception type for mistakes a user can fix: the CLI prints its message and exits 2."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+    """A problem the user caused and can fix: bad config, bad data, missing file, wrong device.
+
+    The message says what is wrong, where, and how to fix it. The CLI prints it without a traceback.
+    """
+
+    def __init__(self, *problems: str):
+        self.problems = [p for p in problems if p]
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return self.problems[0]
+        return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+# Names users bring from transformers / TRL / other toolkits, and ours for the same thing.
+ALIASES = {
+    "lr": "train.learning_rate",
+    "learning_rate": "train.learning_rate",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "sequence_len": "data.max_length",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "load_in_4bit": "quant=nf4",
+    "load_in_8bit": "quant=int8",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "model_name_or_path": "model.name_or_path",
+    "dataset_name": "data.path",
+}
+
+
+def closest(word: str, options: Iterable[str]) -> str:
+    """' Did you mean 'x'?' for the nearest option, or '' when nothing is near."""
+    options = list(options)
+    alias = ALIASES.get(word.rsplit(".", 1)[-1])
+    if alias:
+        return f" Did you mean '{alias}'?"
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    if not match:  # a key typed without its group: 'lr' for 'train.learning_rate' stays unmatched, 'r' finds 'lora.r'
+        tail = word.rsplit(".", 1)[-1]
+        match = [o for o in options if o.rsplit(".", 1)[-1] == tail][:1]
+    return f" Did you mean '{match[0]}'?" if match else ""

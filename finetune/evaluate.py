@@ -1,0 +1,57 @@
+"""Evaluation beyond the loss: greedy answers to held-out prompts, scored by exact match."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
+    """Everything before the last assistant message, and that message's text."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of each conversation's prompt, formatted with the tokenizer's chat template."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
+    answers = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            prompts = [
+                tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                for c in conversations[start : start + batch_size]
+            ]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def exact_match(model, tokenizer, rows, max_new_tokens: int, batch_size: int) -> dict:
+    """Share of rows whose greedy answer equals the reference exactly (surrounding whitespace ignored).
+
+    An answer that runs on past the reference, because the model did not stop, does not match.
+    """
+    pairs = [_prompt_and_reference(r["messages"]) for r in rows]
+    answers = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs)]
+    examples = [
+        {"prompt": p[-1]["content"], "reference": ref, "answer": a}
+        for a, (p, ref) in list(zip(answers, pairs))[:5]
+    ]
+    return {"exact_match": sum(hits) / max(1, len(hits)), "n": len(hits), "examples": examples}

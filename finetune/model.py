@@ -1,0 +1,180 @@
+"""Base model and tokenizer loading: device and precision, quantization config, pad token.
+
+transformers' BitsAndBytesConfig defaults are fp4 and an fp32 compute dtype; QLoRA wants NF4, double
+quantization and 16-bit compute, so every field is set here explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from finetune.config import ModelConfig, QuantConfig, TrainConfig
+from finetune.errors import UserError
+
+log = logging.getLogger("finetune")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Device:
+    type: str                 # "cuda" or "cpu"
+    name: str                 # "NVIDIA H100 80GB HBM3" or "cpu"
+    bf16: bool                # bf16 matmuls supported
+    precision: str            # resolved train precision: bf16 | fp16 | fp32
+    compute_dtype: torch.dtype  # dtype of 4-bit layer compute and of unquantized weights
+
+    def describe(self) -> str:
+        return self.name if self.type == "cpu" else f"cuda ({self.name})"
+
+
+def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) -> Device:
+    """The device to train on and the precision it supports; a UserError for settings it cannot run."""
+    if torch.cuda.is_available():
+        kind, name, bf16 = "cuda", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported()
+    else:
+        kind, name, bf16 = "cpu", "cpu", True  # PyTorch runs bf16 on every CPU (slowly without AMX/AVX512-BF16)
+    problems = []
+    precision = train.precision
+    if precision == "auto":
+        precision = "fp32" if kind == "cpu" else ("bf16" if bf16 else "fp16")
+    if precision == "bf16" and not bf16:
+        problems.append(f"train.precision=bf16 but the GPU ({name}) has no bf16 support (it needs compute "
+                        "capability 8.0+, e.g. A100, RTX 30xx): set train.precision=fp16, or train.precision=auto.")
+    if precision == "fp16" and kind == "cpu":
+        problems.append("train.precision=fp16 needs a CUDA GPU and none was found: on CPU use train.precision=fp32 "
+                        "(or auto).")
+    if model.attn_implementation == "flash_attention_2" and kind == "cpu":
+        problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU: use sdpa on CPU.")
+    if train.liger_kernel and kind == "cpu":
+        problems.append("train.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set it to false.")
+    if train.liger_kernel and kind == "cuda":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            problems.append("train.liger_kernel=true but liger-kernel is not installed: pip install 'finetune[gpu]'.")
+    if problems:
+        raise UserError(*problems)
+    compute = precision if quant.compute_dtype == "auto" else quant.compute_dtype
+    return Device(kind, name, bf16, precision, DTYPES[compute])
+
+
+def is_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def check_model_path(cfg: ModelConfig) -> None:
+    for key, value in (("model.name_or_path", cfg.name_or_path), ("model.tokenizer", cfg.tokenizer)):
+        if value and is_local_path(value):
+            path = Path(value).expanduser()
+            if not path.is_dir():
+                raise UserError(f"{key}={value}: no such folder. Give a local folder holding config.json, "
+                                "or a Hugging Face Hub id such as meta-llama/Llama-2-7b-hf.")
+            if key == "model.name_or_path" and not (path / "config.json").is_file():
+                raise UserError(f"{key}={value}: the folder has no config.json, so it is not a transformers model.")
+
+
+def _hub_error(key: str, name: str, e: Exception) -> UserError:
+    first = str(e).strip().split("\n")[0]
+    return UserError(f"{key}={name}: could not be loaded ({type(e).__name__}: {first}). Check the Hub id and your "
+                     "network; for gated models (Llama, Mistral) accept the licence on huggingface.co and run "
+                     "`huggingface-cli login`; or give a local folder.")
+
+
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant.method == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quant.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype: Optional[torch.dtype] = None):
+    """The base model on `device`, quantized as `quant` says (16/32-bit in `dtype` when quant.method=none)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(cfg)
+    kwargs = dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        dtype=dtype or device.compute_dtype,  # the unquantized parts (embeddings, norms, head) too
+        device_map={"": 0 if device.type == "cuda" else "cpu"},
+        quantization_config=quantization_config(quant, device.compute_dtype),
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        if is_local_path(cfg.name_or_path) and not isinstance(e, OSError):
+            raise
+        raise _hub_error("model.name_or_path", cfg.name_or_path, e) from None
+    if device.type == "cpu":
+        keep_4bit_cpu_layers_differentiable(model)
+    return model
+
+
+def keep_4bit_cpu_layers_differentiable(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 CPU inference repacking of 4-bit weights.
+
+    In bitsandbytes 0.50 the first eval-mode, no-grad forward on such a CPU repacks each Linear4bit
+    for a gemv kernel that has no autograd, and every later forward, training included, takes that
+    path: the gradient through the frozen base layers is silently dropped. We evaluate the base
+    before training, so it would always happen. With repacking off, eval and training share the
+    dequantize-then-matmul path (and agree numerically). Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+# Tokens that can pad without being EOS, in the order tried. Padding is masked out of the loss by the
+# attention mask, but a distinct pad token also keeps generation and other tools from confusing the two.
+PAD_CANDIDATES = ["<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"]
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token distinct from EOS where its vocabulary allows; returns what was done."""
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != eos:
+        return f"kept {tokenizer.pad_token}"
+    vocab = tokenizer.get_vocab()
+    for token in [tokenizer.unk_token] + PAD_CANDIDATES:
+        if token and token in vocab and vocab[token] != eos:
+            tokenizer.pad_token = token
+            return f"set to {token}"
+    tokenizer.pad_token = tokenizer.eos_token
+    log.warning("The tokenizer has no token to pad with but EOS; padding with EOS (padding is masked by the "
+                "attention mask, so EOS is still trained).")
+    return f"EOS ({tokenizer.eos_token}): no other candidate"
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    check_model_path(cfg)
+    name = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", name, e) from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"The tokenizer of {name} has no EOS token, so a tuned model could never learn to stop.")
+    ensure_pad_token(tokenizer)
+    return tokenizer

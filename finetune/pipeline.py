@@ -1,0 +1,192 @@
+"""`train`: the recipe, top to bottom.
+
+config -> run directory -> device -> tokenizer -> data -> 4-bit base -> LoRA + SFT trainer
+-> eval of the untouched base -> train -> eval -> export -> summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from finetune.data import load_splits
+from finetune.data.templates import apply_chat_template_choice
+from finetune.config import FinetuneConfig
+from finetune.errors import UserError
+from finetune.evaluate import exact_match
+from finetune.export import check_batches, export_merged, logits_of, save_adapter, write_model_card
+from finetune.lora import build_peft_config, count_parameters
+from finetune.model import detect_device, load_base_model, load_tokenizer
+from finetune.registry import to_dict, to_yaml
+from finetune.tracking import MetricsLog, finish_wandb, peak_memory_gb, plot_loss, start_wandb
+from finetune.trainer import MetricsCallback, build_sft_config, build_trainer
+
+log = logging.getLogger("finetune")
+
+
+def check_run_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
+    """The run directory and the checkpoint to resume from; writes nothing. An existing run is never
+    overwritten unless overwrite=true."""
+    run_dir = Path(cfg.output_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir={run_dir} is a file, not a folder: choose another output_dir.")
+    busy = run_dir.is_dir() and any(run_dir.iterdir())
+    if cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ckpts = run_dir / "checkpoints"
+        resume_from = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        if resume_from is None:
+            raise UserError(f"resume=true but {ckpts} holds no checkpoint to resume from: "
+                            "drop resume=true to start a new run.")
+        return run_dir, resume_from
+    if busy and not cfg.overwrite:
+        raise UserError(f"output_dir={run_dir} already holds a run and is never overwritten by default: pass "
+                        "resume=true to continue it, overwrite=true to replace it, or choose another output_dir=...")
+    return run_dir, None
+
+
+def create_run_dir(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """Create the run directory (emptied first with overwrite=true) and write config.yaml."""
+    try:
+        if cfg.overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    except OSError as e:
+        raise UserError(f"output_dir={run_dir}: cannot write there ({e.strerror}). Choose a writable output_dir.") from None
+
+
+def train(cfg: FinetuneConfig) -> dict:
+    # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
+    run_dir, resume_from = check_run_dir(cfg)
+    # Device first: a setting the machine cannot run (bf16 on a T4, fp16 on a CPU) fails before any download.
+    device = detect_device(cfg.train, cfg.quant, cfg.model)
+    log.info("device: %s, precision %s", device.describe(), device.precision)
+
+    # Tokenizer before data: rows are checked and formatted with its chat template.
+    tokenizer = load_tokenizer(cfg.model)
+    template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
+    splits = load_splits(cfg.data, cfg.train.seed)
+    log.info("data: %d train rows, %d eval rows (%s); chat template: %s", len(splits.train),
+             len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
+
+    # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
+    create_run_dir(cfg, run_dir)
+    wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    # The base model, quantized on load; SFTTrainer wraps it in the LoRA adapter (B = 0, so it is still the base).
+    model = load_base_model(cfg.model, cfg.quant, device)
+    args = build_sft_config(cfg.train, cfg.data, device, run_dir / "checkpoints",
+                            report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name)
+    trainer = build_trainer(model, tokenizer, splits, build_peft_config(cfg.lora), args,
+                            [MetricsCallback(metrics, device.type)])
+    check_rows_kept(len(splits.train), len(trainer.train_dataset), cfg.data.max_length)
+    trainable, total = count_parameters(trainer.model)
+    log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+
+    # The untouched base on the eval split: the yardstick for the tuned model.
+    before = evaluate(cfg, trainer, tokenizer, splits, metrics)
+
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    after = evaluate(cfg, trainer, tokenizer, splits, metrics)
+    train_runtime = result.metrics["train_runtime"]
+    summary = {
+        "recipe": cfg.recipe,
+        "base_model": cfg.model.name_or_path,
+        "quantization": cfg.quant.method,
+        "train_loss": result.metrics.get("train_loss"),
+        "eval_loss_base": before["eval_loss"],
+        "eval_loss": after["eval_loss"],
+        "exact_match_base": before["exact_match"],
+        "exact_match": after["exact_match"],
+        "train_tokens": int(trainer._total_train_tokens) if hasattr(trainer, "_total_train_tokens") else None,
+        "train_runtime_s": train_runtime,
+        "tokens_per_second": None,
+        "peak_memory_gb": peak_memory_gb(device.type),
+        "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+        "device": device.describe(),
+        "precision": device.precision,
+        "trainable_params": trainable,
+        "total_params": total,
+        "gpu_hours": train_runtime / 3600 if device.type == "cuda" else None,
+        "steps": trainer.state.global_step,
+        "effective_batch": cfg.train.micro_batch_size * cfg.train.grad_accum,
+        "optimizer": describe_optimizer(trainer.optimizer),
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+        "quantized_layers": count_quantized_layers(trainer.model),
+        "chat_template": template,
+        "exact_match_examples": after["examples"],
+    }
+    if summary["train_tokens"]:
+        summary["tokens_per_second"] = summary["train_tokens"] / train_runtime
+
+    # Export: the adapter always; the merged model from a 16-bit reload of the base, never from 4-bit weights.
+    adapter_dir = run_dir / "adapter"
+    save_adapter(trainer, tokenizer, adapter_dir)
+    write_model_card(adapter_dir, cfg, summary, merged=False)
+    if cfg.export.merge:
+        batches = check_batches(tokenizer, splits.eval if splits.eval is not None else splits.train,
+                                cfg.export.check_samples)
+        trained_logits = logits_of(trainer.model, batches)
+        del trainer, model
+        summary.update(export_merged(cfg, adapter_dir, run_dir / "merged", tokenizer, batches, trained_logits))
+        write_model_card(run_dir / "merged", cfg, summary, merged=True)
+
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_loss(metrics.read(), run_dir / "loss.png", f"{cfg.recipe}: {cfg.model.name_or_path.split('/')[-1]}")
+    finish_wandb(wandb_run, summary)
+    return summary
+
+
+def check_rows_kept(before: int, after: int, max_length: int) -> None:
+    """TRL drops rows whose trained tokens were all cut off by truncation: say so, and stop if none are left."""
+    if after == 0:
+        raise UserError(f"All {before} training rows lost every trained token to truncation at data.max_length="
+                        f"{max_length}: the replies start after token {max_length}. Raise data.max_length.")
+    if after < before:
+        log.warning("%d of %d training rows were dropped: their replies start after data.max_length=%d tokens.",
+                    before - after, before, max_length)
+
+
+def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLog) -> dict:
+    """Eval loss on the eval split (the trainer logs it to metrics.jsonl and W&B), and the exact-match
+    score of greedy answers where asked for."""
+    out = {"eval_loss": None, "exact_match": None, "examples": []}
+    if splits.eval is None:
+        return out
+    out["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if cfg.eval.exact_match_samples:
+        rows = splits.eval.select(range(min(cfg.eval.exact_match_samples, len(splits.eval))))
+        em = exact_match(trainer.model, tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        out["exact_match"], out["examples"] = em["exact_match"], em["examples"]
+        metrics.append({"step": trainer.state.global_step, "exact_match": em["exact_match"], "n": em["n"]})
+        if trainer.is_world_process_zero() and "wandb" in trainer.args.report_to:
+            import wandb
+
+            wandb.log({"eval/exact_match": em["exact_match"]})
+    return out
+
+
+def describe_optimizer(optimizer) -> dict:
+    """What the trainer actually built: class, and for bitsandbytes its state bits and paging."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    desc = {"class": f"{type(inner).__module__}.{type(inner).__name__}"}
+    args = getattr(inner, "args", None)
+    if args is not None:
+        desc["optim_bits"] = getattr(args, "optim_bits", None)
+        desc["is_paged"] = bool(getattr(inner, "is_paged", False))
+    return desc
+
+
+def count_quantized_layers(model) -> dict:
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes"):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts

@@ -1,0 +1,87 @@
+"""Run tracking: W&B (online / offline / disabled), and, whatever the tracker, metrics.jsonl and loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from finetune.config import TrackingConfig
+
+
+def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
+    """Start the W&B run (the Trainer's W&B callback then logs into it); None when tracking is off."""
+    if cfg.backend != "wandb":
+        return None
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", cfg.mode)  # the environment wins, as everywhere in W&B
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or run_dir.name,
+        group=cfg.group,
+        tags=list(cfg.tags) or None,
+        mode=mode,
+        dir=str(run_dir),
+        config=config,
+    )
+
+
+def finish_wandb(run, summary: dict) -> None:
+    if run is None:
+        return
+    run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+    run.finish()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict], png: Path, title: str) -> None:
+    """loss.png: training loss per step, and eval loss where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o--", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def peak_memory_gb(device_type: str) -> Optional[float]:
+    """Peak GPU memory allocated by PyTorch, or on CPU the process's peak resident memory."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux

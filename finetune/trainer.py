@@ -1,0 +1,100 @@
+"""Our schema -> trl.SFTConfig and SFTTrainer, plus the callback that writes metrics.jsonl."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from transformers import TrainerCallback
+
+from finetune.config import DataConfig, TrainConfig
+from finetune.model import Device
+from finetune.tracking import MetricsLog, peak_memory_gb
+
+
+def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
+                     report_to: str, run_name: str):
+    from trl import SFTConfig
+
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
+    name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
+    checkpointing = {name: train.gradient_checkpointing,
+                     f"{name}_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None}
+    return SFTConfig(
+        **checkpointing,
+        output_dir=str(checkpoints),
+        run_name=run_name,
+        report_to=report_to,
+        seed=train.seed,
+        data_seed=train.seed,
+        # Schedule and batch
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.eval_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        # Memory and precision
+        bf16=device.precision == "bf16",
+        fp16=device.precision == "fp16",
+        use_cpu=device.type == "cpu",
+        use_liger_kernel=train.liger_kernel,
+        dataloader_pin_memory=device.type == "cuda",
+        # Logging, evaluation, checkpoints
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if train.eval_steps else "no",
+        eval_steps=train.eval_steps or None,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        # Data: TRL tokenizes with the chat template and masks everything but the assistant's replies
+        max_length=data.max_length,
+        packing=data.packing,
+        assistant_only_loss=not data.train_on_inputs,
+        dataset_num_proc=data.num_proc,
+    )
+
+
+def build_trainer(model, tokenizer, splits, peft_config, args, callbacks):
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (loss, lr, grad_norm, eval loss) to metrics.jsonl, with tokens/s and memory."""
+
+    def __init__(self, log: MetricsLog, device_type: str):
+        self.log = log
+        self.device_type = device_type
+        self._last: Optional[tuple[float, float]] = None  # (time, tokens seen) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "train_runtime" in logs:  # the end-of-training summary, written to summary.json instead
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
+        if self._last is not None and "num_tokens" in logs and now > self._last[0]:
+            record["tokens_per_second"] = (tokens - self._last[1]) / (now - self._last[0])
+            self._last = (now, tokens)
+        record["memory_gb"] = peak_memory_gb(self.device_type)
+        self.log.append(record)
