@@ -99,5 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main_exit() -> None:
+    """The `finetune` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config import GROUPS, FinetuneConfig, register_schema, schema_keys, validate
@@ -95,14 +95,13 @@ def check_overrides(overrides: list[str]) -> None:
                     f"Available: {', '.join(options)}.{closest(str(choice), options)}"
                 )
         elif key not in keys:
-            hint = closest(key, keys)
             group = key.split(".")[0]
-            listing = [k for k in keys if k.startswith(group + ".")] if group in GROUPS else list(keys)
-            listing = [k for k in listing if "." in k] if group in GROUPS else [k for k in listing if "." not in k] + GROUPS
-            problems.append(
-                f"Unknown config key '{key}' (in '{o.input_line}').{hint} "
-                f"Keys{' in ' + repr(group) if group in GROUPS else ''}: {', '.join(listing)}."
-            )
+            if group in GROUPS:
+                where, listing = f" in '{group}'", [k for k in keys if k.startswith(group + ".")]
+            else:
+                where, listing = "", [k for k in keys if "." not in k] + GROUPS
+            problems.append(f"Unknown config key '{key}' (in '{o.input_line}').{closest(key, keys)} "
+                            f"Keys{where}: {', '.join(listing)}.")
         elif o.is_add() or o.is_delete():
             problems.append(f"'{o.input_line}': keys cannot be added or removed; set it with {key}=VALUE.")
     if problems:
@@ -148,12 +147,6 @@ def compose(overrides: list[str]) -> DictConfig:
         del cfg["hydra"]
     cfg.recipe = recipe
     return cfg
-
-
-def open_dict(cfg: DictConfig):
-    from omegaconf import open_dict as _open_dict
-
-    return _open_dict(cfg)
 
 
 def load_config(overrides: Optional[list[str]] = None) -> FinetuneConfig:

@@ -25,7 +25,8 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
         tags=list(cfg.tags) or None,
         mode=mode,
         dir=str(run_dir),
-        config=config,
+        # Nested: the Trainer's callback adds its TrainingArguments at the top level (output_dir, seed, ...).
+        config={"finetune": config},
     )
 
 

@@ -81,3 +81,22 @@ def read_wandb_log(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def wandb_config(records) -> dict:
+    """The run's config as logged: {key: value}."""
+    config = {}
+    for r in records:
+        updates = r.config.update if r.HasField("config") else r.run.config.update if r.HasField("run") else []
+        config.update({_key(item): json.loads(item.value_json) for item in updates})
+    return config
+
+
+def wandb_history(records, key: str) -> list:
+    """Every value logged under `key`, in order."""
+    return [json.loads(item.value_json) for r in records if r.HasField("history")
+            for item in r.history.item if _key(item) == key]
