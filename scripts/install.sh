@@ -19,7 +19,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
       "$py" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
     fi
     # torch's own requirements, pinned to the build just installed so pip cannot swap it for a CUDA one.
-    "$py" -m pip install "torch==$("$py" -c 'import torch; print(torch.__version__)')"
+    "$py" -m pip install "torch==$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))')"
   fi
 fi
 "$py" -m pip install -e ".${extras:+[$extras]}"
