@@ -160,7 +160,10 @@ def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLo
     out = {"eval_loss": None, "exact_match": None, "examples": []}
     if splits.eval is None:
         return out
-    out["eval_loss"] = trainer.evaluate()["eval_loss"]
+    # With train.eval_steps the trainer has just evaluated at its last step: reuse that, don't run it twice.
+    done = [r["eval_loss"] for r in trainer.state.log_history
+            if "eval_loss" in r and r.get("step") == trainer.state.global_step and trainer.state.global_step > 0]
+    out["eval_loss"] = done[-1] if done else trainer.evaluate()["eval_loss"]
     if cfg.eval.exact_match_samples:
         rows = splits.eval.select(range(min(cfg.eval.exact_match_samples, len(splits.eval))))
         em = exact_match(trainer.model, tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
