@@ -96,6 +96,7 @@ def train(cfg: FinetuneConfig) -> dict:
 
     after = evaluate(cfg, trainer, tokenizer, splits, metrics)
     train_runtime = result.metrics["train_runtime"]
+    train_tokens = int(getattr(trainer, "_total_train_tokens", 0)) or None  # counted by TRL (non-padding tokens)
     summary = {
         "recipe": cfg.recipe,
         "base_model": cfg.model.name_or_path,
@@ -105,9 +106,9 @@ def train(cfg: FinetuneConfig) -> dict:
         "eval_loss": after["eval_loss"],
         "exact_match_base": before["exact_match"],
         "exact_match": after["exact_match"],
-        "train_tokens": int(trainer._total_train_tokens) if hasattr(trainer, "_total_train_tokens") else None,
+        "train_tokens": train_tokens,
         "train_runtime_s": train_runtime,
-        "tokens_per_second": None,
+        "tokens_per_second": train_tokens / train_runtime if train_tokens else None,
         "peak_memory_gb": peak_memory_gb(device.type),
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "device": device.describe(),
@@ -123,8 +124,6 @@ def train(cfg: FinetuneConfig) -> dict:
         "chat_template": template,
         "exact_match_examples": after["examples"],
     }
-    if summary["train_tokens"]:
-        summary["tokens_per_second"] = summary["train_tokens"] / train_runtime
 
     # Export: the adapter always; the merged model from a 16-bit reload of the base, never from 4-bit weights.
     adapter_dir = run_dir / "adapter"
@@ -135,6 +134,7 @@ def train(cfg: FinetuneConfig) -> dict:
                                 cfg.export.check_samples)
         trained_logits = logits_of(trainer.model, batches)
         del trainer, model
+        free_gpu_memory()
         summary.update(export_merged(cfg, adapter_dir, run_dir / "merged", tokenizer, batches, trained_logits))
         write_model_card(run_dir / "merged", cfg, summary, merged=True)
 
@@ -142,6 +142,17 @@ def train(cfg: FinetuneConfig) -> dict:
     plot_loss(metrics.read(), run_dir / "loss.png", f"{cfg.recipe}: {cfg.model.name_or_path.split('/')[-1]}")
     finish_wandb(wandb_run, summary)
     return summary
+
+
+def free_gpu_memory() -> None:
+    """Give the trained model's GPU memory back (its references are gone) before the merge."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_rows_kept(before: int, after: int, max_length: int) -> None:
