@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,9 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
         return None
     import wandb
 
-    mode = os.environ.get("WANDB_MODE", cfg.mode)  # the environment wins, as everywhere in W&B
+    mode = os.environ.get("WANDB_MODE") or cfg.mode  # the environment wins, so CI can force offline
+    if mode != cfg.mode:
+        logging.getLogger("finetune").info("W&B mode %s from WANDB_MODE (tracking.mode=%s is overridden)", mode, cfg.mode)
     return wandb.init(
         project=cfg.project,
         entity=cfg.entity,

@@ -48,9 +48,14 @@ def write_chat_data(path: Path, n: int) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
+            wandb_mode: str | None = "offline") -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` in a subprocess, offline; wandb_mode=None leaves W&B to the config."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("WANDB_MODE", None)
+    if wandb_mode:
+        env["WANDB_MODE"] = wandb_mode
     return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -1,0 +1,73 @@
+"""The selectable optimizers train, a run resumes from its checkpoint, and W&B can be switched off."""
+
+import json
+
+import pytest
+import torch
+
+from finetune.data import load_splits
+from finetune.lora import build_peft_config
+from finetune.model import Device, load_base_model, load_tokenizer
+from finetune.registry import load_config
+from finetune.trainer import build_sft_config, build_trainer
+from tests.helpers import run_cli
+
+
+@pytest.mark.parametrize("optim,cls,bits", [
+    ("adamw_torch", "torch.optim.adamw.AdamW", None),
+    ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW", 8),
+    ("paged_adamw_32bit", "bitsandbytes.optim.adamw.AdamW", 32),
+    ("adafactor", "transformers.optimization.Adafactor", None),
+])
+def test_each_optimizer_takes_a_step(tiny_model, chat_data, tmp_path, optim, cls, bits):
+    cfg = load_config([f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
+                       "data.max_length=128", f"train.optim={optim}", "lora.r=32"])
+    cpu = Device("cpu", "cpu", True, "fp32", torch.float32)
+    tokenizer = load_tokenizer(cfg.model)
+    from finetune.data.templates import apply_chat_template_choice
+
+    apply_chat_template_choice(tokenizer, None)
+    args = build_sft_config(cfg.train, cfg.data, cpu, tmp_path, report_to="none", run_name="t")
+    trainer = build_trainer(load_base_model(cfg.model, cfg.quant, cpu), tokenizer,
+                            load_splits(cfg.data, 0), build_peft_config(cfg.lora), args, [])
+    optimizer = trainer.create_optimizer()
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == cls
+    if bits:
+        assert optimizer.args.optim_bits == bits
+    lora_b = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    before = lora_b.detach().clone()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    optimizer.step()
+    assert not torch.equal(before, lora_b.detach())
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model, chat_data, tmp_path):
+    common = [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
+              "data.max_length=128", f"output_dir={tmp_path / 'run'}", "tracking=none", "train.save_steps=2",
+              "train.logging_steps=1", "train.micro_batch_size=8", "train.grad_accum=1"]
+    first = run_cli(*common, "train.max_steps=4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    refused = run_cli(*common, "train.max_steps=6")
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    resumed = run_cli(*common, "train.max_steps=6", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps[:4] == [1, 2, 3, 4] and steps[-2:] == [5, 6]  # the second run started at step 5
+
+
+def test_wandb_disabled_writes_no_wandb_run_and_the_environment_override_is_said(tiny_model, chat_data, tmp_path):
+    common = [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
+              "data.max_length=128", "tracking=wandb", "tracking.mode=disabled", "train.max_steps=2",
+              "train.logging_steps=1", "export=adapter"]
+    result = run_cli(*common, f"output_dir={tmp_path / 'off'}", wandb_mode=None)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list((tmp_path / "off").glob("wandb/*run-*"))
+    assert (tmp_path / "off" / "metrics.jsonl").read_text().count('"loss"') == 2  # metrics.jsonl regardless
+    result = run_cli(*common, f"output_dir={tmp_path / 'env'}", wandb_mode="offline")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "W&B mode offline from WANDB_MODE (tracking.mode=disabled is overridden)" in result.stderr
+    assert len(list((tmp_path / "env").glob("wandb/offline-run-*"))) == 1
