@@ -69,7 +69,8 @@ class DataConfig:
     max_samples: Optional[int] = opt(None, "use only the first N training rows", min=1)
     eval_max_samples: Optional[int] = opt(200, "use only the first N eval rows", min=1)
     max_length: int = opt(2048, "tokens per training sequence; longer rows are truncated", min=8)
-    chat_template: Optional[str] = opt(None, "null = the tokenizer's own template (a plain one if it has none), or a bundled one", ["plain"])
+    chat_template: Optional[str] = opt(None, "null = the tokenizer's own template (plain if it has none), or a bundled one",
+                                       ["plain", "chatml", "llama2", "llama3", "mistral"])
     train_on_inputs: bool = opt(False, "compute the loss on every token, not only on the assistant's replies")
     packing: bool = opt(False, "pack several rows into each sequence")
     num_proc: Optional[int] = opt(None, "processes for tokenization", min=1)

@@ -82,7 +82,8 @@ def train(cfg: FinetuneConfig) -> dict:
     # The base model, quantized on load; SFTTrainer wraps it in the LoRA adapter (B = 0, so it is still the base).
     model = load_base_model(cfg.model, cfg.quant, device)
     args = build_sft_config(cfg.train, cfg.data, device, run_dir / "checkpoints",
-                            report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name)
+                            report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name,
+                            eos_token=tokenizer.eos_token)
     trainer = build_trainer(model, tokenizer, splits, build_peft_config(cfg.lora), args,
                             [MetricsCallback(metrics, device.type)])
     check_rows_kept(len(splits.train), len(trainer.train_dataset), cfg.data.max_length)

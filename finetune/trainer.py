@@ -14,7 +14,7 @@ from finetune.tracking import MetricsLog, peak_memory_gb
 
 
 def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
-                     report_to: str, run_name: str):
+                     report_to: str, run_name: str, eos_token: Optional[str] = None):
     from trl import SFTConfig
 
     # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
@@ -59,6 +59,8 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         packing=data.packing,
         assistant_only_loss=not data.train_on_inputs,
         dataset_num_proc=data.num_proc,
+        # The chat template's end-of-turn token: TRL adds it to the model's generation config, so it stops there.
+        eos_token=eos_token,
     )
 
 

@@ -93,10 +93,15 @@ def check_rows(rows, where: list[str]) -> None:
         raise UserError(*bad, f"Each row must look like {EXAMPLE}")
 
 
+def _is_file(path: str) -> bool:
+    """A local file (or a path meant as one) rather than a Hub dataset id."""
+    return is_local_path(path) or path.endswith((".jsonl", ".json"))
+
+
 def _load(key: str, path: str, cfg: DataConfig, split: str):
     import datasets
 
-    if is_local_path(path) or path.endswith((".jsonl", ".json")):
+    if _is_file(path):
         rows, where = _read_local(key, Path(path).expanduser())
         check_rows(rows, where)
         return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
@@ -120,7 +125,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.eval_path or cfg.eval_split:
         source = cfg.eval_path or cfg.path
         eval_ds = _load("data.eval_path" if cfg.eval_path else "data.eval_split", source, cfg, cfg.eval_split or cfg.split)
-        eval_source = f"{source} [{cfg.eval_split or cfg.split}]"
+        eval_source = source if _is_file(source) else f"{source} [{cfg.eval_split or cfg.split}]"
     elif cfg.eval_fraction > 0:
         if len(train) < 2:
             raise UserError(f"data.path={cfg.path} has {len(train)} row(s): too few to hold out an eval split. "
