@@ -58,8 +58,29 @@ class LoraConfig:
 
 
 @dataclass
+class Columns:
+    """The dataset's column for each field a format reads, where its name differs (null = the same name)."""
+    messages: Optional[str] = opt(None, "column holding the role/content list")
+    conversations: Optional[str] = opt(None, "column holding the from/value list (sharegpt)")
+    instruction: Optional[str] = opt(None, "column holding the instruction, e.g. question")
+    input: Optional[str] = opt(None, "column holding the optional input / context")
+    output: Optional[str] = opt(None, "column holding the answer, e.g. response")
+    prompt: Optional[str] = opt(None, "column holding the prompt")
+    completion: Optional[str] = opt(None, "column holding the completion")
+    text: Optional[str] = opt(None, "column holding the raw text")
+
+    def mapping(self) -> dict[str, str]:
+        """{our name: the dataset's column} for the fields that are renamed."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclass
 class DataConfig:
-    path: str = opt(MISSING, "training data: a .jsonl/.json file, or a Hugging Face Hub dataset id")
+    path: str = opt(MISSING, "training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a Hub dataset id")
+    format: str = opt("auto", "row format; auto = the one most rows have every field of",
+                      ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"])
+    columns: Columns = field(default_factory=Columns)
+    bad_rows: str = opt("error", "a malformed row stops the run (error, naming file and line) or is dropped and counted", ["error", "drop"])
     name: Optional[str] = opt(None, "Hub dataset configuration name")
     split: str = opt("train", "split of `path` to train on")
     revision: Optional[str] = opt(None, "Hub dataset revision")

@@ -22,10 +22,13 @@ CHECK_TOKENS = 128  # tokens of each check sample: enough to compare distributio
 
 
 def check_batches(tokenizer, rows, n: int) -> list[torch.Tensor]:
-    """Token ids of the first n eval conversations, as formatted in training."""
+    """Token ids of the first n eval rows, as formatted in training."""
     out = []
     for row in list(rows)[:n]:
-        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        if "messages" in row:
+            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(row.get("text") or row["prompt"] + row["completion"])["input_ids"]
         out.append(torch.tensor([ids[:CHECK_TOKENS]]))
     return out
 

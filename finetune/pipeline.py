@@ -71,8 +71,11 @@ def train(cfg: FinetuneConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     splits = load_splits(cfg.data, cfg.train.seed)
-    log.info("data: %d train rows, %d eval rows (%s); chat template: %s", len(splits.train),
+    log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format, len(splits.train),
              len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
+    if cfg.eval.exact_match_samples and not splits.conversational:
+        raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but the "
+                        f"data is in the {splits.format} format: set eval.exact_match_samples=0.")
 
     # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
     create_run_dir(cfg, run_dir)
@@ -83,7 +86,7 @@ def train(cfg: FinetuneConfig) -> dict:
     model = load_base_model(cfg.model, cfg.quant, device)
     args = build_sft_config(cfg.train, cfg.data, device, run_dir / "checkpoints",
                             report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name,
-                            eos_token=tokenizer.eos_token)
+                            eos_token=tokenizer.eos_token, data_format=splits.format)
     trainer = build_trainer(model, tokenizer, splits, build_peft_config(cfg.lora), args,
                             [MetricsCallback(metrics, device.type)])
     check_rows_kept(len(splits.train), len(trainer.train_dataset), cfg.data.max_length)
@@ -123,6 +126,8 @@ def train(cfg: FinetuneConfig) -> dict:
         "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "quantized_layers": count_quantized_layers(trainer.model),
         "chat_template": template,
+        "data_format": splits.format,
+        "rows_dropped": dict(splits.dropped),
         "exact_match_examples": after["examples"],
     }
 

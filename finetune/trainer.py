@@ -9,12 +9,13 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from finetune.config import DataConfig, TrainConfig
+from finetune.data.formats import CONVERSATIONAL
 from finetune.model import Device
 from finetune.tracking import MetricsLog, peak_memory_gb
 
 
 def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
-                     report_to: str, run_name: str, eos_token: Optional[str] = None):
+                     report_to: str, run_name: str, eos_token: Optional[str] = None, data_format: str = "messages"):
     from trl import SFTConfig
 
     # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
@@ -54,10 +55,12 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
-        # Data: TRL tokenizes with the chat template and masks everything but the assistant's replies
+        # Data: TRL tokenizes (conversations with the chat template) and masks what is not trained:
+        # all but the assistant's replies, all but the completion, or nothing for raw text.
         max_length=data.max_length,
         packing=data.packing,
-        assistant_only_loss=not data.train_on_inputs,
+        assistant_only_loss=not data.train_on_inputs and data_format in CONVERSATIONAL,
+        completion_only_loss=not data.train_on_inputs if data_format == "prompt_completion" else None,
         dataset_num_proc=data.num_proc,
         # The chat template's end-of-turn token: TRL adds it to the model's generation config, so it stops there.
         eos_token=eos_token,

@@ -1,25 +1,37 @@
-"""Training and eval data: load, check every row, split.
+"""Training and eval data: read, detect the format, check every row, convert, split.
 
-This version reads conversational data, one row per conversation:
-    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-from local .jsonl / .json files or a Hugging Face Hub dataset. Every row is checked before training
-starts, so a malformed row is reported with its file and line instead of crashing a run late.
+Sources: local .jsonl / .json / .csv / .parquet files or a folder of them, or a Hugging Face Hub
+dataset. Every row is checked before tokenization, so a malformed row is reported with its file and
+line (data.bad_rows=error, the default) or dropped and counted (data.bad_rows=drop), instead of
+crashing a run late. Formats: see finetune/data/formats.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from finetune.config import DataConfig
+from finetune.data import formats
 from finetune.errors import UserError
 from finetune.model import is_local_path
 
-ROLES = ("system", "user", "assistant")
-EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}'
+log = logging.getLogger("finetune")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_REPORTED = 5
+
+
+@dataclass
+class Rows:
+    """Rows of one source as read, each with where it came from; a row that could not be read is None
+    with its problem."""
+    rows: list = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    unreadable: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (reason, detail)
 
 
 @dataclass
@@ -27,108 +39,165 @@ class Splits:
     train: "datasets.Dataset"  # noqa: F821
     eval: Optional["datasets.Dataset"]  # noqa: F821
     eval_source: str
+    format: str = "messages"
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows dropped (data.bad_rows=drop)
 
-
-def _read_local(key: str, path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of a .jsonl or .json file, and where each came from ('file:line')."""
-    if not path.is_file():
-        raise UserError(f"{key}={path}: no such file. Give a .jsonl or .json file, or a Hugging Face Hub dataset id.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM is accepted
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}). Re-save the file as UTF-8.") from None
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}). A .json file holds one list of rows.") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: a .json file must hold a list of rows, e.g. [{EXAMPLE}].")
-        return rows, [f"{path}[{i}]" for i in range(len(rows))]
-    rows, where = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}). "
-                            f"Each line of a .jsonl file is one row, e.g. {EXAMPLE}") from None
-        where.append(f"{path}:{lineno}")
-    if not rows:
-        raise UserError(f"{path}: the file holds no rows. Each line of a .jsonl file is one row, e.g. {EXAMPLE}")
-    return rows, where
-
-
-def _row_problem(row) -> Optional[str]:
-    if not isinstance(row, dict):
-        return f"is a {type(row).__name__}, not an object"
-    if "messages" not in row:
-        return f"has no 'messages' field (it has {', '.join(map(repr, row)) or 'no fields'})"
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list of {role, content} objects"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"message {i} must be an object with 'role' and 'content'"
-        if m["role"] not in ROLES:
-            return f"message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}"
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            return f"message {i} ({m['role']}) has empty or non-text content"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "has no assistant message, so there is nothing to learn"
-    return None
-
-
-def check_rows(rows, where: list[str]) -> None:
-    """One UserError listing the first malformed rows, with where they are and the expected shape."""
-    bad = []
-    for row, loc in zip(rows, where):
-        problem = _row_problem(row)
-        if problem:
-            bad.append(f"{loc}: the row {problem}.")
-            if len(bad) == MAX_REPORTED:
-                break
-    if bad:
-        raise UserError(*bad, f"Each row must look like {EXAMPLE}")
+    @property
+    def conversational(self) -> bool:
+        return self.format in formats.CONVERSATIONAL
 
 
 def _is_file(path: str) -> bool:
-    """A local file (or a path meant as one) rather than a Hub dataset id."""
-    return is_local_path(path) or path.endswith((".jsonl", ".json"))
+    """A local file or folder (or a path meant as one) rather than a Hub dataset id."""
+    return is_local_path(path) or path.endswith(SUFFIXES)
 
 
-def _load(key: str, path: str, cfg: DataConfig, split: str):
+def _read_jsonl(path: Path, out: Rows) -> None:
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is accepted
+        data = data[3:]
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        out.where.append(f"{path}:{lineno}")
+        try:
+            out.rows.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            out.unreadable[len(out.rows)] = ("not UTF-8", f"byte {e.start} is not UTF-8; re-save the file as UTF-8")
+            out.rows.append(None)
+        except json.JSONDecodeError as e:
+            out.unreadable[len(out.rows)] = ("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno}); "
+                                             "each line of a .jsonl file is one JSON object")
+            out.rows.append(None)
+
+
+def _read_file(path: Path, out: Rows) -> None:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, out)
+    try:
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+            if not isinstance(rows, list):
+                raise UserError(f"{path}: a .json file must hold a list of rows, e.g. [{formats.EXAMPLES['messages']}].")
+            where = [f"{path}[{i}]" for i in range(len(rows))]
+        elif path.suffix == ".csv":
+            import csv
+
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+            where = [f"{path}:{i + 2}" for i in range(len(rows))]  # line 1 is the header
+        else:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+            where = [f"{path} row {i}" for i in range(len(rows))]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}). Re-save the file as UTF-8.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}). A .json file holds one list of rows.") from None
+    except UserError:
+        raise
+    except Exception as e:  # pyarrow raises its own types for a file that is not Parquet
+        raise UserError(f"{path}: cannot be read as {path.suffix[1:]} ({type(e).__name__}: {e}).") from None
+    out.rows.extend(rows)
+    out.where.extend(where)
+
+
+def _read_local(key: str, path: Path) -> Rows:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        if not files:
+            raise UserError(f"{key}={path}: the folder holds no {', '.join(SUFFIXES)} files.")
+    elif path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise UserError(f"{key}={path}: unsupported file type; use {', '.join(SUFFIXES)} (or a folder of them).")
+        files = [path]
+    else:
+        raise UserError(f"{key}={path}: no such file or folder. Give a {', '.join(SUFFIXES)} file, a folder of "
+                        "them, or a Hugging Face Hub dataset id.")
+    out = Rows()
+    for f in files:
+        _read_file(f, out)
+    if not out.rows:
+        raise UserError(f"{key}={path}: holds no rows. One row looks like {formats.EXAMPLES['messages']}")
+    return out
+
+
+def _read_hub(key: str, path: str, cfg: DataConfig, split: str) -> Rows:
     import datasets
 
-    if _is_file(path):
-        rows, where = _read_local(key, Path(path).expanduser())
-        check_rows(rows, where)
-        return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
     try:
         ds = datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision)
     except Exception as e:  # datasets raises many types for a wrong id, split or network
-        raise UserError(f"{key}={path} (split {split}): could not be loaded ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). Check the dataset id, "
-                        "data.name and the split, and your network; or give a local .jsonl file.") from None
-    if "messages" not in ds.column_names:
-        raise UserError(f"{key}={path}: no 'messages' column (columns: {', '.join(ds.column_names)}). "
-                        f"This version trains on conversations: rows like {EXAMPLE}")
-    ds = ds.select_columns(["messages"])
-    check_rows(ds, [f"{path}[{split}] row {i}" for i in range(len(ds))])
-    return ds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{key}={path} (split {split}): could not be loaded ({type(e).__name__}: {first}). Check the "
+                        "dataset id, data.name and the split, and your network; or give a local file.") from None
+    return Rows(rows=list(ds), where=[f"{path}[{split}] row {i}" for i in range(len(ds))])
+
+
+def _prepare(key: str, source: Rows, cfg: DataConfig, fmt: str) -> tuple["datasets.Dataset", Counter]:  # noqa: F821
+    """Check every row as `fmt`; convert the good ones; apply data.bad_rows to the rest."""
+    import datasets
+
+    good, bad, dropped = [], [], Counter()
+    for i, (row, where) in enumerate(zip(source.rows, source.where)):
+        problem = source.unreadable.get(i) or formats.check(formats.rename(row, cfg.columns.mapping()), fmt)
+        if problem:
+            dropped[problem[0]] += 1
+            if len(bad) < MAX_REPORTED:
+                bad.append(f"{where}: the row {problem[1]}" if not problem[1].startswith(("invalid", "byte"))
+                           else f"{where}: {problem[1]}")
+        else:
+            good.append(formats.convert(formats.rename(row, cfg.columns.mapping()), fmt))
+    if bad and cfg.bad_rows == "error":
+        more = sum(dropped.values()) - len(bad)
+        raise UserError(*bad, *([f"... and {more} more."] if more else []),
+                        f"Rows must be in the {fmt} format, e.g. {formats.EXAMPLES[fmt]} "
+                        "(set data.format if it is another), or pass data.bad_rows=drop to skip bad rows.")
+    if dropped:
+        log.warning("%s: dropped %d of %d rows (%s); first: %s", key, sum(dropped.values()), len(source.rows),
+                    ", ".join(f"{n} {reason}" for reason, n in dropped.most_common()), bad[0])
+    if not good:
+        raise UserError(f"{key}: no usable rows are left after dropping {sum(dropped.values())} bad ones "
+                        f"({', '.join(f'{n} {r}' for r, n in dropped.most_common())}). First: {bad[0]}")
+    return datasets.Dataset.from_list(good), dropped
+
+
+def _format_of(key: str, source: Rows, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    fmt, counts = formats.detect([r for r in source.rows if r is not None], cfg.columns.mapping())
+    if not fmt and source.unreadable:  # nothing could be read: that is the problem to report
+        raise UserError(*[f"{source.where[i]}: {detail}" for i, (_, detail) in list(source.unreadable.items())[:MAX_REPORTED]])
+    if not fmt:
+        keys = sorted({k for r in source.rows if isinstance(r, dict) for k in formats.rename(r, cfg.columns.mapping())})
+        raise UserError(f"{key}: no row matches a known format (fields seen: {', '.join(keys) or 'none'}). Formats: "
+                        + "; ".join(f"{f}: {e}" for f, e in formats.EXAMPLES.items())
+                        + ". Map other column names with data.columns, e.g. data.columns.instruction=question data.columns.output=answer.")
+    if len(counts) > 1:
+        log.info("%s: format %s (rows matching each format: %s)", key, fmt, dict(counts))
+    return fmt
+
+
+def _load(key: str, path: str, cfg: DataConfig, split: str, fmt: Optional[str] = None):
+    source = _read_local(key, Path(path).expanduser()) if _is_file(path) else _read_hub(key, path, cfg, split)
+    fmt = fmt or _format_of(key, source, cfg)
+    ds, dropped = _prepare(key, source, cfg, fmt)
+    return ds, fmt, dropped
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """The training rows and the eval rows (explicit source, explicit split, or a seeded held-out fraction)."""
-    train = _load("data.path", cfg.path, cfg, cfg.split)
+    train, fmt, dropped = _load("data.path", cfg.path, cfg, cfg.split)
     if cfg.eval_path or cfg.eval_split:
         source = cfg.eval_path or cfg.path
-        eval_ds = _load("data.eval_path" if cfg.eval_path else "data.eval_split", source, cfg, cfg.eval_split or cfg.split)
+        eval_ds, _, eval_dropped = _load("data.eval_path" if cfg.eval_path else "data.eval_split", source, cfg,
+                                         cfg.eval_split or cfg.split, fmt)
+        dropped += eval_dropped
         eval_source = source if _is_file(source) else f"{source} [{cfg.eval_split or cfg.split}]"
     elif cfg.eval_fraction > 0:
         if len(train) < 2:
-            raise UserError(f"data.path={cfg.path} has {len(train)} row(s): too few to hold out an eval split. "
+            raise UserError(f"data.path={cfg.path} has {len(train)} usable row(s): too few to hold out an eval split. "
                             "Add rows or set data.eval_path.")
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
         train, eval_ds = parts["train"], parts["test"]
@@ -139,4 +208,4 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         train = train.select(range(min(cfg.max_samples, len(train))))
     if eval_ds is not None and cfg.eval_max_samples:
         eval_ds = eval_ds.select(range(min(cfg.eval_max_samples, len(eval_ds))))
-    return Splits(train, eval_ds, eval_source)
+    return Splits(train, eval_ds, eval_source, fmt, dropped)

@@ -72,7 +72,7 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assi
 @pytest.mark.parametrize("bad,expected", [
     ('{"messages": [', ":2: invalid JSON"),
     (json.dumps({"text": "x"}), ":2: the row has no 'messages' field (it has 'text')"),
-    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "role 'bot'; roles are system, user, assistant"),
+    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "has role 'bot'; allowed: system, user, assistant"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "has no assistant message"),
     (json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}), "empty"),
     (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}), "non-text"),
