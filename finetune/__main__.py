@@ -6,7 +6,10 @@ import logging
 import os
 import sys
 
-VERBS = {"train": "load base -> attach LoRA -> SFT with TRL -> evaluate -> export (the default)"}
+VERBS = {
+    "train": "load base -> attach LoRA -> SFT with TRL -> evaluate -> export (the default)",
+    "data": "load, check and tokenize the recipe's data; print counts, lengths and one marked example",
+}
 
 
 def usage() -> str:
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         logger = logging.getLogger("finetune")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        if verb == "data":
+            from finetune.data.report import report
+
+            report(cfg)
+            return 0
         from finetune import pipeline
 
         summary = pipeline.train(cfg)

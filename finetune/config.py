@@ -75,8 +75,24 @@ class Columns:
 
 
 @dataclass
+class SourceConfig:
+    """One of several training sources mixed by weight (data.sources)."""
+    path: str = opt(MISSING, "a .jsonl/.json/.csv/.parquet file, a folder of them, or a Hub dataset id")
+    weight: float = opt(1.0, "share of the training rows: weight / sum of weights (small sources repeat)", min=0,
+                        min_exclusive=True)
+    name: Optional[str] = opt(None, "Hub dataset configuration name")
+    split: str = opt("train", "split to train on")
+    revision: Optional[str] = opt(None, "Hub dataset revision")
+    format: str = opt("auto", "row format of this source", ["auto", "messages", "sharegpt", "instruction",
+                                                             "prompt_completion", "text"])
+    columns: Columns = field(default_factory=Columns)
+
+
+@dataclass
 class DataConfig:
-    path: str = opt(MISSING, "training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a Hub dataset id")
+    path: Optional[str] = opt(None, "training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a Hub dataset id")
+    sources: List[SourceConfig] = field(default_factory=list, metadata={"help": "several sources mixed by weight, "
+                                        "instead of path: [{path: a.jsonl, weight: 3}, {path: org/dataset, split: train}]"})
     format: str = opt("auto", "row format; auto = the one most rows have every field of",
                       ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"])
     columns: Columns = field(default_factory=Columns)
@@ -89,12 +105,14 @@ class DataConfig:
     eval_fraction: float = opt(0.05, "fraction of training rows held out for eval when no eval split is given", min=0, max=0.5)
     max_samples: Optional[int] = opt(None, "use only the first N training rows", min=1)
     eval_max_samples: Optional[int] = opt(200, "use only the first N eval rows", min=1)
-    max_length: int = opt(2048, "tokens per training sequence; longer rows are truncated", min=8)
+    max_length: int = opt(2048, "tokens per training sequence", min=8)
+    too_long: str = opt("drop", "rows longer than max_length: drop them, truncate them, or stop with an error",
+                        ["drop", "truncate", "error"])
     chat_template: Optional[str] = opt(None, "null = the tokenizer's own template (plain if it has none), or a bundled one",
                                        ["plain", "chatml", "llama2", "llama3", "mistral"])
     train_on_inputs: bool = opt(False, "compute the loss on every token, not only on the assistant's replies")
-    packing: bool = opt(False, "pack several rows into each sequence")
-    num_proc: Optional[int] = opt(None, "processes for tokenization", min=1)
+    packing: bool = opt(False, "pack several rows into each sequence (best-fit; no attention across rows)")
+    num_proc: Optional[int] = opt(None, "processes for tokenization (results are cached either way)", min=1)
 
 
 @dataclass
@@ -230,7 +248,20 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append("export.merge=true needs LoRA (lora.enabled=true): without an adapter there is nothing to merge.")
     if lora.use_dora and q.method == "int8":
         problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
-    if cfg.eval.exact_match_samples and not (cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_fraction > 0):
+    if bool(cfg.data.path) == bool(cfg.data.sources):
+        problems.append("Give the training data either as data.path or as data.sources (several, mixed by weight), "
+                        "not both" + (": set data.path=null to use data.sources." if cfg.data.sources else ": neither is set."))
+    for i, source in enumerate(cfg.data.sources):
+        for key, f in schema_keys(SourceConfig).items():
+            obj = source
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            problems.append(_check_field(f"data.sources[{i}].{key}", f, obj))
+    has_eval = bool(cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_fraction > 0)
+    if t.eval_steps and not has_eval:
+        problems.append(f"train.eval_steps={t.eval_steps} needs an eval split: set data.eval_path, data.eval_split or "
+                        "data.eval_fraction > 0, or train.eval_steps=0.")
+    if cfg.eval.exact_match_samples and not has_eval:
         problems.append("eval.exact_match_samples > 0 needs an eval split: set data.eval_path, data.eval_split "
                         "or data.eval_fraction > 0.")
     problems = [p for p in problems if p]

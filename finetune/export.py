@@ -73,7 +73,7 @@ tags: [finetune, {'qlora' if cfg.quant.method == 'nf4' else 'lora'}, sft]
 # {'Merged model' if merged else 'LoRA adapter'}: {cfg.recipe}
 
 Fine-tuned from `{cfg.model.name_or_path}` with finetune, recipe `{cfg.recipe}`:
-base in {cfg.quant.method}, LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, on `{cfg.data.path}`.
+base in {cfg.quant.method}, LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, on `{cfg.data.path or ", ".join(s.path for s in cfg.data.sources)}`.
 Prompts must use the chat template saved with the tokenizer here, as in training.
 
 ```python

@@ -22,7 +22,8 @@ from finetune.lora import build_peft_config, count_parameters
 from finetune.model import detect_device, load_base_model, load_tokenizer
 from finetune.registry import to_dict, to_yaml
 from finetune.tracking import MetricsLog, finish_wandb, peak_memory_gb, plot_loss, start_wandb
-from finetune.trainer import MetricsCallback, build_sft_config, build_trainer
+from finetune.data.tokenize import tokenize
+from finetune.trainer import MetricsCallback, build_sft_config, build_trainer, packing_efficiency
 
 log = logging.getLogger("finetune")
 
@@ -73,6 +74,11 @@ def train(cfg: FinetuneConfig) -> dict:
     splits = load_splits(cfg.data, cfg.train.seed)
     log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format, len(splits.train),
              len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
+    if cfg.data.packing and cfg.model.trust_remote_code:
+        raise UserError("data.packing=true relies on transformers building per-row attention from position ids, which "
+                        "remote modelling code (model.trust_remote_code=true) may not do: set data.packing=false.")
+    train_tok = tokenize(splits.train, tokenizer, cfg.data, "train", splits.conversational)
+    eval_tok = tokenize(splits.eval, tokenizer, cfg.data, "eval", splits.conversational) if splits.eval is not None else None
     if cfg.eval.exact_match_samples and not splits.conversational:
         raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but the "
                         f"data is in the {splits.format} format: set eval.exact_match_samples=0.")
@@ -86,10 +92,15 @@ def train(cfg: FinetuneConfig) -> dict:
     model = load_base_model(cfg.model, cfg.quant, device)
     args = build_sft_config(cfg.train, cfg.data, device, run_dir / "checkpoints",
                             report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name,
-                            eos_token=tokenizer.eos_token, data_format=splits.format)
-    trainer = build_trainer(model, tokenizer, splits, build_peft_config(cfg.lora), args,
-                            [MetricsCallback(metrics, device.type)])
-    check_rows_kept(len(splits.train), len(trainer.train_dataset), cfg.data.max_length)
+                            eos_token=tokenizer.eos_token, has_eval=eval_tok is not None)
+    trainer = build_trainer(model, tokenizer, train_tok.dataset, eval_tok.dataset if eval_tok else None,
+                            build_peft_config(cfg.lora), args, [MetricsCallback(metrics, device.type)])
+    packed = packing_efficiency(trainer.train_dataset, cfg.data.max_length) if cfg.data.packing else None
+    if packed is not None:
+        log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(train_tok.dataset),
+                 len(trainer.train_dataset), cfg.data.max_length, 100 * packed)
+    else:
+        check_rows_kept(len(train_tok.dataset), len(trainer.train_dataset), cfg.data.max_length)
     trainable, total = count_parameters(trainer.model)
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
@@ -127,7 +138,9 @@ def train(cfg: FinetuneConfig) -> dict:
         "quantized_layers": count_quantized_layers(trainer.model),
         "chat_template": template,
         "data_format": splits.format,
-        "rows_dropped": dict(splits.dropped),
+        "rows_dropped": dict(splits.dropped) | ({"too long": train_tok.too_long} if cfg.data.too_long == "drop" and train_tok.too_long else {}),
+        "rows_truncated": train_tok.too_long if cfg.data.too_long == "truncate" else 0,
+        "packing_efficiency": packed,
         "exact_match_examples": after["examples"],
     }
 
@@ -162,7 +175,7 @@ def free_gpu_memory() -> None:
 
 
 def check_rows_kept(before: int, after: int, max_length: int) -> None:
-    """TRL drops rows whose trained tokens were all cut off by truncation: say so, and stop if none are left."""
+    """With data.too_long=truncate, TRL drops rows whose trained tokens were all cut off: say so, stop if none are left."""
     if after == 0:
         raise UserError(f"All {before} training rows lost every trained token to truncation at data.max_length="
                         f"{max_length}: the replies start after token {max_length}. Raise data.max_length.")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from finetune.config import GROUPS, FinetuneConfig, register_schema, schema_keys, validate
 from finetune.errors import UserError, closest
@@ -113,6 +113,11 @@ def _composition_error(e: Exception) -> UserError:
     cause = e
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
+    typ = getattr(cause, "object_type", None)
+    if isinstance(cause, ConfigKeyError) and dataclasses.is_dataclass(typ):  # a typo inside a list entry
+        names = [f.name for f in dataclasses.fields(typ)]
+        return UserError(f"Unknown key '{cause.key}' in a {typ.__name__} entry.{closest(str(cause.key), names)} "
+                         f"Keys: {', '.join(names)}.")
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
         f = schema_keys().get(key)

@@ -9,21 +9,30 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from finetune.config import DataConfig, TrainConfig
-from finetune.data.formats import CONVERSATIONAL
 from finetune.model import Device
 from finetune.tracking import MetricsLog, peak_memory_gb
 
 
+def packing_efficiency(dataset, max_length: int) -> float:
+    """Share of the packed sequences' token slots that hold real tokens."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return sum(lengths) / (len(lengths) * max_length) if lengths else 0.0
+
+
 def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
-                     report_to: str, run_name: str, eos_token: Optional[str] = None, data_format: str = "messages"):
+                     report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True):
     from trl import SFTConfig
 
     # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
     name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
     checkpointing = {name: train.gradient_checkpointing,
                      f"{name}_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None}
+    # No KV cache in training: transformers only builds per-row attention from packed position ids when no
+    # cache exists, so a cache would let packed rows attend to each other (the Trainer's default, made explicit).
+    cache = {"use_cache": False} if "use_cache" in SFTConfig.__dataclass_fields__ else {}
     return SFTConfig(
         **checkpointing,
+        **cache,
         output_dir=str(checkpoints),
         run_name=run_name,
         report_to=report_to,
@@ -50,31 +59,30 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         # Logging, evaluation, checkpoints
         logging_steps=train.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if train.eval_steps else "no",
+        eval_strategy="steps" if train.eval_steps and has_eval else "no",
         eval_steps=train.eval_steps or None,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
-        # Data: TRL tokenizes (conversations with the chat template) and masks what is not trained:
-        # all but the assistant's replies, all but the completion, or nothing for raw text.
+        # Data arrives tokenized, with labels (finetune/data/tokenize.py): TRL truncates to max_length and,
+        # with packing, packs best-fit and trains padding-free (position ids keep the rows apart).
         max_length=data.max_length,
         packing=data.packing,
-        assistant_only_loss=not data.train_on_inputs and data_format in CONVERSATIONAL,
-        completion_only_loss=not data.train_on_inputs if data_format == "prompt_completion" else None,
+        packing_strategy="bfd",
         dataset_num_proc=data.num_proc,
         # The chat template's end-of-turn token: TRL adds it to the model's generation config, so it stops there.
         eos_token=eos_token,
     )
 
 
-def build_trainer(model, tokenizer, splits, peft_config, args, callbacks):
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks):
     from trl import SFTTrainer
 
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.eval,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,

@@ -8,6 +8,7 @@ crashing a run late. Formats: see finetune/data/formats.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -41,6 +42,7 @@ class Splits:
     eval_source: str
     format: str = "messages"
     dropped: Counter = field(default_factory=Counter)  # reason -> rows dropped (data.bad_rows=drop)
+    sources: dict = field(default_factory=dict)         # source -> its usable training rows, before mixing
 
     @property
     def conversational(self) -> bool:
@@ -187,12 +189,23 @@ def _load(key: str, path: str, cfg: DataConfig, split: str, fmt: Optional[str] =
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """The training rows and the eval rows (explicit source, explicit split, or a seeded held-out fraction)."""
+    """The training rows and the eval rows: one source (data.path) or several mixed by weight (data.sources)."""
+    splits = _mix(cfg, seed) if cfg.sources else _load_one(cfg, seed)
+    if cfg.max_samples:
+        splits.train = splits.train.select(range(min(cfg.max_samples, len(splits.train))))
+    if splits.eval is not None and cfg.eval_max_samples:
+        splits.eval = splits.eval.select(range(min(cfg.eval_max_samples, len(splits.eval))))
+    return splits
+
+
+def _load_one(cfg: DataConfig, seed: int) -> Splits:
+    """One source; eval from an explicit source or split, or a seeded held-out fraction."""
     train, fmt, dropped = _load("data.path", cfg.path, cfg, cfg.split)
+    sources = {cfg.path: len(train)}
     if cfg.eval_path or cfg.eval_split:
         source = cfg.eval_path or cfg.path
         eval_ds, _, eval_dropped = _load("data.eval_path" if cfg.eval_path else "data.eval_split", source, cfg,
-                                         cfg.eval_split or cfg.split, fmt)
+                                         cfg.eval_split or cfg.split, fmt if not cfg.eval_path else None)
         dropped += eval_dropped
         eval_source = source if _is_file(source) else f"{source} [{cfg.eval_split or cfg.split}]"
     elif cfg.eval_fraction > 0:
@@ -204,8 +217,44 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         eval_source = f"{cfg.eval_fraction:.0%} of {cfg.path}, held out with seed {seed}"
     else:
         eval_ds, eval_source = None, "none"
-    if cfg.max_samples:
-        train = train.select(range(min(cfg.max_samples, len(train))))
-    if eval_ds is not None and cfg.eval_max_samples:
-        eval_ds = eval_ds.select(range(min(cfg.eval_max_samples, len(eval_ds))))
-    return Splits(train, eval_ds, eval_source, fmt, dropped)
+    return Splits(train, eval_ds, eval_source, fmt, dropped, sources)
+
+
+def _kind(fmt: str) -> str:
+    """What a format trains as: conversations, prompt/completion or text. Mixed sources must agree."""
+    return "conversations" if fmt in formats.CONVERSATIONAL else fmt
+
+
+def _mix(cfg: DataConfig, seed: int) -> Splits:
+    """Each source loaded and split on its own (so no repeated row reaches eval), then interleaved by weight."""
+    import datasets
+
+    explicit_eval = bool(cfg.eval_path or cfg.eval_split)
+    parts = []
+    for i, src in enumerate(cfg.sources):
+        one = dataclasses.replace(cfg, path=src.path, name=src.name, split=src.split, revision=src.revision,
+                                  format=src.format, columns=src.columns, sources=[], eval_path=None,
+                                  eval_split=None, eval_fraction=0.0 if explicit_eval else cfg.eval_fraction)
+        parts.append(_load_one(one, seed))
+    kinds = {_kind(p.format) for p in parts}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{s.path} ({p.format})" for s, p in zip(cfg.sources, parts))
+        raise UserError(f"data.sources mix {' and '.join(sorted(kinds))}, which cannot be trained together: {listing}. "
+                        "Mix conversational sources (messages, sharegpt, instruction) with each other only.")
+    total = sum(s.weight for s in cfg.sources)
+    train = datasets.interleave_datasets([p.train for p in parts], probabilities=[s.weight / total for s in cfg.sources],
+                                         seed=seed, stopping_strategy="all_exhausted")
+    dropped = sum((p.dropped for p in parts), Counter())
+    if explicit_eval:
+        source = cfg.eval_path or cfg.sources[0].path
+        eval_ds, _, eval_dropped = _load("data.eval_path" if cfg.eval_path else "data.eval_split", source, cfg,
+                                         cfg.eval_split or cfg.sources[0].split)
+        dropped += eval_dropped
+        eval_source = source
+    else:
+        evals = [p.eval for p in parts if p.eval is not None]
+        eval_ds = datasets.concatenate_datasets(evals) if evals else None
+        eval_source = f"{cfg.eval_fraction:.0%} of each source, held out with seed {seed}" if evals else "none"
+    sources = {f"{s.path} (weight {s.weight:g})": len(p.train) for s, p in zip(cfg.sources, parts)}
+    log.info("data: %d rows mixed from %s", len(train), ", ".join(f"{k}: {n} rows" for k, n in sources.items()))
+    return Splits(train, eval_ds, eval_source, parts[0].format, dropped, sources)

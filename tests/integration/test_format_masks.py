@@ -8,6 +8,7 @@ import torch
 from finetune.config import DataConfig, LoraConfig, TrainConfig
 from finetune.data import load_splits
 from finetune.data.templates import apply_chat_template_choice
+from finetune.data.tokenize import tokenize
 from finetune.lora import build_peft_config
 from finetune.model import Device, load_tokenizer, load_base_model
 from finetune.config import ModelConfig, QuantConfig
@@ -40,9 +41,10 @@ def collated(tiny_model, tmp_path, fmt, train_on_inputs=False):
     tokenizer = load_tokenizer(model_cfg)
     apply_chat_template_choice(tokenizer, None)
     splits = load_splits(data, seed=0)
-    args = build_sft_config(TrainConfig(), data, cpu, tmp_path / "ckpt", "none", "t", tokenizer.eos_token, splits.format)
+    tokenized = tokenize(splits.train, tokenizer, data, "train", splits.conversational)
+    args = build_sft_config(TrainConfig(), data, cpu, tmp_path / "ckpt", "none", "t", tokenizer.eos_token)
     model = load_base_model(model_cfg, QuantConfig(method="none", double_quant=False), cpu)
-    trainer = build_trainer(model, tokenizer, splits, build_peft_config(LoraConfig()), args, [])
+    trainer = build_trainer(model, tokenizer, tokenized.dataset, None, build_peft_config(LoraConfig()), args, [])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     return tokenizer, ids, labels

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from finetune.data import load_splits
+from finetune.data.tokenize import tokenize
 from finetune.lora import build_peft_config
 from finetune.model import Device, load_base_model, load_tokenizer
 from finetune.registry import load_config
@@ -27,9 +28,11 @@ def test_each_optimizer_takes_a_step(tiny_model, chat_data, tmp_path, optim, cls
     from finetune.data.templates import apply_chat_template_choice
 
     apply_chat_template_choice(tokenizer, None)
-    args = build_sft_config(cfg.train, cfg.data, cpu, tmp_path, report_to="none", run_name="t")
-    trainer = build_trainer(load_base_model(cfg.model, cfg.quant, cpu), tokenizer,
-                            load_splits(cfg.data, 0), build_peft_config(cfg.lora), args, [])
+    args = build_sft_config(cfg.train, cfg.data, cpu, tmp_path, report_to="none", run_name="t", has_eval=False)
+    splits = load_splits(cfg.data, 0)
+    train = tokenize(splits.train, tokenizer, cfg.data, "train", splits.conversational).dataset
+    trainer = build_trainer(load_base_model(cfg.model, cfg.quant, cpu), tokenizer, train, None,
+                            build_peft_config(cfg.lora), args, [])
     optimizer = trainer.create_optimizer()
     assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == cls
     if bits:

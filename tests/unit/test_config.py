@@ -132,3 +132,8 @@ def test_changing_data_path_alone_does_not_keep_the_demo_eval_file():
     text = message(["data.path=mine.jsonl"])
     assert "data.eval_path still points at" in text and "data.eval_path=null" in text
     assert load_config(["data.path=mine.jsonl", "data.eval_path=null"]).data.eval_path is None
+
+
+def test_periodic_eval_needs_an_eval_split():
+    text = message(["data.path=mine.jsonl", "data.eval_path=null", "data.eval_fraction=0", "train.eval_steps=50"])
+    assert "train.eval_steps=50 needs an eval split" in text

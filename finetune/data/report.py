@@ -1,0 +1,98 @@
+"""`python -m finetune data`: load, check and tokenize the recipe's data without training, and show it."""
+
+from __future__ import annotations
+
+import sys
+
+from finetune.config import FinetuneConfig
+from finetune.data import load_splits
+from finetune.data.templates import apply_chat_template_choice
+from finetune.data.tokenize import tokenize
+from finetune.model import load_tokenizer
+
+BAR = 40
+
+
+def percentiles(values: list[int], qs=(50, 90, 99, 100)) -> dict[int, int]:
+    ordered = sorted(values)
+    return {q: ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] for q in qs}
+
+
+def histogram(values: list[int], max_length: int, bins: int = 8) -> list[str]:
+    """Text histogram of token lengths, in bins of equal width from the shortest row to the longest."""
+    low, top = min(values), max(values)
+    width = max(1, -(-(top - low + 1) // bins))
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, (v - low) // width)] += 1
+    while counts and counts[-1] == 0:
+        counts.pop()
+    peak = max(counts)
+    lines = []
+    for i, n in enumerate(counts):
+        lo, hi = low + i * width, low + (i + 1) * width - 1
+        flag = "  > max_length" if lo > max_length else ""
+        lines.append(f"  {lo:>6}-{hi:<6} {'#' * round(BAR * n / peak) if peak else '':<{BAR}} {n}{flag}")
+    return lines
+
+
+def render(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
+    """The tokens of one row, the trained ones marked: green on a terminal, [[...]] otherwise."""
+    out, trained_run = [], []
+
+    def flush():
+        if trained_run:
+            text = tokenizer.decode(trained_run)
+            out.append(f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]")
+            trained_run.clear()
+
+    untrained = []
+    for token, label in zip(ids, labels):
+        if label == -100:
+            flush()
+            untrained.append(token)
+        else:
+            if untrained:
+                out.append(tokenizer.decode(untrained))
+                untrained.clear()
+            trained_run.append(token)
+    flush()
+    if untrained:
+        out.append(tokenizer.decode(untrained))
+    return "".join(out)
+
+
+def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
+    """Print the data report; return its figures."""
+    color = sys.stdout.isatty() if color is None else color
+    tokenizer = load_tokenizer(cfg.model)
+    template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
+    splits = load_splits(cfg.data, cfg.train.seed)
+    figures = {"format": splits.format, "chat_template": template, "rows_dropped": dict(splits.dropped)}
+    print(f"data: {cfg.data.path or 'mixed sources'}  format: {splits.format}  chat template: {template}")
+    for source, rows in splits.sources.items():
+        print(f"  {source}: {rows} usable training rows")
+    figures["sources"] = dict(splits.sources)
+    if splits.dropped:
+        print("dropped rows: " + ", ".join(f"{n} {reason}" for reason, n in splits.dropped.most_common()))
+    for name, ds in (("train", splits.train), ("eval", splits.eval)):
+        if ds is None:
+            continue
+        tok = tokenize(ds, tokenizer, cfg.data, name, splits.conversational)
+        lengths = tok.dataset["length"]
+        trained = sum(sum(1 for x in labels if x != -100) for labels in tok.dataset["labels"])
+        p = percentiles(lengths)
+        figures[name] = {"rows": len(ds), "rows_kept": len(tok.dataset), "too_long": tok.too_long,
+                         "tokens": sum(lengths), "trained_tokens": trained, "length_percentiles": p,
+                         "cached": tok.cached}
+        what = {"drop": "dropped", "truncate": "truncated", "error": "refused"}[cfg.data.too_long]
+        print(f"\n{name}: {len(ds)} rows ({tok.too_long} longer than max_length={cfg.data.max_length}: {what}), "
+              f"{sum(lengths)} tokens, {trained} of them trained"
+              f"{' (tokenized before: read from the cache)' if tok.cached else ''}")
+        print("  tokens per row: " + ", ".join(f"p{q} {v}" for q, v in p.items()))
+        print("\n".join(histogram(lengths, cfg.data.max_length)))
+    example = tokenize(splits.train.select([0]), tokenizer, cfg.data, "example", splits.conversational).dataset[0]
+    marks = "green" if color else "[[ ]]"
+    print(f"\none training row as the model sees it (trained tokens in {marks}):\n")
+    print(render(tokenizer, example["input_ids"], example["labels"], color))
+    return figures

@@ -1,0 +1,94 @@
+"""Packing keeps rows apart; too-long rows follow data.too_long; tokenization is cached."""
+
+import json
+
+import pytest
+import torch
+
+from finetune.config import DataConfig
+from finetune.data import load_splits
+from finetune.data.templates import apply_chat_template_choice
+from finetune.data.tokenize import tokenize
+from finetune.errors import UserError
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_packed_rows_do_not_attend_to_each_other(tiny_model, attn):
+    """Each row's logits are the same alone and packed with others through TRL's padding-free collator."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune.config import TrainConfig
+    from finetune.model import Device
+    from finetune.trainer import build_sft_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn, dtype=torch.float32).eval()
+    args = build_sft_config(TrainConfig(), DataConfig(path="x", packing=True), Device("cpu", "cpu", True, "fp32",
+                            torch.float32), "/tmp/unused", "none", "t")
+    assert args.packing and args.padding_free is False and args.packing_strategy == "bfd"  # bfd => padding-free in TRL
+    model.config.use_cache = getattr(args, "use_cache", False)  # as the Trainer sets it: no KV cache in training
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (7, 12, 5)]
+    alone = [model(input_ids=torch.tensor([r])).logits[0] for r in rows]
+    collator = DataCollatorForLanguageModeling(pad_token_id=2, padding_free=True)
+    batch = collator([{"input_ids": r, "seq_lengths": [len(r)]} for r in rows])
+    assert batch["position_ids"][0].tolist() == [*range(7), *range(12), *range(5)] and "attention_mask" not in batch
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    for logits, piece in zip(alone, packed.split([7, 12, 5])):
+        torch.testing.assert_close(piece, logits, rtol=1e-4, atol=1e-5)
+    # without the position ids the rows would see each other: the test can tell
+    mixed = model(input_ids=batch["input_ids"]).logits[0]
+    assert not torch.allclose(mixed[7:19], alone[1], atol=1e-3)
+
+
+def rows_file(path, lengths):
+    path.write_text("".join(json.dumps({"text": " ".join(["fox"] * n)}) + "\n" for n in lengths))
+    return path
+
+
+def tokenizer_for(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    apply_chat_template_choice(tok, None)
+    return tok
+
+
+def test_too_long_rows_are_dropped_truncated_or_refused(tiny_model, tmp_path):
+    tok = tokenizer_for(tiny_model)
+    path = rows_file(tmp_path / "d.jsonl", [3, 4, 40, 50])
+    cfg = DataConfig(path=str(path), eval_fraction=0, max_length=20)
+    train = load_splits(cfg, 0).train
+    dropped = tokenize(train, tok, cfg, "train", False)
+    assert (len(dropped.dataset), dropped.too_long) == (2, 2)
+    assert max(dropped.dataset["length"]) <= 20
+    cfg.too_long = "truncate"
+    kept = tokenize(train, tok, cfg, "train", False)
+    assert (len(kept.dataset), kept.too_long) == (4, 2)  # TRL truncates them to max_length
+    cfg.too_long = "error"
+    with pytest.raises(UserError, match="2 train row.s. are longer than data.max_length=20 tokens"):
+        tokenize(train, tok, cfg, "train", False)
+    cfg.too_long, cfg.max_length = "drop", 8
+    with pytest.raises(UserError, match="No training row fits|Every train row is longer"):
+        tokenize(load_splits(DataConfig(path=str(rows_file(tmp_path / "e.jsonl", [30, 40])), eval_fraction=0), 0).train,
+                 tok, cfg, "train", False)
+
+
+def test_a_second_run_reads_the_tokenized_rows_from_the_cache(tiny_model, tmp_path, monkeypatch):
+    import finetune.data.tokenize as tokenize_module
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = tokenize_module.tokenize_row
+    monkeypatch.setattr(tokenize_module, "tokenize_row", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = tokenizer_for(tiny_model)
+    cfg = DataConfig(path=str(rows_file(tmp_path / "d.jsonl", [3, 4, 5])), eval_fraction=0, max_length=64)
+    train = load_splits(cfg, 0).train
+    first = tokenize(train, tok, cfg, "train", False)
+    assert (first.cached, len(calls)) == (False, 3)
+    second = tokenize(load_splits(cfg, 0).train, tok, cfg, "train", False)
+    assert (second.cached, len(calls)) == (True, 3)  # not tokenized again
+    assert second.dataset["input_ids"] == first.dataset["input_ids"]
+    cfg.train_on_inputs = True  # another setting is another cache entry
+    assert not tokenize(train, tok, cfg, "train", False).cached and len(calls) == 6
