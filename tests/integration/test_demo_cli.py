@@ -32,6 +32,9 @@ def test_the_run_directory_holds_what_design_md_lists(run):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md"):
         assert (run / "adapter" / name).is_file(), name
     assert (run / "merged" / "model.safetensors").is_file() and (run / "merged" / "generation_config.json").is_file()
+    # inference formats prompts exactly as training did: the same chat template travels with both exports
+    template = (run / "adapter" / "chat_template.jinja").read_text()
+    assert "{% generation %}" in template and (run / "merged" / "chat_template.jinja").read_text() == template
     s = summary_of(run)
     for key in ("recipe", "base_model", "quantization", "train_loss", "eval_loss_base", "eval_loss", "train_tokens",
                 "train_runtime_s", "tokens_per_second", "peak_memory_gb", "device", "trainable_params",

@@ -74,3 +74,20 @@ def test_the_data_verb_exits_2_on_bad_data(tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
     result = run_cli("data", f"data.path={bad}", "data.eval_path=null")
     assert result.returncode == 2 and "has no assistant message" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trained_tokens_are_green_on_a_terminal_and_bracketed_otherwise(tiny_model):
+    from transformers import AutoTokenizer
+
+    from finetune.data.report import histogram, percentiles, render
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok("the red fox", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    labels = [-100] * 2 + ids[2:]
+    plain = render(tok, ids, labels, color=False)
+    assert plain.endswith("]]") and "[[" in plain and plain.replace("[[", "").replace("]]", "") == tok.decode(ids)
+    colored = render(tok, ids, labels, color=True)
+    assert "\033[1;32m" in colored and colored.endswith("\033[0m") and "[[" not in colored
+    assert percentiles([1, 2, 3, 4]) == {50: 2, 90: 4, 99: 4, 100: 4}
+    assert sum(int(line.split()[-1]) for line in histogram([5, 6, 7, 30], max_length=10)
+               if not line.endswith("max_length")) == 3  # rows within max_length
