@@ -143,12 +143,12 @@ def _prepare(key: str, source: Rows, cfg: DataConfig, fmt: str) -> tuple["datase
 
     good, bad, dropped = [], [], Counter()
     for i, (row, where) in enumerate(zip(source.rows, source.where)):
-        problem = source.unreadable.get(i) or formats.check(formats.rename(row, cfg.columns.mapping()), fmt)
+        unreadable = source.unreadable.get(i)
+        problem = unreadable or formats.check(formats.rename(row, cfg.columns.mapping()), fmt)
         if problem:
             dropped[problem[0]] += 1
             if len(bad) < MAX_REPORTED:
-                bad.append(f"{where}: the row {problem[1]}" if not problem[1].startswith(("invalid", "byte"))
-                           else f"{where}: {problem[1]}")
+                bad.append(f"{where}: {problem[1]}" if unreadable else f"{where}: the row {problem[1]}")
         else:
             good.append(formats.convert(formats.rename(row, cfg.columns.mapping()), fmt))
     if bad and cfg.bad_rows == "error":

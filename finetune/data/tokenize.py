@@ -116,10 +116,10 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool) ->
                      cache_file_name=str(path), load_from_cache_file=True, desc=f"Tokenizing {name}")
     finally:
         tokenizer.chat_template = inference_template  # what is saved with the adapter: the inference template
-    empty = out["trained"].count(0) if hasattr(out["trained"], "count") else list(out["trained"]).count(0)
+    empty = list(out["trained"]).count(0)
     if empty:
         raise UserError(f"{empty} {name} row(s) have no trained token at all: check the chat template and the data.")
-    lengths = out["length"]
+    lengths = list(out["length"])
     over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
     if over and cfg.too_long == "error":
         raise UserError(f"{len(over)} {name} row(s) are longer than data.max_length={cfg.max_length} tokens (the first, "
