@@ -23,14 +23,11 @@ CHECK_TOKENS = 128  # tokens of each check sample: enough to compare distributio
 
 def check_batches(tokenizer, rows, n: int) -> list[torch.Tensor]:
     """Token ids of the first n eval rows, as formatted in training."""
-    out = []
-    for row in list(rows)[:n]:
-        if "messages" in row:
-            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(row.get("text") or row["prompt"] + row["completion"])["input_ids"]
-        out.append(torch.tensor([ids[:CHECK_TOKENS]]))
-    return out
+    from finetune.data.tokenize import tokenize_row
+
+    # train_on_inputs=True: the same tokens as in training, without asking the template for assistant masks
+    return [torch.tensor([tokenize_row(row, tokenizer, train_on_inputs=True)["input_ids"][:CHECK_TOKENS]])
+            for row in list(rows)[:n]]
 
 
 @torch.no_grad()
