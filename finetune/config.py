@@ -248,6 +248,9 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append("export.merge=true needs LoRA (lora.enabled=true): without an adapter there is nothing to merge.")
     if lora.use_dora and q.method == "int8":
         problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
+    if cfg.data.packing and cfg.model.trust_remote_code:
+        problems.append("data.packing=true relies on transformers building per-row attention from position ids, which "
+                        "remote modelling code (model.trust_remote_code=true) may not do: set data.packing=false.")
     if bool(cfg.data.path) == bool(cfg.data.sources):
         problems.append("Give the training data either as data.path or as data.sources (several, mixed by weight), "
                         "not both" + (": set data.path=null to use data.sources." if cfg.data.sources else ": neither is set."))

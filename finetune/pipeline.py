@@ -74,14 +74,11 @@ def train(cfg: FinetuneConfig) -> dict:
     splits = load_splits(cfg.data, cfg.train.seed)
     log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format, len(splits.train),
              len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
-    if cfg.data.packing and cfg.model.trust_remote_code:
-        raise UserError("data.packing=true relies on transformers building per-row attention from position ids, which "
-                        "remote modelling code (model.trust_remote_code=true) may not do: set data.packing=false.")
-    train_tok = tokenize(splits.train, tokenizer, cfg.data, "train", splits.conversational)
-    eval_tok = tokenize(splits.eval, tokenizer, cfg.data, "eval", splits.conversational) if splits.eval is not None else None
-    if cfg.eval.exact_match_samples and not splits.conversational:
+    if cfg.eval.exact_match_samples and not splits.conversational:  # known now, before the costly tokenization
         raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but the "
                         f"data is in the {splits.format} format: set eval.exact_match_samples=0.")
+    train_tok = tokenize(splits.train, tokenizer, cfg.data, "train", splits.conversational)
+    eval_tok = tokenize(splits.eval, tokenizer, cfg.data, "eval", splits.conversational) if splits.eval is not None else None
 
     # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
     create_run_dir(cfg, run_dir)

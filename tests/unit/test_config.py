@@ -137,3 +137,8 @@ def test_changing_data_path_alone_does_not_keep_the_demo_eval_file():
 def test_periodic_eval_needs_an_eval_split():
     text = message(["data.path=mine.jsonl", "data.eval_path=null", "data.eval_fraction=0", "train.eval_steps=50"])
     assert "train.eval_steps=50 needs an eval split" in text
+
+
+def test_packing_with_remote_modelling_code_is_refused_with_the_other_problems():
+    text = message(["data.packing=true", "model.trust_remote_code=true", "resume=true", "overwrite=true"])
+    assert text.startswith("2 problems:") and "data.packing=true relies on transformers" in text
