@@ -25,6 +25,7 @@ def opt(default: Any, help: str, choices: Optional[list] = None, min: Optional[f
 
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
+DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"]  # see finetune/data/formats.py
 OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"]
 
 
@@ -83,8 +84,7 @@ class SourceConfig:
     name: Optional[str] = opt(None, "Hub dataset configuration name")
     split: str = opt("train", "split to train on")
     revision: Optional[str] = opt(None, "Hub dataset revision")
-    format: str = opt("auto", "row format of this source", ["auto", "messages", "sharegpt", "instruction",
-                                                             "prompt_completion", "text"])
+    format: str = opt("auto", "row format of this source", DATA_FORMATS)
     columns: Columns = field(default_factory=Columns)
 
 
@@ -93,8 +93,7 @@ class DataConfig:
     path: Optional[str] = opt(None, "training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a Hub dataset id")
     sources: List[SourceConfig] = field(default_factory=list, metadata={"help": "several sources mixed by weight, "
                                         "instead of path: [{path: a.jsonl, weight: 3}, {path: org/dataset, split: train}]"})
-    format: str = opt("auto", "row format; auto = the one most rows have every field of",
-                      ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"])
+    format: str = opt("auto", "row format; auto = the one most rows have every field of", DATA_FORMATS)
     columns: Columns = field(default_factory=Columns)
     bad_rows: str = opt("error", "a malformed row stops the run (error, naming file and line) or is dropped and counted", ["error", "drop"])
     name: Optional[str] = opt(None, "Hub dataset configuration name")
@@ -217,14 +216,20 @@ def _check_field(key: str, f: dataclasses.Field, value: Any) -> Optional[str]:
     return None
 
 
+def field_problems(obj, prefix: str = "") -> list[Optional[str]]:
+    """The choice and range check of every leaf field of the dataclass instance `obj`."""
+    out = []
+    for key, f in schema_keys(type(obj)).items():
+        value = obj
+        for part in key.split("."):
+            value = getattr(value, part)
+        out.append(_check_field(prefix + key, f, value))
+    return out
+
+
 def validate(cfg: FinetuneConfig) -> None:
     """Check every field, then the combinations across groups; raise one UserError listing all problems."""
-    problems = []
-    for key, f in schema_keys().items():
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        problems.append(_check_field(key, f, obj))
+    problems = field_problems(cfg)
 
     q, lora, t = cfg.quant, cfg.lora, cfg.train
     if q.method != "none" and not lora.enabled:
@@ -255,11 +260,7 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append("Give the training data either as data.path or as data.sources (several, mixed by weight), "
                         "not both" + (": set data.path=null to use data.sources." if cfg.data.sources else ": neither is set."))
     for i, source in enumerate(cfg.data.sources):
-        for key, f in schema_keys(SourceConfig).items():
-            obj = source
-            for part in key.split("."):
-                obj = getattr(obj, part)
-            problems.append(_check_field(f"data.sources[{i}].{key}", f, obj))
+        problems += field_problems(source, f"data.sources[{i}].")
     has_eval = bool(cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_fraction > 0)
     if t.eval_steps and not has_eval:
         problems.append(f"train.eval_steps={t.eval_steps} needs an eval split: set data.eval_path, data.eval_split or "

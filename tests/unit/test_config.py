@@ -142,3 +142,10 @@ def test_periodic_eval_needs_an_eval_split():
 def test_packing_with_remote_modelling_code_is_refused_with_the_other_problems():
     text = message(["data.packing=true", "model.trust_remote_code=true", "resume=true", "overwrite=true"])
     assert text.startswith("2 problems:") and "data.packing=true relies on transformers" in text
+
+
+def test_each_mixed_source_is_checked_like_the_rest():
+    text = message(["data.path=null", "data.eval_path=null",
+                    "data.sources=[{path: a.jsonl, weight: 0}, {path: b.jsonl, format: csv}]"])
+    assert "data.sources[0].weight=0.0 is out of range: it must be > 0" in text
+    assert "data.sources[1].format=csv is not allowed" in text

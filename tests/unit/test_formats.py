@@ -110,3 +110,10 @@ def test_unsupported_files_and_empty_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="the folder holds no .jsonl, .json, .csv, .parquet files"):
         load(tmp_path / "empty")
+
+
+def test_the_config_offers_exactly_the_formats_the_data_layer_reads():
+    from finetune.config import DATA_FORMATS
+    from finetune.data.formats import FORMATS
+
+    assert DATA_FORMATS == ["auto", *FORMATS]
