@@ -75,12 +75,13 @@ def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
     figures["sources"] = dict(splits.sources)
     if splits.dropped:
         print("dropped rows: " + ", ".join(f"{n} {reason}" for reason, n in splits.dropped.most_common()))
+    tokenized = {}
     for name, ds in (("train", splits.train), ("eval", splits.eval)):
         if ds is None:
             continue
-        tok = tokenize(ds, tokenizer, cfg.data, name, splits.conversational)
-        lengths = tok.dataset["length"]
-        trained = sum(sum(1 for x in labels if x != -100) for labels in tok.dataset["labels"])
+        tok = tokenized[name] = tokenize(ds, tokenizer, cfg.data, name, splits.conversational)
+        lengths = list(tok.dataset["length"])
+        trained = sum(tok.dataset["trained"])
         p = percentiles(lengths)
         figures[name] = {"rows": len(ds), "rows_kept": len(tok.dataset), "too_long": tok.too_long,
                          "tokens": sum(lengths), "trained_tokens": trained, "length_percentiles": p,
@@ -91,7 +92,7 @@ def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
               f"{' (tokenized before: read from the cache)' if tok.cached else ''}")
         print("  tokens per row: " + ", ".join(f"p{q} {v}" for q, v in p.items()))
         print("\n".join(histogram(lengths, cfg.data.max_length)))
-    example = tokenize(splits.train.select([0]), tokenizer, cfg.data, "example", splits.conversational).dataset[0]
+    example = tokenized["train"].dataset[0]
     marks = "green" if color else "[[ ]]"
     print(f"\none training row as the model sees it (trained tokens in {marks}):\n")
     print(render(tokenizer, example["input_ids"], example["labels"], color))

@@ -14,8 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +34,6 @@ class Tokenized:
     dataset: "datasets.Dataset"  # noqa: F821
     too_long: int = 0          # rows over max_length (dropped, or truncated, as data.too_long says)
     cached: bool = False       # read from the cache, not tokenized in this run
-    counts: Counter = field(default_factory=Counter)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
