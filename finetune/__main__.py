@@ -9,7 +9,57 @@ import sys
 VERBS = {
     "train": "load base -> attach LoRA -> SFT with TRL -> evaluate -> export (the default)",
     "data": "load, check and tokenize the recipe's data; print counts, lengths and one marked example",
+    "export": "write a run's adapter/ and merged/ again (or a checkpoint's), with the merge fidelity check",
+    "generate": "answer prompts with a run's adapter or merged model; compare=true shows base and tuned",
+    "publish": "push a run's adapter or merged model to the Hugging Face Hub with a model card",
 }
+RUN_VERBS = ("export", "generate", "publish")  # they work on an existing run directory: run=RUN_DIR
+
+
+def verb_usage(verb: str) -> str:
+    import dataclasses
+
+    from finetune.config import schema_keys
+    from finetune.runs import VERB_ARGS, overridable
+
+    cls = VERB_ARGS[verb][0]
+    lines = [f"usage: python -m finetune {verb} run=RUN_DIR [key=value ...]", "", f"{VERBS[verb]}.", "", "keys:"]
+    for f in dataclasses.fields(cls):
+        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
+        lines.append(f"  {f.name:<28} {f.metadata.get('help', '')}{choices}")
+    for key in overridable(verb):
+        f = schema_keys()[key]
+        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
+        lines.append(f"  {key:<28} {f.metadata.get('help', '')}{choices}  (default: the run's)")
+    return "\n".join(lines)
+
+
+def run_verb(verb: str, argv: list[str]) -> int:
+    """export / generate / publish on an existing run directory."""
+    from finetune.runs import parse_verb_args
+
+    args, overrides = parse_verb_args(verb, argv)
+    if verb == "generate":
+        from finetune.generate import generate
+
+        generate(args)
+        return 0
+    if verb == "export":
+        from finetune.export import export_run
+
+        out_dir, summary = export_run(args.run, args.checkpoint, overrides)
+        if summary.get("merge_base"):
+            print(f"merged into the {summary['merge_base']} base: mean KL {summary['merge_mean_kl']:.3g} nats/token "
+                  f"to the model as trained; loss {summary['merge_eval_loss']:.4g} (as trained: "
+                  f"{summary['merge_reference_eval_loss']:.4g})")
+        print(f"exported to {out_dir}")
+        return 0
+    from finetune.publish import publish
+    from finetune.runs import load_run
+
+    run = load_run(args.run, overrides)
+    print(f"published: {publish(run.dir, run.cfg, run.summary)}")
+    return 0
 
 
 def usage() -> str:
@@ -43,6 +93,15 @@ def quiet_optional_kernel_notice() -> None:
         lambda record: "kernels-community" not in record.getMessage())
 
 
+def setup_logging() -> None:
+    logger = logging.getLogger("finetune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_optional_kernel_notice()
@@ -50,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
         verb = argv.pop(0)
     if "-h" in argv or "--help" in argv:
-        print(usage())
+        print(verb_usage(verb) if verb in RUN_VERBS else usage())
         return 0
 
     from finetune.errors import UserError, closest
@@ -58,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if verb not in VERBS:
             raise UserError(f"Unknown verb '{verb}'. Available: {', '.join(VERBS)}.{closest(verb, VERBS)}")
+        if verb in RUN_VERBS:
+            setup_logging()
+            return run_verb(verb, argv)
         show_cfg = "--cfg" in argv
         resolve = "--resolve" in argv
         if show_cfg:
@@ -82,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         cfg = registry.load_config(argv)
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
-        logger = logging.getLogger("finetune")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        setup_logging()
         if verb == "data":
             from finetune.data.report import report
 

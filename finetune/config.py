@@ -36,6 +36,8 @@ class ModelConfig:
     tokenizer: Optional[str] = opt(None, "tokenizer id or folder; defaults to name_or_path")
     trust_remote_code: bool = opt(False, "run modelling code shipped with the checkpoint (only for repos you trust)")
     attn_implementation: str = opt("sdpa", "attention kernel", ["sdpa", "eager", "flash_attention_2"])
+    hub_id: Optional[str] = opt(None, "the Hub id a local name_or_path is a copy of: recorded as the adapter's base "
+                                "model, so that other machines and tools can find it")
 
 
 @dataclass
@@ -55,7 +57,9 @@ class LoraConfig:
     target_modules: List[str] = opt(["all-linear"], "module names to adapt; [all-linear] = every linear layer but the output head")
     bias: str = opt("none", "train biases too", ["none", "all", "lora_only"])
     use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
-    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA): slower, sometimes better at low rank")
+    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA): slower, sometimes better at low rank; vLLM cannot serve it")
+    modules_to_save: List[str] = opt([], "modules trained in full and saved with the adapter, e.g. [lm_head]; "
+                                     "vLLM cannot load such adapters")
 
 
 @dataclass
@@ -153,14 +157,32 @@ class TrackingConfig:
     group: Optional[str] = opt(None, "W&B group")
     tags: List[str] = opt([], "W&B tags")
     mode: str = opt("online", "W&B mode; the WANDB_MODE environment variable wins", ["online", "offline", "disabled"])
+    log_model: bool = opt(False, "log the adapter as a W&B model artifact at the end of training")
 
 
 @dataclass
 class ExportConfig:
-    merge: bool = opt(False, "also write merged/: the base reloaded in 16-bit with the adapter merged in")
+    merge: bool = opt(False, "also write merged/: a plain transformers model with the adapter merged in (never into 4-bit weights)")
+    merge_base: str = opt("auto", "what the adapter is merged into: original = the base reloaded in merge_dtype; "
+                          "dequantized = the 4-bit base as trained, dequantized; auto = whichever is closer to the "
+                          "model as trained", ["auto", "original", "dequantized"])
     merge_dtype: str = opt("bfloat16", "dtype of the merged weights", ["bfloat16", "float16", "float32"])
-    check_samples: int = opt(4, "eval rows on which the merged model's logits are compared with base + adapter", min=1)
-    check_tolerance: float = opt(0.05, "largest allowed |logit| difference, merged vs base + adapter, relative to the logit range", min=0, min_exclusive=True)
+    device: str = opt("cpu", "where the merge and its check run: cpu = in CPU memory, so merging needs no GPU memory "
+                      "at all (the only choice so far)", ["cpu"])
+    check_samples: int = opt(4, "eval rows on which each merged model is compared with the 4-bit model as trained", min=1)
+    max_kl: float = opt(0.05, "largest mean KL divergence (nats per token) between the merged model and the model as "
+                        "trained; above it merged/ is not written", min=0, min_exclusive=True)
+
+
+@dataclass
+class HubConfig:
+    push: bool = opt(False, "publish to the Hugging Face Hub at the end of training")
+    repo_id: Optional[str] = opt(None, "the model repository, user/name or org/name (created if missing)")
+    private: bool = opt(True, "create the repository private")
+    revision: Optional[str] = opt(None, "branch to commit to (created from main if missing); null = main")
+    model: str = opt("adapter", "what to upload: the adapter (a few MB) or the merged model", ["adapter", "merged"])
+    license: Optional[str] = opt(None, "license in the model card; null = the base model's")
+    commit_message: Optional[str] = opt(None, "commit message; null = 'finetune: RECIPE adapter|merged model'")
 
 
 @dataclass
@@ -177,6 +199,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 GROUPS = [f.name for f in dataclasses.fields(FinetuneConfig) if dataclasses.is_dataclass(f.default_factory)]
@@ -251,6 +274,23 @@ def validate(cfg: FinetuneConfig) -> None:
                         "overwrite deletes it. Pick one.")
     if cfg.export.merge and not lora.enabled:
         problems.append("export.merge=true needs LoRA (lora.enabled=true): without an adapter there is nothing to merge.")
+    if cfg.export.merge_base == "dequantized" and q.method != "nf4":
+        problems.append(f"export.merge_base=dequantized merges into the 4-bit base as trained, but quant={q.method}: "
+                        "use export.merge_base=original (or auto).")
+    if cfg.tracking.log_model and cfg.tracking.backend != "wandb":
+        problems.append("tracking.log_model=true logs the adapter to W&B, but tracking.backend is none: "
+                        "use tracking=wandb, or drop tracking.log_model.")
+    hub = cfg.hub
+    if hub.push and not hub.repo_id:
+        problems.append("hub.push=true needs hub.repo_id=USER/NAME: the repository to publish to.")
+    if hub.repo_id and hub.repo_id.count("/") != 1:
+        problems.append(f"hub.repo_id={hub.repo_id} is not USER/NAME or ORG/NAME.")
+    if hub.push and not lora.enabled:
+        problems.append("hub.push=true publishes an adapter or a merged model; a full fine-tune (lora.enabled=false) "
+                        "writes model/ instead, which `publish` does not upload yet: upload it with `hf upload`.")
+    if hub.push and hub.model == "merged" and not cfg.export.merge:
+        problems.append("hub.model=merged publishes merged/, which export.merge=false does not write: "
+                        "set export.merge=true (or export=merged), or hub.model=adapter.")
     if lora.use_dora and q.method == "int8":
         problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
     if cfg.data.packing and cfg.model.trust_remote_code:

@@ -1,127 +1,286 @@
-"""Export: adapter/ always; merged/ on request, by reloading the base in 16-bit and merging with PEFT.
+"""Export: adapter/ always; merged/ on request, with a measured fidelity.
 
-Merging into 4-bit weights would round the merged weights back to NF4 and lose most of the adapter's
-update, so the base is always reloaded unquantized. The merge is checked: logits of the merged model
-must match the same 16-bit base with the adapter unmerged, and are compared with the model as trained.
+A QLoRA adapter was trained on top of the NF4-quantized base. Merging it into the original 16-bit base
+gives a slightly different function than the one trained (the base's quantization error is gone, but
+the adapter learned to work with it); merging into the dequantized NF4 base gives exactly the trained
+function, up to rounding. Which is better depends on the model, so it is measured: each candidate's
+next-token distributions on a few eval rows are compared with the 4-bit model as trained (mean KL) and
+its loss on them is reported. Merging never touches 4-bit weights (rounding the merged weights back to
+NF4 would lose most of the update), and it runs in CPU memory, so it needs no GPU memory at all.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from finetune.config import ExportConfig, FinetuneConfig, QuantConfig
+from finetune.config import FinetuneConfig, ModelConfig, QuantConfig
 from finetune.errors import UserError
-from finetune.model import DTYPES, Device, load_base_model
+from finetune.model import DTYPES, Device, base_model_id, load_base_model
 
-CHECK_TOKENS = 128  # tokens of each check sample: enough to compare distributions, cheap on a CPU
+log = logging.getLogger("finetune")
+
+CHECK_TOKENS = 256  # tokens of each check sample: enough to compare distributions, cheap on a CPU
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
 
-def check_batches(tokenizer, rows, n: int) -> list[torch.Tensor]:
-    """Token ids of the first n eval rows, as formatted in training."""
+# ---- the adapter --------------------------------------------------------------------------------
+
+def adapter_warnings(cfg: FinetuneConfig) -> list[str]:
+    """What keeps the adapter from loading elsewhere (another machine, vLLM): said once, at export."""
+    warnings = []
+    if base_model_id(cfg.model) is None:
+        warnings.append(f"The base model is a local folder ({cfg.model.name_or_path}), so adapter_config.json records "
+                        "no base model (a local path would not resolve on another machine). Set model.hub_id=ORG/NAME "
+                        "to record the Hub id it is a copy of.")
+    lora = cfg.lora
+    if lora.modules_to_save:
+        warnings.append(f"lora.modules_to_save={list(lora.modules_to_save)}: vLLM cannot load adapters that save "
+                        "whole modules; serve the merged model instead (export.merge=true).")
+    if lora.use_dora:
+        warnings.append("lora.use_dora=true: vLLM cannot serve DoRA adapters; serve the merged model instead.")
+    if lora.r > VLLM_MAX_LORA_RANKS[-1]:
+        warnings.append(f"lora.r={lora.r}: vLLM serves adapters up to rank {VLLM_MAX_LORA_RANKS[-1]}; serve the "
+                        "merged model instead, or train with a lower rank.")
+    elif lora.r not in VLLM_MAX_LORA_RANKS:
+        serve = next(r for r in VLLM_MAX_LORA_RANKS if r >= lora.r)
+        warnings.append(f"lora.r={lora.r} is not one of vLLM's ranks ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "
+                        f"serve it with --max-lora-rank {serve}, which reserves memory for rank {serve}.")
+    return warnings
+
+
+def eos_token_ids(tokenizer, base_generation_config=None) -> list[int]:
+    """The tokens that end a reply: the tokenizer's EOS (the chat template's end-of-turn token after
+    training), then those of the base's own generation config."""
+    ids = [tokenizer.eos_token_id]
+    base_eos = getattr(base_generation_config, "eos_token_id", None)
+    for i in base_eos if isinstance(base_eos, list) else [base_eos]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def write_generation_config(path: Path, model_cfg: ModelConfig, tokenizer) -> list[int]:
+    """generation_config.json with every EOS id of the training chat template and the base, and the pad id."""
+    from transformers import GenerationConfig
+
+    try:
+        base = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+    except (OSError, ValueError):
+        base = GenerationConfig()
+    eos = eos_token_ids(tokenizer, base)
+    base.eos_token_id = eos if len(eos) > 1 else eos[0]
+    base.pad_token_id = tokenizer.pad_token_id
+    base.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else base.bos_token_id
+    base.save_pretrained(str(path))
+    return eos
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig) -> None:
+    """adapter_config.json (the base's Hub id, never a local path), adapter_model.safetensors, the tokenizer
+    with the training chat template, and generation_config.json."""
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(adapter_dir))
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_model_id(cfg.model)
+    if cfg.model.revision:
+        config["revision"] = cfg.model.revision
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_generation_config(adapter_dir, cfg.model, tokenizer)
+    for warning in adapter_warnings(cfg):
+        log.warning(warning)
+
+
+# ---- the fidelity check -------------------------------------------------------------------------
+
+def check_samples(tokenizer, rows, n: int, train_on_inputs: bool) -> list[dict]:
+    """input_ids and labels (-100 where no loss) of the first n rows, formatted as in training."""
     from finetune.data.tokenize import tokenize_row
 
-    # train_on_inputs=True: the same tokens as in training, without asking the template for assistant masks
-    return [torch.tensor([tokenize_row(row, tokenizer, train_on_inputs=True)["input_ids"][:CHECK_TOKENS]])
-            for row in list(rows)[:n]]
+    out = []
+    for row in list(rows)[:n]:
+        t = tokenize_row(row, tokenizer, train_on_inputs)
+        out.append({"input_ids": torch.tensor([t["input_ids"][:CHECK_TOKENS]]),
+                    "labels": torch.tensor([t["labels"][:CHECK_TOKENS]])})
+    return out
 
 
 @torch.no_grad()
-def logits_of(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def logits_of(model, samples: list[dict]) -> list[torch.Tensor]:
+    """Float32 CPU logits of each sample (the model is left in eval mode)."""
     model.eval()
     device = next(model.parameters()).device
-    return [model(input_ids=b.to(device)).logits.float().cpu() for b in batches]
+    return [model(input_ids=s["input_ids"].to(device)).logits.float().cpu() for s in samples]
 
 
-def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
-    """Largest |logit| difference (absolute and relative to the largest |logit|), and mean KL(a || b) per token."""
-    max_abs = max((x - y).abs().max().item() for x, y in zip(a, b))
-    scale = max(x.abs().max().item() for x in a)
+def loss_of(logits: list[torch.Tensor], samples: list[dict]) -> float:
+    """Mean next-token cross-entropy over the trained (labelled) tokens of all samples."""
+    total, count = 0.0, 0
+    for x, s in zip(logits, samples):
+        labels = s["labels"][:, 1:]
+        keep = labels != -100
+        if keep.any():
+            total += torch.nn.functional.cross_entropy(x[:, :-1][keep], labels[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count if count else float("nan")
+
+
+def fidelity(reference: list[torch.Tensor], logits: list[torch.Tensor], samples: list[dict]) -> dict:
+    """How far `logits` are from the model as trained: mean KL(trained || merged) per token, the largest
+    |logit| difference, and the loss on the samples."""
     kl = torch.cat([
         torch.nn.functional.kl_div(y.log_softmax(-1), x.log_softmax(-1), log_target=True, reduction="none").sum(-1).flatten()
-        for x, y in zip(a, b)
+        for x, y in zip(reference, logits)
     ]).mean().item()
-    return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_abs / max(scale, 1e-9), "mean_kl": kl}
+    max_abs = max((x - y).abs().max().item() for x, y in zip(reference, logits))
+    return {"mean_kl": kl, "max_abs_logit_diff": max_abs, "eval_loss": loss_of(logits, samples)}
 
 
-def write_model_card(path: Path, cfg: FinetuneConfig, summary: dict, merged: bool) -> None:
-    load = (
-        'model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_FOLDER")'
-        if merged else
-        f'base = AutoModelForCausalLM.from_pretrained("{cfg.model.name_or_path}")\n'
-        f'model = PeftModel.from_pretrained(base, "PATH_TO_THIS_FOLDER")'
-    )
-    figures = "\n".join(
-        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-        for k, v in summary.items() if k in (
-            "eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "train_loss", "train_tokens",
-            "train_runtime_s", "device", "trainable_params", "merge_max_rel_logit_diff", "merge_vs_trained_mean_kl")
-        and v is not None
-    )
-    text = f"""---
-base_model: {cfg.model.name_or_path}
-library_name: {'transformers' if merged else 'peft'}
-tags: [finetune, {'qlora' if cfg.quant.method == 'nf4' else 'lora'}, sft]
----
-# {'Merged model' if merged else 'LoRA adapter'}: {cfg.recipe}
+# ---- merging ------------------------------------------------------------------------------------
 
-Fine-tuned from `{cfg.model.name_or_path}` with finetune, recipe `{cfg.recipe}`:
-base in {cfg.quant.method}, LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, on `{cfg.data.path or ", ".join(s.path for s in cfg.data.sources)}`.
-Prompts must use the chat template saved with the tokenizer here, as in training.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-{'from peft import PeftModel' if not merged else ''}
-{load}
-```
-
-| figure | value |
-| --- | --- |
-{figures}
-"""
-    (path / "README.md").write_text(text)
-
-
-def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
-    """adapter_config.json, adapter_model.safetensors, tokenizer files with the training chat template."""
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-
-
-def export_merged(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, tokenizer, batches: list[torch.Tensor],
-                  trained_logits: Optional[list[torch.Tensor]]) -> dict:
-    """Reload the base in export.merge_dtype on the CPU, merge the adapter, save, and check the logits.
-
-    The merge runs in CPU memory, so it never needs more GPU memory than training did.
-    """
+def build_merged(cfg: FinetuneConfig, adapter_dir: Path, merge_base: str):
+    """The adapter merged into the base, in CPU memory, in export.merge_dtype: merge_base=original reloads
+    the base unquantized; dequantized loads it in 4-bit as in training and dequantizes every layer first."""
     from peft import PeftModel
 
-    ex: ExportConfig = cfg.export
-    dtype = DTYPES[ex.merge_dtype]
+    dtype = DTYPES[cfg.export.merge_dtype]
     cpu = Device("cpu", "cpu", True, "fp32", dtype)
-    base = load_base_model(cfg.model, QuantConfig(method="none", double_quant=False), cpu, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    unmerged = logits_of(model, batches)
-    model = model.merge_and_unload()
-    merged = logits_of(model, batches)
-    fidelity = {f"merge_{k}": v for k, v in compare_logits(unmerged, merged).items()}
-    if trained_logits is not None:
-        fidelity.update({f"merge_vs_trained_{k}": v for k, v in compare_logits(trained_logits, merged).items()})
-    if fidelity["merge_max_rel_logit_diff"] > ex.check_tolerance:
-        raise UserError(
-            f"The merged model's logits differ from base + adapter by {fidelity['merge_max_rel_logit_diff']:.3g} "
-            f"(relative), more than export.check_tolerance={ex.check_tolerance}. The adapter in {adapter_dir} is "
-            "intact; try export.merge_dtype=float32."
-        )
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if merge_base == "dequantized":
+        base = load_base_model(cfg.model, cfg.quant, cpu, dtype=dtype)
+        base = base.dequantize(dtype=dtype)
+    else:
+        base = load_base_model(cfg.model, QuantConfig(method="none", double_quant=False), cpu, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None
+    return model
+
+
+def candidates(cfg: FinetuneConfig) -> list[str]:
+    if cfg.export.merge_base != "auto":
+        return [cfg.export.merge_base]
+    return ["original", "dequantized"] if cfg.quant.method == "nf4" else ["original"]
+
+
+def export_merged(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, tokenizer, samples: list[dict],
+                  reference: list[torch.Tensor], retry: str = "python -m finetune export run=RUN_DIR") -> dict:
+    """Merge into each candidate base, compare each with the model as trained (`reference` logits on
+    `samples`), save the closest to merged_dir. Returns the figures for summary.json."""
+    figures: dict = {"reference_eval_loss": loss_of(reference, samples), "samples": len(samples)}
+    model, chosen, best = None, None, float("inf")
+    for name in candidates(cfg):
+        del model
+        gc.collect()
+        model = build_merged(cfg, adapter_dir, name)
+        figures[name] = fidelity(reference, logits_of(model, samples), samples)
+        log.info("merge into the %s base: mean KL to the model as trained %.3g, loss %.4g (as trained: %.4g)",
+                 name, figures[name]["mean_kl"], figures[name]["eval_loss"], figures["reference_eval_loss"])
+        if figures[name]["mean_kl"] < best:
+            chosen, best = name, figures[name]["mean_kl"]
+    figures["merge_base"] = chosen
+    summary = {"merge_base": chosen, "merge_mean_kl": best, "merge_eval_loss": figures[chosen]["eval_loss"],
+               "merge_reference_eval_loss": figures["reference_eval_loss"], "merge_fidelity": figures}
+    if best > cfg.export.max_kl:
+        del model
+        raise MergeRejected(summary, (
+            f"The merged model is further from the model as trained than export.max_kl={cfg.export.max_kl} allows "
+            f"(mean KL {best:.3g} nats per token, merged into the {chosen} base), so merged/ was not written. The "
+            f"adapter in {adapter_dir} is intact and is the model as trained. Try export.merge_dtype=float32 (or "
+            f"raise export.max_kl): {retry} export.merge_dtype=float32"))
+    if chosen != name:  # the closest is not the one in memory: rebuild it (cheaper than holding two models)
+        del model
+        gc.collect()
+        model = build_merged(cfg, adapter_dir, chosen)
     model.save_pretrained(str(merged_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(merged_dir))
-    (merged_dir / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
-    del model, base
+    write_generation_config(merged_dir, cfg.model, tokenizer)
+    (merged_dir / "fidelity.json").write_text(json.dumps(figures, indent=2) + "\n")
+    del model
     gc.collect()
-    return fidelity
+    return summary
+
+
+class MergeRejected(UserError):
+    """The merged model failed the fidelity check; `summary` holds the figures measured."""
+
+    def __init__(self, summary: dict, message: str):
+        super().__init__(message)
+        self.summary = summary
+
+
+# ---- a run's artefacts --------------------------------------------------------------------------
+
+def export_artifacts(cfg: FinetuneConfig, out_dir: Path, model, tokenizer, rows, summary: dict,
+                     retry: str = "python -m finetune export run=RUN_DIR") -> None:
+    """adapter/ from the PEFT `model` (the base in 4-bit as trained, with its adapter), merged/ where
+    export.merge asks, and their model cards. `rows` are the (converted) rows the merge is checked on;
+    `summary` is updated in place with the merge figures. A rejected merge raises MergeRejected after
+    everything else is written."""
+    from finetune.publish import write_model_card
+
+    summary.update({k: None for k in ("merge_base", "merge_mean_kl", "merge_eval_loss", "merge_reference_eval_loss",
+                                      "merge_fidelity")})
+    if not hasattr(model, "peft_config"):  # full fine-tuning: the model itself is the result, a plain transformers model
+        model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir / "model"))
+        write_generation_config(out_dir / "model", cfg.model, tokenizer)
+        write_model_card(out_dir / "model", cfg, summary, merged=True)
+        return
+    adapter_dir = out_dir / "adapter"
+    save_adapter(model, tokenizer, adapter_dir, cfg)
+    rejected = None
+    if cfg.export.merge:
+        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data.train_on_inputs)
+        reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
+        shutil.rmtree(out_dir / "merged", ignore_errors=True)  # never leave an earlier merge beside a new adapter
+        try:
+            summary.update(export_merged(cfg, adapter_dir, out_dir / "merged", tokenizer, samples, reference,
+                                         retry))
+            write_model_card(out_dir / "merged", cfg, summary, merged=True)
+        except MergeRejected as e:
+            summary.update(e.summary)
+            rejected = e
+    write_model_card(adapter_dir, cfg, summary, merged=False)
+    if rejected is not None:
+        raise rejected
+
+
+def export_run(run_dir: str, checkpoint: Optional[str], overrides: list[str]) -> tuple[Path, dict]:
+    """`export`: write a run's adapter/ and merged/ again, from its final adapter (into the run directory)
+    or from one of its checkpoints (into RUN_DIR/exports/checkpoint-N/). Returns (where, summary)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from finetune.data import load_splits
+    from finetune.model import detect_device
+    from finetune.runs import load_run
+
+    run = load_run(run_dir, overrides)
+    cfg = run.cfg
+    source = run.checkpoint_dir(checkpoint) if checkpoint else run.adapter_dir
+    if not (source / "adapter_config.json").is_file():
+        raise UserError(f"{source} holds no adapter (adapter_config.json): export.merge needs a LoRA run; "
+                        "pass checkpoint=N to export a checkpoint.")
+    out_dir = run.dir / "exports" / source.name if checkpoint else run.dir
+    # The tokenizer as trained, chat template and EOS included: saved with the adapter and in every checkpoint.
+    tokenizer = AutoTokenizer.from_pretrained(str(source if (source / "tokenizer_config.json").is_file() else run.adapter_dir))
+    splits = load_splits(cfg.data, cfg.train.seed)
+    device = detect_device(cfg.train, cfg.quant, cfg.model)
+    model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(source))
+    summary = dict(run.summary)
+    if checkpoint:  # the figures after training are not this checkpoint's
+        summary.update({k: None for k in ("eval_loss", "exact_match", "train_loss", "exact_match_examples")})
+        summary["checkpoint"] = source.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        export_artifacts(cfg, out_dir, model, tokenizer, splits.eval if splits.eval is not None else splits.train, summary,
+                         f"python -m finetune export run={run.dir}" + (f" checkpoint={checkpoint}" if checkpoint else ""))
+    finally:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out_dir, summary

@@ -70,6 +70,13 @@ def is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
+def base_model_id(model: ModelConfig) -> Optional[str]:
+    """The base model as other machines can find it: its Hub id, or model.hub_id for a local copy."""
+    if model.hub_id:
+        return model.hub_id
+    return None if is_local_path(model.name_or_path) else model.name_or_path
+
+
 def check_model_path(cfg: ModelConfig) -> None:
     for key, value in (("model.name_or_path", cfg.name_or_path), ("model.tokenizer", cfg.tokenizer)):
         if value and is_local_path(value):

@@ -17,11 +17,11 @@ from finetune.data.templates import apply_chat_template_choice
 from finetune.config import FinetuneConfig
 from finetune.errors import UserError
 from finetune.evaluate import exact_match
-from finetune.export import check_batches, export_merged, logits_of, save_adapter, write_model_card
+from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
 from finetune.model import detect_device, load_base_model, load_tokenizer
 from finetune.registry import to_dict, to_yaml
-from finetune.tracking import MetricsLog, finish_wandb, peak_memory_gb, plot_loss, start_wandb
+from finetune.tracking import MetricsLog, finish_wandb, log_model, peak_memory_gb, plot_loss, start_wandb, wandb_link
 from finetune.data.tokenize import tokenize
 from finetune.trainer import MetricsCallback, build_sft_config, build_trainer, packing_efficiency
 
@@ -67,6 +67,10 @@ def train(cfg: FinetuneConfig) -> dict:
     # Device first: a setting the machine cannot run (bf16 on a T4, fp16 on a CPU) fails before any download.
     device = detect_device(cfg.train, cfg.quant, cfg.model)
     log.info("device: %s, precision %s", device.describe(), device.precision)
+    if cfg.hub.push:  # a missing or rejected token fails now, not after hours of training
+        from finetune.publish import check_access
+
+        log.info("Hugging Face Hub: publishing to %s as %s at the end", cfg.hub.repo_id, check_access(cfg.hub))
 
     # Tokenizer before data: rows are checked and formatted with its chat template.
     tokenizer = load_tokenizer(cfg.model)
@@ -131,7 +135,7 @@ def train(cfg: FinetuneConfig) -> dict:
         "steps": trainer.state.global_step,
         "effective_batch": cfg.train.micro_batch_size * cfg.train.grad_accum,
         "optimizer": describe_optimizer(trainer.optimizer),
-        "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": is_checkpointing(trainer.model),
         "quantized_layers": count_quantized_layers(trainer.model),
         "chat_template": template,
         "data_format": splits.format,
@@ -139,36 +143,33 @@ def train(cfg: FinetuneConfig) -> dict:
         "rows_truncated": train_tok.too_long if cfg.data.too_long == "truncate" else 0,
         "packing_efficiency": packed,
         "exact_match_examples": after["examples"],
+        **wandb_link(wandb_run),
     }
 
-    # Export: the adapter always; the merged model from a 16-bit reload of the base, never from 4-bit weights.
-    adapter_dir = run_dir / "adapter"
-    save_adapter(trainer, tokenizer, adapter_dir)
-    write_model_card(adapter_dir, cfg, summary, merged=False)
-    if cfg.export.merge:
-        batches = check_batches(tokenizer, splits.eval if splits.eval is not None else splits.train,
-                                cfg.export.check_samples)
-        trained_logits = logits_of(trainer.model, batches)
-        del trainer, model
-        free_gpu_memory()
-        summary.update(export_merged(cfg, adapter_dir, run_dir / "merged", tokenizer, batches, trained_logits))
-        write_model_card(run_dir / "merged", cfg, summary, merged=True)
-
+    # Export: the adapter always; merged/ (never from 4-bit weights) checked against the model as trained.
+    rejected = None
+    try:
+        export_artifacts(cfg, run_dir, trainer.model, tokenizer, splits.eval if splits.eval is not None else splits.train,
+                         summary, f"python -m finetune export run={run_dir}")
+    except MergeRejected as e:  # the run and its adapter are kept; the user is told at the end
+        rejected = e
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_loss(metrics.read(), run_dir / "loss.png", f"{cfg.recipe}: {cfg.model.name_or_path.split('/')[-1]}")
+    if cfg.tracking.log_model:
+        log_model(wandb_run, run_dir / "adapter", cfg.recipe, summary)
     finish_wandb(wandb_run, summary)
+    if rejected is not None:
+        raise rejected
+    if cfg.hub.push:
+        from finetune.publish import publish
+
+        try:
+            summary["hub_commit_url"] = publish(run_dir, cfg, summary)
+        except UserError as e:
+            raise UserError(f"{e} The run in {run_dir} is complete; publish it later with: python -m finetune "
+                            f"publish run={run_dir} hub.repo_id={cfg.hub.repo_id}") from None
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def free_gpu_memory() -> None:
-    """Give the trained model's GPU memory back (its references are gone) before the merge."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def check_rows_kept(before: int, after: int, max_length: int) -> None:
@@ -201,6 +202,14 @@ def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLo
 
             wandb.log({"eval/exact_match": em["exact_match"]})
     return out
+
+
+def is_checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers 5.2x renamed the attribute."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
 
 
 def describe_optimizer(optimizer) -> dict:

@@ -33,6 +33,28 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
     )
 
 
+def wandb_link(run) -> dict:
+    """Where the W&B run lives: its URL (null for an offline run until it is synced) and entity/project/id."""
+    if run is None:
+        return {"wandb_url": None, "wandb_run": None}
+    path = "/".join(p for p in (run.entity, run.project, run.id) if p)
+    return {"wandb_url": run.url if not run.offline else None, "wandb_run": path}
+
+
+def log_model(run, adapter_dir: Path, recipe: str, summary: dict) -> None:
+    """The adapter as a W&B model artifact (type model, alias latest), with the run's key figures as metadata."""
+    import wandb
+
+    artifact = wandb.Artifact(
+        name=f"{run.name or run.id}-adapter".replace("/", "-"), type="model",
+        description=f"LoRA adapter of finetune recipe {recipe}",
+        metadata={k: summary.get(k) for k in ("recipe", "base_model", "quantization", "eval_loss_base", "eval_loss",
+                                               "trainable_params", "merge_base", "merge_mean_kl")},
+    )
+    artifact.add_dir(str(adapter_dir))
+    run.log_artifact(artifact, aliases=["latest"])
+
+
 def finish_wandb(run, summary: dict) -> None:
     if run is None:
         return

@@ -187,6 +187,20 @@ def write_demo_data(rng: random.Random) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+MODEL_CARD = """---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [finetune, demo]
+---
+# tiny_llama: the embedded demo base model of finetune
+
+A 0.9M-parameter Llama (4 layers, d=128, BPE vocabulary of 1024) pretrained by scripts/build_demo_model.py
+on a synthetic corpus about numbers. It knows number words but not the chat format: the demo recipe
+`tiny_qlora` teaches it to answer "Write 347 in words." and to stop.
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3000)
@@ -203,6 +217,7 @@ def main() -> None:
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(MODEL_DIR, safe_serialization=True)
     tokenizer.save_pretrained(MODEL_DIR)
+    (MODEL_DIR / "README.md").write_text(MODEL_CARD)
     write_demo_data(rng)
     for prompt in ("347 is written", "the number 58 reads", "the red fox"):
         x = tokenizer(prompt, return_tensors="pt")

@@ -49,10 +49,12 @@ def write_chat_data(path: Path, n: int) -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
-            wandb_mode: str | None = "offline") -> subprocess.CompletedProcess:
-    """`python -m finetune ARGS` in a subprocess, offline; wandb_mode=None leaves W&B to the config."""
-    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            wandb_mode: str | None = "offline", env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` in a subprocess, offline; wandb_mode=None leaves W&B to the config.
+    `env` adds to (or, with a None value, removes from) the environment."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "HF_TOKEN": None,
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     env.pop("WANDB_MODE", None)
     if wandb_mode:
         env["WANDB_MODE"] = wandb_mode

@@ -8,16 +8,12 @@ import torch
 
 from tests.helpers import read_wandb_log, run_cli, wandb_config, wandb_history
 
-STEPS = 60  # a shortened demo: enough for the loss to fall and the adapter to matter, ~1 min on 2 cores
+from tests.conftest import DEMO_STEPS as STEPS
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = run_cli("recipe=tiny_qlora", f"output_dir={out}", f"train.max_steps={STEPS}", "train.save_steps=30",
-                     "eval.exact_match_samples=24")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def run(demo_run):
+    return demo_run
 
 
 def summary_of(run):
@@ -67,7 +63,9 @@ def test_qlora_machinery_was_really_used(run):
 def load_base(run, quantized: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(run / "config.yaml").model.name_or_path  # a local folder: not in adapter_config.json
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32) if quantized else None
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, dtype=torch.float32)
@@ -114,8 +112,7 @@ def test_the_merged_model_loads_in_plain_transformers_and_matches(run):
     rel = (merged_logits - ref_logits).abs().max() / ref_logits.abs().max()
     assert rel < 0.02  # merged/ is stored in bf16
     assert torch.equal(merged_logits.argmax(-1), ref_logits.argmax(-1))
-    s = summary_of(run)
-    assert 0 <= s["merge_max_rel_logit_diff"] < 0.05 and s["merge_vs_trained_mean_kl"] < 0.05
+    assert "quantization_config" not in json.loads((run / "merged" / "config.json").read_text())  # never 4-bit
 
 
 def test_wandb_offline_run_holds_the_config_and_the_logged_losses(run):

@@ -1,0 +1,251 @@
+"""What a run leaves behind, used the way users use it: the merge fidelity, adapters other tools load,
+`export`, `generate` and `publish` through the real CLI, publishing with huggingface_hub's own client
+against a local stand-in of the Hub, and the adapter logged to W&B."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.helpers import read_wandb_log, run_cli
+from tests.hub_standin import HubStandIn
+
+TOKEN = "hf_tEsTsEcReT0123456789abcdefghijklmn"
+
+
+def summary_of(path):
+    return json.loads((path / "summary.json").read_text())
+
+
+def hub_env(hub, token=TOKEN):
+    return {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": None, "HF_HUB_DISABLE_XET": "1"}
+
+
+# ---- merge fidelity -----------------------------------------------------------------------------
+
+def test_auto_merge_measures_both_bases_and_keeps_the_closer(demo_run):
+    s = summary_of(demo_run)
+    f = s["merge_fidelity"]
+    # the dequantized NF4 base is the function trained: only bf16 rounding separates them; the original
+    # 16-bit base lacks the quantization error the adapter was trained on
+    assert 0 <= f["dequantized"]["mean_kl"] < f["original"]["mean_kl"]
+    assert s["merge_base"] == f["merge_base"] == min(("original", "dequantized"), key=lambda b: f[b]["mean_kl"])
+    assert s["merge_mean_kl"] == f[s["merge_base"]]["mean_kl"] < 0.05
+    assert s["merge_eval_loss"] == pytest.approx(s["merge_reference_eval_loss"], rel=0.1)
+    card = (demo_run / "merged" / "README.md").read_text()
+    assert "## Merge fidelity" in card and f"{f['original']['mean_kl']:.3g}" in card and "dequantized (kept)" in card
+
+
+def test_the_merged_weights_are_16_bit_never_4_bit(demo_run):
+    with safe_open(str(demo_run / "merged" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        names = list(f.keys())
+    assert dtypes == {torch.bfloat16}
+    assert not any("lora_" in n or "absmax" in n or "quant" in n for n in names)
+
+
+def test_export_of_a_checkpoint_with_a_chosen_base(demo_run):
+    result = run_cli("export", f"run={demo_run}", "checkpoint=30", "export.merge_base=original",
+                     "model.hub_id=demo-org/tiny-llama")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = demo_run / "exports" / "checkpoint-30"
+    assert "merged into the original base" in result.stdout and str(out) in result.stdout
+    s = summary_of(out)
+    assert s["merge_base"] == "original" and set(s["merge_fidelity"]) >= {"original", "reference_eval_loss"}
+    assert "dequantized" not in s["merge_fidelity"] and s["checkpoint"] == "checkpoint-30" and s["eval_loss"] is None
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "demo-org/tiny-llama"
+    # the checkpoint's adapter, not the final one
+    final = safe_open(str(demo_run / "adapter" / "adapter_model.safetensors"), "pt")
+    early = safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt")
+    key = next(k for k in final.keys() if "lora_B" in k)
+    assert not torch.equal(final.get_tensor(key), early.get_tensor(key))
+
+
+def test_a_merge_too_far_from_the_trained_model_is_not_written(demo_run):
+    result = run_cli("export", f"run={demo_run}", "checkpoint=last", "export.max_kl=1e-12")
+    assert result.returncode == 2
+    assert "error: The merged model is further from the model as trained than export.max_kl=1e-12" in result.stderr
+    assert f"export run={demo_run} checkpoint=last export.merge_dtype=float32" in result.stderr
+    assert "Traceback" not in result.stderr
+    out = demo_run / "exports" / "checkpoint-60"
+    assert not (out / "merged").exists() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary_of(out)["merge_mean_kl"] > 1e-12  # the figures are kept
+
+
+# ---- adapters other tools load ------------------------------------------------------------------
+
+def test_adapter_config_names_no_local_path_and_warns(demo_run):
+    config = json.loads((demo_run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] is None and not config.get("modules_to_save")
+    stderr = (demo_run.parent / "train.stderr").read_text()
+    assert "The base model is a local folder" in stderr and "model.hub_id=ORG/NAME" in stderr
+    assert not (demo_run / "adapter" / "training_args.bin").exists()  # no pickle next to the weights
+
+
+def test_generation_config_ends_at_the_templates_eos(demo_run):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    for folder in ("adapter", "merged"):
+        tok = AutoTokenizer.from_pretrained(demo_run / folder)
+        gen = GenerationConfig.from_pretrained(demo_run / folder)
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        assert eos[0] == tok.eos_token_id and gen.pad_token_id == tok.pad_token_id != tok.eos_token_id
+        # the template's reply ends with that token: what training taught the model to emit
+        text = tok.apply_chat_template([{"role": "user", "content": "Write 3 in words."},
+                                        {"role": "assistant", "content": "three"}], tokenize=False)
+        assert text.rstrip().endswith(tok.eos_token)
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+def test_generate_answers_in_the_chat_format_and_stops_at_eos(demo_run):
+    result = run_cli("generate", f"run={demo_run}", "prompt=Write 512 in words.", "max_new_tokens=40")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    answer = lines[lines.index(">>> Write 512 in words.") + 1]
+    assert answer.strip() and "<" not in answer and set(answer.split()) <= NUMBER_WORDS
+    n = int(lines[lines.index(">>> Write 512 in words.") + 2].split()[0].strip("["))
+    assert "stopped at EOS" in result.stdout and n < 40  # ended by itself, long before the limit
+
+
+NUMBER_WORDS = set("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                   "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
+                   "hundred".split())
+
+
+def test_generate_compare_shows_base_and_tuned_side_by_side(demo_run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Write 77 in words."}\n{"prompt": "Spell out the number 903."}\n')
+    result = run_cli("generate", f"run={demo_run}", f"prompts_file={prompts}", "compare=true", "quant=none",
+                     env={"COLUMNS": "90"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    headers = [line for line in result.stdout.splitlines() if line.startswith("base ")]
+    assert len(headers) == 2 and all(h.split() == ["base", "|", "tuned"] for h in headers)
+    rows = [line for line in result.stdout.splitlines() if " | " in line and not line.startswith("base ")]
+    base, tuned = zip(*(r.split(" | ", 1) for r in rows))
+    assert any(b.strip() != t.strip() for b, t in zip(base, tuned))  # the adapter changes the answers
+
+
+def test_generate_from_the_merged_model_with_sampling(demo_run):
+    result = run_cli("generate", f"run={demo_run}", "prompt=Write 40 in words.", "model=merged", "do_sample=true",
+                     "temperature=0.5", "seed=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped at EOS" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prompt=hi", "temprature=0.1"], "Unknown key 'temprature' for `generate`. Did you mean 'temperature'?"),
+    (["prompt=hi", "max_new_tokens=many"], "max_new_tokens=many: expected an integer"),
+    (["prompt=hi", "quant=fp8"], "quant=fp8 is not allowed: choose one of nf4, int8, none"),
+    ([], 'Give either prompt="..." or prompts_file=FILE'),
+    (["prompts_file=/nonexistent/p.txt"], "prompts_file=/nonexistent/p.txt: no such file"),
+    (["prompt=hi", "checkpoint=7"], "checkpoint=7: no such checkpoint"),
+])
+def test_generate_user_errors(demo_run, args, message):
+    result = run_cli("generate", f"run={demo_run}", *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_verbs_on_a_folder_that_is_no_run(tmp_path):
+    result = run_cli("generate", f"run={tmp_path}", "prompt=hi")
+    assert result.returncode == 2 and "no config.yaml, so it is not a finetune run directory" in result.stderr
+    result = run_cli("export", "checkpoint=3")
+    assert result.returncode == 2 and "`export` needs run=..." in result.stderr
+
+
+# ---- publish ------------------------------------------------------------------------------------
+
+def test_publish_uploads_the_adapter_and_its_card_in_one_commit(demo_run):
+    with HubStandIn(tokens={TOKEN: "alice"}) as hub:
+        result = run_cli("publish", f"run={demo_run}", "hub.repo_id=alice/tiny-demo", "hub.revision=exp-1",
+                         "model.hub_id=demo-org/tiny-llama", env=hub_env(hub))
+    assert result.returncode == 0, result.stderr[-2000:]
+    repo = hub.repos["alice/tiny-demo"]
+    assert repo["visibility"] == "private" and repo["branches"] == ["main", "exp-1"]
+    assert len(repo["commits"]) == 1
+    commit = repo["commits"][0]
+    assert commit["branch"] == "exp-1" and commit["message"] == "finetune: tiny_qlora adapter"
+    local = {p.name: p.read_bytes() for p in (demo_run / "adapter").iterdir()}
+    assert set(commit["files"]) == set(local)
+    assert commit["files"]["adapter_model.safetensors"] == local["adapter_model.safetensors"]  # via LFS
+    assert json.loads(commit["files"]["adapter_config.json"])["base_model_name_or_path"] == "demo-org/tiny-llama"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(commit["files"]["README.md"].decode())
+    assert card.data.base_model == "demo-org/tiny-llama" and card.data.library_name == "peft"
+    assert card.data.license == "apache-2.0"  # from the base model's own card
+    assert card.data.pipeline_tag == "text-generation" and {"qlora", "finetune"} <= set(card.data.tags)
+    s = summary_of(demo_run)
+    assert f"{s['eval_loss_base']:.4g}" in card.text and f"{s['eval_loss']:.4g}" in card.text
+    assert "r=32, alpha=64" in card.text and "## Merge fidelity" in card.text and s["wandb_run"] in card.text
+    assert "/tmp" not in str(card) and str(demo_run) not in str(card)  # no local paths
+    assert all(h.get("authorization") == f"Bearer {TOKEN}" for m, p, h in hub.requests if p.startswith("/api/repos"))
+
+
+def test_publish_the_merged_model_publicly(demo_run):
+    with HubStandIn(tokens={TOKEN: "alice"}) as hub:
+        result = run_cli("publish", f"run={demo_run}", "hub.repo_id=alice/tiny-merged", "hub.model=merged",
+                         "hub.private=false", env=hub_env(hub))
+    assert result.returncode == 0, result.stderr[-2000:]
+    repo = hub.repos["alice/tiny-merged"]
+    files = repo["commits"][0]["files"]
+    assert repo["visibility"] == "public" and {"model.safetensors", "config.json", "generation_config.json"} <= set(files)
+    assert b"library_name: transformers" in files["README.md"]
+
+
+@pytest.mark.parametrize("case", ["no token", "bad token", "no permission", "no network", "commit refused"])
+def test_publish_failures_are_one_message_and_leave_nothing(demo_run, case):
+    with HubStandIn(tokens={TOKEN: "alice"}, fail_commit_with=500 if case == "commit refused" else None) as hub:
+        env = hub_env(hub, token={"no token": None, "bad token": "hf_wrong"}.get(case, TOKEN))
+        if case == "no network":
+            env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: connection refused
+        repo_id = "bob/x" if case == "no permission" else "alice/x"
+        result = run_cli("publish", f"run={demo_run}", f"hub.repo_id={repo_id}", env=env)
+    expected = {
+        "no token": "Publishing needs a Hugging Face token with write access: set HF_TOKEN",
+        "bad token": "The Hugging Face Hub rejected the token",
+        "no permission": "The token may not write to bob/x",
+        "no network": "Could not reach the Hugging Face Hub",
+        "commit refused": "The Hugging Face Hub refused the upload to alice/x (HTTP 500",
+    }[case]
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and TOKEN not in result.stderr + result.stdout
+    assert hub.repos == {}  # a repository created for the failed commit is deleted again
+
+
+def test_train_with_hub_push_publishes_and_never_writes_the_token(tiny_model, chat_data, tmp_path):
+    out = tmp_path / "run"
+    with HubStandIn(tokens={TOKEN: "alice"}) as hub:
+        result = run_cli(f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
+                         "data.max_length=128", f"output_dir={out}", "train.max_steps=4", "eval.exact_match_samples=0",
+                         "train.eval_steps=0", "tracking=wandb", "tracking.log_model=true", "hub=push",
+                         "hub.repo_id=alice/pushed", "lora.r=8", env=hub_env(hub))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary_of(out)["hub_commit_url"].startswith(f"{hub.url}/alice/pushed/commit/")
+    assert set(hub.repos["alice/pushed"]["commits"][0]["files"]) >= {"adapter_model.safetensors", "README.md"}
+    # the token is nowhere: not in any file of the run (config.yaml, summary, W&B's offline log), nor in the output
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 20 and not [p for p in files if TOKEN.encode() in p.read_bytes()]
+    assert TOKEN not in result.stdout + result.stderr
+    assert "lora.r=8 is not one of vLLM's ranks" not in result.stderr  # 8 is one
+
+
+def test_hub_push_without_a_token_fails_before_training(tiny_model, chat_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
+                     f"output_dir={out}", "hub=push", "hub.repo_id=alice/pushed", env={"HF_HUB_OFFLINE": None})
+    assert result.returncode == 2 and "Publishing needs a Hugging Face token" in result.stderr
+    assert not out.exists()  # nothing trained, nothing written
+
+
+# ---- W&B ----------------------------------------------------------------------------------------
+
+def test_the_adapter_is_logged_as_a_wandb_model_artifact(demo_run):
+    (log,) = list((demo_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    artifacts = [r.artifact for r in read_wandb_log(log) if r.WhichOneof("record_type") == "artifact"]
+    (artifact,) = [a for a in artifacts if a.type == "model"]
+    assert artifact.name.endswith("-adapter") and "latest" in artifact.aliases
+    files = {entry.path for entry in artifact.manifest.contents}
+    assert files == {p.name for p in (demo_run / "adapter").iterdir()}
