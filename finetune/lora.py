@@ -21,6 +21,7 @@ def build_peft_config(cfg: LoraConfig):
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        modules_to_save=list(cfg.modules_to_save) or None,  # none unless asked: vLLM cannot load them
     )
 
 

@@ -133,3 +133,29 @@ def test_side_by_side_wraps_both_columns(monkeypatch):
     out = side_by_side("short", "a much longer answer " * 4).splitlines()
     assert out[0].split() == ["base", "|", "tuned"] and len(out) > 3
     assert all(len(line.split(" | ")[0]) == 33 for line in out if " | " in line)
+
+
+def test_modules_to_save_only_when_asked():
+    from finetune.config import LoraConfig
+    from finetune.lora import build_peft_config
+
+    assert build_peft_config(LoraConfig()).modules_to_save is None
+    assert build_peft_config(LoraConfig(modules_to_save=["lm_head"])).modules_to_save == ["lm_head"]
+
+
+def test_model_card_of_a_hub_base_and_dataset():
+    from finetune.publish import model_card
+
+    cfg = load_config(["recipe=qlora_llama7b", "hub.license=llama2"])
+    summary = {"eval_loss_base": 1.61, "eval_loss": 1.23, "steps": 1000, "wandb_url": "https://wandb.ai/me/finetune/runs/abc",
+               "merge_fidelity": None}
+    card = model_card(cfg, summary, merged=False, repo_id="me/llama7b-chat")
+    data = card.data
+    assert data.base_model == "meta-llama/Llama-2-7b-hf" and data.library_name == "peft" and data.license == "llama2"
+    assert data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+    assert "base_model:adapter:meta-llama/Llama-2-7b-hf" in data.tags and "qlora" in data.tags
+    assert "| eval loss, base | 1.61 |" in card.text and "| eval loss, tuned | 1.23 |" in card.text
+    assert "https://wandb.ai/me/finetune/runs/abc" in card.text and "recipe `qlora_llama7b`" in card.text
+    assert 'PeftModel.from_pretrained(base, "me/llama7b-chat")' in card.text
+    merged = model_card(cfg, summary, merged=True, repo_id="me/llama7b-merged").data
+    assert merged.library_name == "transformers" and not any(t.startswith("base_model:adapter") for t in merged.tags)
