@@ -68,6 +68,7 @@ def usage() -> str:
 
     lines = [
         "usage: python -m finetune [VERB] [recipe=NAME] [group=option ...] [key=value ...] [--cfg job [--resolve]]",
+        f"       python -m finetune {{{'|'.join(RUN_VERBS)}}} run=RUN_DIR [key=value ...]   (their keys: VERB --help)",
         "",
         "verbs:",
         *[f"  {v:<8} {d}" for v, d in VERBS.items()],

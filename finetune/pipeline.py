@@ -147,12 +147,15 @@ def train(cfg: FinetuneConfig) -> dict:
     }
 
     # Export: the adapter always; merged/ (never from 4-bit weights) checked against the model as trained.
-    rejected = None
+    rejected, export_start = None, time.time()
+    reset_peak_memory(device.type)
     try:
         export_artifacts(cfg, run_dir, trainer.model, tokenizer, splits.eval if splits.eval is not None else splits.train,
                          summary, f"python -m finetune export run={run_dir}")
     except MergeRejected as e:  # the run and its adapter are kept; the user is told at the end
         rejected = e
+    # GPU memory the export itself needed (the merge runs in CPU memory), or the process's peak RSS on CPU
+    summary.update(export_runtime_s=time.time() - export_start, export_peak_memory_gb=peak_memory_gb(device.type))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_loss(metrics.read(), run_dir / "loss.png", f"{cfg.recipe}: {cfg.model.name_or_path.split('/')[-1]}")
     if cfg.tracking.log_model:
@@ -202,6 +205,13 @@ def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLo
 
             wandb.log({"eval/exact_match": em["exact_match"]})
     return out
+
+
+def reset_peak_memory(device_type: str) -> None:
+    if device_type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
 
 
 def is_checkpointing(model) -> bool:
