@@ -139,6 +139,7 @@ def fidelity(reference: list[torch.Tensor], logits: list[torch.Tensor], samples:
         torch.nn.functional.kl_div(y.log_softmax(-1), x.log_softmax(-1), log_target=True, reduction="none").sum(-1).flatten()
         for x, y in zip(reference, logits)
     ]).mean().item()
+    kl = max(kl, 0.0)  # KL is never negative; float rounding can make an exact match read -1e-9
     max_abs = max((x - y).abs().max().item() for x, y in zip(reference, logits))
     return {"mean_kl": kl, "max_abs_logit_diff": max_abs, "eval_loss": loss_of(logits, samples)}
 

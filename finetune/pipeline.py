@@ -159,7 +159,7 @@ def train(cfg: FinetuneConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_loss(metrics.read(), run_dir / "loss.png", f"{cfg.recipe}: {cfg.model.name_or_path.split('/')[-1]}")
     if cfg.tracking.log_model:
-        log_model(wandb_run, run_dir / "adapter", cfg.recipe, summary)
+        log_model(wandb_run, run_dir / ("adapter" if cfg.lora.enabled else "model"), cfg.recipe, summary)
     finish_wandb(wandb_run, summary)
     if rejected is not None:
         raise rejected
@@ -217,7 +217,7 @@ def reset_peak_memory(device_type: str) -> None:
 def is_checkpointing(model) -> bool:
     """Whether activation (gradient) checkpointing is on; transformers 5.2x renamed the attribute."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name) or hasattr(model, name):
+        if hasattr(model, name):
             return bool(getattr(model, name))
     return False
 

@@ -42,12 +42,13 @@ def wandb_link(run) -> dict:
 
 
 def log_model(run, adapter_dir: Path, recipe: str, summary: dict) -> None:
-    """The adapter as a W&B model artifact (type model, alias latest), with the run's key figures as metadata."""
+    """The adapter (or a full fine-tune's model/) as a W&B model artifact (type model, alias latest), with the
+    run's key figures as metadata."""
     import wandb
 
     artifact = wandb.Artifact(
-        name=f"{run.name or run.id}-adapter".replace("/", "-"), type="model",
-        description=f"LoRA adapter of finetune recipe {recipe}",
+        name=f"{run.name or run.id}-{adapter_dir.name}".replace("/", "-"), type="model",
+        description=f"{'LoRA adapter' if adapter_dir.name == 'adapter' else 'model'} of finetune recipe {recipe}",
         metadata={k: summary.get(k) for k in ("recipe", "base_model", "quantization", "eval_loss_base", "eval_loss",
                                                "trainable_params", "merge_base", "merge_mean_kl")},
     )
