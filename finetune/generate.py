@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import textwrap
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,7 +87,9 @@ def load_model(run: Run, args: GenerateArgs):
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     model = load_base_model(model_cfg, quant_cfg, device)
     if args.model == "adapter":
-        model = PeftModel.from_pretrained(model, str(source))
+        with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(source))
     model.eval()
     log.info("loaded %s (%s base) on %s", source, quant, device.describe())
     return model, tokenizer, source
