@@ -9,6 +9,7 @@ import sys
 VERBS = {
     "train": "load base -> attach LoRA -> SFT with TRL -> evaluate -> export (the default)",
     "data": "load, check and tokenize the recipe's data; print counts, lengths and one marked example",
+    "plan": "predict peak GPU memory, tokens/s and GPU-hours on a named GPU (plan.gpu=), without loading weights",
     "export": "write a run's adapter/ and merged/ again (or a checkpoint's), with the merge fidelity check",
     "generate": "answer prompts with a run's adapter or merged model; compare=true shows base and tuned",
     "publish": "push a run's adapter or merged model to the Hugging Face Hub with a model card",
@@ -150,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.data.report import report
 
             report(cfg)
+            return 0
+        if verb == "plan":
+            import json
+
+            from finetune.plan import make_plan, render
+
+            plan = make_plan(cfg)
+            print(json.dumps(plan, indent=2) if cfg.plan.format == "json" else render(plan))
             return 0
         from finetune import pipeline
 

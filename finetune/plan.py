@@ -1,0 +1,490 @@
+"""`plan`: peak GPU memory, tokens/s and GPU-hours of a recipe on a named GPU, without loading weights.
+
+The architecture comes from config.json (shipped presets for every recipe's base, else AutoConfig); the
+model is built on PyTorch's meta device, which gives every weight's shape and allocates nothing. Memory
+is added up per component, the way our pipeline really stores it:
+
+- base weights: NF4 with double quantization is 4 bits per weight plus an 8-bit absmax per block of 64
+  and an fp32 scale per 256 blocks (4 + 8/64 + 32/16384 = 4.127 bits); without double quantization an
+  fp32 absmax per 64 (4.5 bits); LLM.int8 one byte; 16/32-bit the compute dtype. Embeddings, lm_head,
+  norms and biases stay in the compute dtype.
+- LoRA weights, their gradients and optimizer states (TRL keeps adapters of a quantized base in bf16;
+  PEFT keeps them in fp32 otherwise). bitsandbytes' 8-bit AdamW keeps two 1-byte states per parameter for
+  tensors of 4096+ elements (32-bit below that). Full fine-tuning trains every weight in the compute dtype.
+- activations per token and layer, measured with autograd's saved-tensor hooks on Llama layers (see
+  tests/unit/test_plan.py): 12h + 2*kv + 4i elements for a gated MLP (2i for a plain one), the LoRA
+  branch's inputs, and dropout copies with masks. Gradient checkpointing keeps only each layer's input
+  (h) plus one layer recomputed at a time. Logits cost vocab x (2 x dtype + 8) bytes per token (the
+  16-bit logits, their fp32 copy for the loss, the saved log-softmax and its gradient).
+- PyTorch's allocator: 5% fragmentation plus 0.25 GiB of workspaces; the CUDA context (0.5 GiB) is not
+  in torch.cuda.max_memory_reserved but is on the card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from finetune.config import FinetuneConfig
+from finetune.errors import UserError, closest
+
+log = logging.getLogger("finetune")
+GIB = 2**30
+CONTEXT_GIB = 0.5         # CUDA context + cuBLAS handles: on the card, outside PyTorch's allocator
+WORKSPACE_GIB = 0.25      # cuBLAS/cuDNN workspaces and small buffers inside the allocator
+FRAGMENTATION = 0.05      # reserved / allocated - 1 for a steady training loop
+EFFICIENCY = {"nf4": 0.30, "int8": 0.12, "none": 0.40}  # share of the dense bf16 peak reached (dequantization, kernels)
+ARCH_DIR = Path(__file__).resolve().parent / "assets" / "arch"
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float   # as torch.cuda.get_device_properties reports it
+    bf16: bool
+    tflops: float       # dense 16-bit tensor-core TFLOP/s (bf16, or fp16 where there is no bf16)
+    bandwidth_gbs: float
+
+
+GPUS = {
+    "t4": GPU("NVIDIA T4 16GB", 14.6, False, 65, 320),
+    "rtx3060": GPU("NVIDIA GeForce RTX 3060 12GB", 11.8, True, 25.6, 360),
+    "rtx3090": GPU("NVIDIA GeForce RTX 3090 24GB", 23.7, True, 71, 936),
+    "rtx4090": GPU("NVIDIA GeForce RTX 4090 24GB", 23.6, True, 165, 1008),
+    "l4": GPU("NVIDIA L4 24GB", 22.0, True, 121, 300),
+    "a10": GPU("NVIDIA A10 24GB", 22.0, True, 125, 600),
+    "a100-40gb": GPU("NVIDIA A100 40GB", 39.4, True, 312, 1555),
+    "a100-80gb": GPU("NVIDIA A100 80GB", 79.1, True, 312, 2039),
+    "h100": GPU("NVIDIA H100 80GB", 79.1, True, 989, 3350),
+    "h200": GPU("NVIDIA H200 141GB", 139.8, True, 989, 4800),
+}
+
+
+def local_gpu() -> GPU:
+    """plan.gpu=auto: the local CUDA GPU, its speed taken from the closest preset by name."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"plan.gpu=auto reads the local GPU, and this machine has none: name one with plan.gpu=NAME "
+                        f"({', '.join(GPUS)}).")
+    props = torch.cuda.get_device_properties(0)
+    name = props.name
+    key = next((k for k in sorted(GPUS, key=len, reverse=True) if k.replace("-", "").split("gb")[0] in
+                name.lower().replace(" ", "").replace("geforce", "").replace("-", "")), None)
+    ref = GPUS.get(key) if key else None
+    return GPU(name, props.total_memory / GIB, torch.cuda.is_bf16_supported(),
+               ref.tflops if ref else 100.0, ref.bandwidth_gbs if ref else 1000.0)
+
+
+def pick_gpu(name: str) -> GPU:
+    if name == "auto":
+        return local_gpu()
+    if name not in GPUS:
+        raise UserError(f"plan.gpu={name} is not a preset: choose one of auto, {', '.join(GPUS)}.{closest(name, GPUS)}")
+    return GPUS[name]
+
+
+# ---- architecture -------------------------------------------------------------------------------
+
+@dataclass
+class Arch:
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int                 # key/value width: kv heads x head dim
+    vocab: int
+    gated_mlp: bool
+    quantized_params: int       # the decoder layers' Linear weights: what bitsandbytes quantizes
+    other_params: int           # embeddings, lm_head, norms, biases: kept in the compute dtype
+    linears: dict = field(default_factory=dict)  # module name suffix -> [(in, out), ...]: LoRA targets
+    max_position: Optional[int] = None
+
+    @property
+    def params(self) -> int:
+        return self.quantized_params + self.other_params
+
+
+def preset_path(name: str) -> Path:
+    return ARCH_DIR / (name.replace("/", "--") + ".json")
+
+
+def arch_config(model):
+    """transformers config of model.name_or_path: a shipped preset, else config.json (local or Hub)."""
+    from transformers import AutoConfig
+
+    preset = preset_path(model.name_or_path)
+    if preset.is_file():
+        d = json.loads(preset.read_text())
+        d.pop("_name_or_path", None)
+        d.pop("architectures", None)
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+    try:
+        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                          trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        presets = ", ".join(p.stem.replace("--", "/") for p in sorted(ARCH_DIR.glob("*.json")))
+        raise UserError(f"model.name_or_path={model.name_or_path}: its config.json could not be read ({first}). "
+                        f"Give a local folder, a Hub id (needs the network or the HF cache), or one with a shipped "
+                        f"preset: {presets}.") from None
+
+
+def load_arch(model) -> Arch:
+    """Weight shapes from the model built on the meta device: no memory, no download of weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = arch_config(model)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    head = net.get_output_embeddings()
+    quantized, linears = 0, {}
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            quantized += module.weight.numel()
+            linears.setdefault(name.split(".")[-1], []).append((module.in_features, module.out_features))
+    total = sum(p.numel() for p in net.parameters())
+    get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None)), None)  # noqa: E731
+    hidden = get("hidden_size", "n_embd")
+    heads = get("num_attention_heads", "num_heads", "n_head")
+    kv_heads = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or hidden // heads
+    return Arch(
+        name=model.name_or_path, layers=get("num_hidden_layers", "num_layers", "n_layer"), hidden=hidden,
+        intermediate=get("intermediate_size", "n_inner") or 4 * hidden, kv_dim=kv_heads * head_dim,
+        vocab=config.vocab_size, gated_mlp="gate_proj" in linears or "w1" in linears and "w3" in linears,
+        quantized_params=quantized, other_params=total - quantized, linears=linears,
+        max_position=get("max_position_embeddings", "n_positions"),
+    )
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def weight_bits(method: str, double_quant: bool, dtype_bytes: int) -> float:
+    """Bits per quantized weight, scales included."""
+    if method == "nf4":
+        return 4 + 8 / 64 + 32 / (64 * 256) if double_quant else 4 + 32 / 64
+    if method == "int8":
+        return 8.0
+    return 8.0 * dtype_bytes
+
+
+def targeted(arch: Arch, targets: list[str]) -> dict:
+    """{module name suffix: [(in, out) per layer]} of the Linear layers LoRA adapts."""
+    if list(targets) == ["all-linear"]:
+        return dict(arch.linears)
+    return {name: shapes for name, shapes in arch.linears.items() if name in targets}
+
+
+def lora_targets(arch: Arch, targets: list[str]) -> list[tuple[int, int]]:
+    return [shape for shapes in targeted(arch, targets).values() for shape in shapes]
+
+
+def optimizer_bytes(optim: str, shapes: list[tuple[int, int]], param_bytes: int) -> float:
+    """Optimizer state of trainable matrices of these (rows, cols) shapes."""
+    total = 0.0
+    for rows, cols in shapes:
+        n = rows * cols
+        if optim in ("adamw_8bit", "paged_adamw_8bit"):
+            total += 2 * n if n >= 4096 else 8 * n  # bitsandbytes keeps small tensors' state in 32-bit
+        elif optim == "paged_adamw_32bit":
+            total += 8 * n
+        elif optim == "adafactor":
+            total += 4 * (rows + cols)  # factored second moment, no first moment
+        else:  # adamw_torch: two states in the parameter's dtype
+            total += 2 * param_bytes * n
+    return total
+
+
+def activation_bytes_per_token(arch: Arch, lora, r: Optional[int], dtype_bytes: int, checkpointing: bool) -> dict:
+    """Bytes per token kept for the backward pass: {"layers", "recompute", "other", "logits"}; `lora` is the
+    LoraConfig, r its rank (None: no LoRA)."""
+    h, i, kv, p = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes
+    layer = p * (12 * h + 2 * kv + (4 if arch.gated_mlp else 2) * i)
+    if r is not None:
+        per_layer = [shapes[0] for shapes in targeted(arch, lora.target_modules).values()]
+        inputs = sum(shape[0] for shape in per_layer)
+        layer += p * (inputs + len(per_layer) * r)
+        if lora.dropout > 0:
+            layer += 1.65 * p * inputs  # the dropped-out copy of each input, and its mask
+    kept = arch.layers * (p * h if checkpointing else layer)
+    return {"layers": kept, "recompute": layer if checkpointing else 0, "other": 4 * p * h,
+            "logits": arch.vocab * (2 * p + 8)}
+
+
+@dataclass
+class Setting:
+    """The knobs plan varies: what the run would use."""
+    method: str
+    double_quant: bool
+    lora: bool
+    r: int
+    micro_batch: int
+    grad_accum: int
+    max_length: int
+    checkpointing: bool
+    optim: str
+    offload_optimizer: bool = False
+
+
+def setting_of(cfg: FinetuneConfig) -> Setting:
+    t = cfg.train
+    return Setting(cfg.quant.method, cfg.quant.double_quant, cfg.lora.enabled, cfg.lora.r, t.micro_batch_size,
+                   t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim)
+
+
+def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: str = "train") -> list[tuple[str, float]]:
+    """[(component, bytes)] of the peak, in order; the last two are the allocator and the CUDA context."""
+    p = dtype_bytes
+    rows = [(f"base weights: {arch.quantized_params / 1e9:.2f}B in {describe_quant(s)}",
+             arch.quantized_params * weight_bits(s.method, s.double_quant, p) / 8),
+            (f"embeddings, lm_head, norms: {arch.other_params / 1e9:.2f}B in {8 * p}-bit", arch.other_params * p)]
+    if mode == "inference":
+        tokens = s.micro_batch * s.max_length
+        rows.append((f"KV cache: {s.micro_batch} x {s.max_length} tokens", tokens * 2 * arch.layers * arch.kv_dim * p))
+        rows.append(("activations of one layer over the prompt", tokens * p * (4 * arch.hidden + 2 * arch.intermediate)))
+        rows.append(("logits of the last position", s.micro_batch * arch.vocab * 4))
+    else:
+        if s.lora:
+            shapes = [(a, b) for (a, b) in lora_targets(arch, cfg.lora.target_modules)]
+            adapter = [(s.r, a) for a, _ in shapes] + [(b, s.r) for _, b in shapes]  # A: r x in, B: out x r
+            n = sum(x * y for x, y in adapter)
+            b = 2 if s.method != "none" and p == 2 else 4
+            rows += [(f"LoRA weights: {n / 1e6:.1f}M, r={s.r}, {8 * b}-bit", n * b), ("LoRA gradients", n * b)]
+            states = optimizer_bytes(s.optim, adapter, b)
+        else:
+            n = arch.params
+            rows.append((f"gradients of all {n / 1e9:.2f}B weights", n * p))
+            matrices = [shape for shapes in arch.linears.values() for shape in shapes]
+            states = optimizer_bytes(s.optim, matrices, p) + optimizer_bytes(s.optim, [(1, arch.other_params)], p)
+        rows.append((f"optimizer states: {s.optim}" + (" (offloaded to CPU)" if s.offload_optimizer else ""),
+                     0 if s.offload_optimizer else states))
+        act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing)
+        tokens = s.micro_batch * s.max_length
+        rows.append((f"activations: {s.micro_batch} x {s.max_length} tokens, checkpointing "
+                     f"{'on' if s.checkpointing else 'off'}",
+                     tokens * (act["layers"] + act["recompute"] + act["other"])))
+        rows.append((f"logits and loss: vocabulary {arch.vocab}", tokens * act["logits"]))
+    subtotal = sum(b for _, b in rows)
+    rows.append((f"allocator: {FRAGMENTATION:.0%} fragmentation + workspaces", FRAGMENTATION * subtotal + WORKSPACE_GIB * GIB))
+    rows.append(("CUDA context (outside PyTorch's allocator)", CONTEXT_GIB * GIB))
+    return rows
+
+
+def describe_quant(s: Setting) -> str:
+    return {"nf4": "NF4" + (" + double quant" if s.double_quant else ""), "int8": "LLM.int8"}.get(s.method, "16-bit")
+
+
+def peak(rows) -> tuple[float, float]:
+    """(reserved by PyTorch, on the card) in GiB."""
+    total = sum(b for _, b in rows) / GIB
+    return total - CONTEXT_GIB, total
+
+
+# ---- speed and cost -----------------------------------------------------------------------------
+
+def flops_per_token(arch: Arch, s: Setting) -> float:
+    """Training FLOPs per token: forward 2N; backward 2N for the input gradients plus 2N for weight
+    gradients when the weights train (LoRA's are negligible); one more forward with checkpointing; and
+    causal attention, 2 x layers x seq x hidden per forward."""
+    n = arch.quantized_params + arch.vocab * arch.hidden  # matmul weights: the layers and the lm_head
+    passes = 2 + 2 + (0 if s.lora else 2) + (2 if s.checkpointing else 0)
+    attention = 2 * arch.layers * s.max_length * arch.hidden * (3 + (1 if s.checkpointing else 0))
+    return passes * n + attention
+
+
+def dataset_steps(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
+    """Optimizer steps of the recipe, and how they were counted (None where the row count is unknown)."""
+    t, d = cfg.train, cfg.data
+    if t.max_steps > 0:
+        return t.max_steps, f"train.max_steps={t.max_steps}"
+    rows = d.max_samples
+    how = f"data.max_samples={rows}"
+    if rows is None and d.path and Path(d.path).expanduser().is_file() and d.path.endswith(".jsonl"):
+        with open(Path(d.path).expanduser(), "rb") as f:
+            rows = sum(1 for line in f if line.strip())
+        how = f"{rows} rows in {Path(d.path).name}"
+    if rows is None:
+        return None, "the row count of the data is unknown without loading it: set train.max_steps or data.max_samples"
+    if not (d.eval_path or d.eval_split):
+        rows = int(rows * (1 - d.eval_fraction))
+    steps = math.ceil(rows / (t.micro_batch_size * t.grad_accum)) * t.epochs
+    return math.ceil(steps), f"{how}, {t.epochs:g} epochs"
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+def dtype_bytes_of(cfg: FinetuneConfig, gpu: GPU) -> int:
+    return 4 if cfg.train.precision == "fp32" else 2
+
+
+def evaluate_setting(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str) -> dict:
+    rows = memory(arch, cfg, s, dtype_bytes_of(cfg, gpu), mode)
+    reserved, total = peak(rows)
+    return {"rows": rows, "reserved_gib": reserved, "total_gib": total, "fits": total <= gpu.memory_gib,
+            "margin_gib": gpu.memory_gib - total}
+
+
+def knobs(s: Setting, mode: str) -> list[tuple[str, list]]:
+    """Each change plan may suggest, cheapest first: (name, [(new setting, overrides, label), ...]) with its
+    values from the mildest to the strongest."""
+    import dataclasses
+
+    eff = s.micro_batch * s.grad_accum
+    out = []
+    if mode == "train":
+        out.append(("micro-batch", [(dataclasses.replace(s, micro_batch=m, grad_accum=eff // m),
+                                     [f"train.micro_batch_size={m}", f"train.grad_accum={eff // m}"],
+                                     f"micro-batch {m} x {eff // m} accumulation (same effective batch {eff})")
+                                    for m in range(s.micro_batch - 1, 0, -1) if eff % m == 0]))
+        if not s.checkpointing:
+            out.append(("checkpointing", [(dataclasses.replace(s, checkpointing=True), ["train.gradient_checkpointing=true"],
+                                           "gradient checkpointing on (about a third more compute)")]))
+    if s.method != "nf4" and (s.lora or mode == "inference"):
+        out.append(("nf4", [(dataclasses.replace(s, method="nf4", double_quant=True), ["quant=nf4"],
+                             f"{describe_quant(s)} -> NF4 base weights")]))
+    if s.lora and mode == "train":
+        out.append(("rank", [(dataclasses.replace(s, r=r), [f"lora.r={r}"], f"LoRA rank {r}")
+                             for r in (s.r // 2 ** k for k in range(1, 5)) if r >= 4]))
+    out.append(("length", [(dataclasses.replace(s, max_length=n), [f"data.max_length={n}"], f"sequences of {n} tokens")
+                           for n in (s.max_length // 2 ** k for k in range(1, 6)) if n >= 128]))
+    if mode == "train" and not s.offload_optimizer:
+        out.append(("offload", [(dataclasses.replace(s, offload_optimizer=True, optim="paged_adamw_8bit"),
+                                 ["train.optim=paged_adamw_8bit"],
+                                 "optimizer states paged out to CPU RAM (paged_adamw_8bit; slower when they move)")]))
+    return out
+
+
+def suggestions(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str) -> list[dict]:
+    """Changes that make it fit, each with its new peak: every single change, cheapest first, at its mildest
+    value that fits; then the cheapest changes combined, in the same order, each at its mildest value that
+    fits or else its strongest, until the whole fits."""
+    import dataclasses
+
+    def fit(setting):
+        return evaluate_setting(arch, cfg, gpu, setting, mode)
+
+    out = []
+    for _, values in knobs(s, mode):
+        for new, overrides, label in values:
+            result = fit(new)
+            if result["fits"]:
+                out.append({"change": label, "overrides": overrides, "peak_gib": result["total_gib"]})
+                break
+    def fields(new: Setting, old: Setting) -> dict:
+        return {k: v for k, v in new.__dict__.items() if v != getattr(old, k)}
+
+    def apply(changes) -> Setting:
+        merged = {}
+        for _, _, f in changes:
+            merged.update(f)
+        return dataclasses.replace(s, **merged)
+
+    changes = []  # (label, overrides, changed fields)
+    for name, _ in knobs(s, mode):
+        values = dict(knobs(apply(changes), mode)).get(name) or []
+        if not values:
+            continue
+        chosen = next((v for v in values if fit(v[0])["fits"]), values[-1])
+        before, after = fit(apply(changes))["total_gib"], fit(chosen[0])["total_gib"]
+        if not fit(chosen[0])["fits"] and before - after < 0.1 * (before - gpu.memory_gib):
+            continue  # it helps too little to be worth its cost
+        changes.append((chosen[2], chosen[1], fields(chosen[0], apply(changes))))
+        if fit(apply(changes))["fits"]:
+            break
+    for change in list(changes[:-1])[::-1]:  # drop what the later, stronger changes made unnecessary
+        rest = [c for c in changes if c is not change]
+        if fit(apply(rest))["fits"]:
+            changes = rest
+    result = fit(apply(changes))
+    if len(changes) > 1 or not out:
+        out.append({"change": " + ".join(c[0] for c in changes) + ("" if result["fits"] else " (still does not fit: "
+                                                                    "a bigger GPU or a smaller model)"),
+                    "overrides": [o for c in changes for o in c[1]], "peak_gib": result["total_gib"]})
+    return out
+
+
+def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optional[str] = None) -> dict:
+    """Everything `plan` prints, as a dict (what plan.format=json writes)."""
+    gpu = pick_gpu(gpu_name or cfg.plan.gpu)
+    mode = mode or cfg.plan.mode
+    if cfg.train.precision == "bf16" and not gpu.bf16:
+        raise UserError(f"train.precision=bf16 but the {gpu.name} has no bf16: set train.precision=auto or fp16.")
+    arch = load_arch(cfg.model)
+    s = setting_of(cfg)
+    result = evaluate_setting(arch, cfg, gpu, s, mode)
+    out = {
+        "recipe": cfg.recipe, "model": arch.name, "gpu": gpu.name, "gpu_memory_gib": gpu.memory_gib, "mode": mode,
+        "params": arch.params, "setting": s.__dict__,
+        "memory_gib": {label: b / GIB for label, b in result["rows"]},
+        "peak_reserved_gib": result["reserved_gib"], "peak_gib": result["total_gib"],
+        "fits": result["fits"], "margin_gib": result["margin_gib"],
+        "suggestions": [] if result["fits"] else suggestions(arch, cfg, gpu, s, mode),
+    }
+    if mode == "train":
+        efficiency = cfg.plan.efficiency or EFFICIENCY[s.method]
+        fpt = flops_per_token(arch, s)
+        tps = gpu.tflops * 1e12 * efficiency / fpt
+        steps, how = dataset_steps(cfg)
+        tokens = steps * s.micro_batch * s.grad_accum * s.max_length if steps else None
+        out.update({"flops_per_token": fpt, "efficiency": efficiency, "tokens_per_second": tps,
+                    "steps": steps, "steps_from": how, "train_tokens": tokens,
+                    "hours": tokens / tps / 3600 if tokens else None, "gpu_hours": tokens / tps / 3600 if tokens else None})
+    return out
+
+
+def render(plan: dict) -> str:
+    s = plan["setting"]
+    lines = [f"plan: {plan['recipe']} ({plan['model']}, {plan['params'] / 1e9:.2f}B parameters) on {plan['gpu']} "
+             f"({plan['gpu_memory_gib']:.1f} GiB), {plan['mode']}", ""]
+    width = max(len(k) for k in plan["memory_gib"]) + 2
+    lines += [f"  {k:<{width}}{v:8.2f} GiB" for k, v in plan["memory_gib"].items()]
+    lines.append(f"  {'peak':<{width}}{plan['peak_gib']:8.2f} GiB  ({plan['peak_reserved_gib']:.2f} GiB reserved by PyTorch)")
+    lines.append("")
+    if plan["fits"]:
+        lines.append(f"fits: {plan['margin_gib']:.2f} GiB to spare ({plan['margin_gib'] / plan['gpu_memory_gib']:.0%} of the card)")
+    else:
+        lines.append(f"does NOT fit: {-plan['margin_gib']:.2f} GiB over. Cheapest changes that fit, each with its new peak:")
+        lines += [f"  - {t['change']}: {t['peak_gib']:.2f} GiB   [{' '.join(t['overrides'])}]" for t in plan["suggestions"]]
+    if plan["mode"] == "train":
+        lines.append("")
+        lines.append(f"speed: ~{plan['tokens_per_second']:,.0f} tokens/s ({plan['flops_per_token'] / 1e9:.1f} GFLOP per "
+                     f"token at {plan['efficiency']:.0%} of the GPU's dense 16-bit peak)")
+        if plan["steps"]:
+            lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum']} "
+                         f"sequences x {s['max_length']} tokens = {plan['train_tokens'] / 1e6:,.1f}M tokens (at most) -> "
+                         f"{plan['hours']:.2f} h = {plan['gpu_hours']:.2f} GPU-hours")
+        else:
+            lines.append(f"cost: {plan['steps_from']}")
+    return "\n".join(lines)
+
+
+def auto_fit(cfg: FinetuneConfig) -> dict:
+    """train.auto_fit: the largest micro-batch that fits the local GPU, with checkpointing off where that
+    fits too; the effective batch stays the same. Changes cfg.train in place; returns what it chose."""
+    import torch
+
+    t = cfg.train
+    if not torch.cuda.is_available():
+        return {"applied": False, "reason": "no CUDA GPU: the plan models GPU memory"}
+    gpu, arch = local_gpu(), load_arch(cfg.model)
+    eff = t.micro_batch_size * t.grad_accum
+    base = setting_of(cfg)
+    for checkpointing in (False, True):
+        for mb in sorted((m for m in range(1, eff + 1) if eff % m == 0), reverse=True):
+            import dataclasses
+
+            s = dataclasses.replace(base, micro_batch=mb, grad_accum=eff // mb, checkpointing=checkpointing)
+            result = evaluate_setting(arch, cfg, gpu, s, "train")
+            if result["fits"]:
+                t.micro_batch_size, t.grad_accum, t.gradient_checkpointing = mb, eff // mb, checkpointing
+                return {"applied": True, "micro_batch_size": mb, "grad_accum": eff // mb,
+                        "gradient_checkpointing": checkpointing, "predicted_peak_gib": result["total_gib"],
+                        "gpu": gpu.name}
+    return {"applied": False, "reason": f"nothing fits the {gpu.name} even at micro-batch 1 with checkpointing: "
+                                        "see python -m finetune plan"}
