@@ -21,7 +21,8 @@ from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
 from finetune.model import detect_device, load_base_model, load_tokenizer
 from finetune.registry import to_dict, to_yaml
-from finetune.tracking import MetricsLog, finish_wandb, log_model, peak_memory_gb, plot_loss, start_wandb, wandb_link
+from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
+                               start_wandb, wandb_link)
 from finetune.data.tokenize import tokenize
 from finetune.trainer import MetricsCallback, build_sft_config, build_trainer, packing_efficiency
 
@@ -67,6 +68,12 @@ def train(cfg: FinetuneConfig) -> dict:
     # Device first: a setting the machine cannot run (bf16 on a T4, fp16 on a CPU) fails before any download.
     device = detect_device(cfg.train, cfg.quant, cfg.model)
     log.info("device: %s, precision %s", device.describe(), device.precision)
+    fitted = None
+    if cfg.train.auto_fit:  # the plan picks micro-batch and checkpointing for this GPU, same effective batch
+        from finetune.plan import auto_fit
+
+        fitted = auto_fit(cfg)
+        log.info("auto_fit: %s", ", ".join(f"{k}={v}" for k, v in fitted.items()))
     if cfg.hub.push:  # a missing or rejected token fails now, not after hours of training
         from finetune.publish import check_access
 
@@ -127,6 +134,7 @@ def train(cfg: FinetuneConfig) -> dict:
         "tokens_per_second": train_tokens / train_runtime if train_tokens else None,
         "peak_memory_gb": peak_memory_gb(device.type),
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+        "peak_memory_reserved_gb": peak_memory_reserved_gb(device.type),
         "device": device.describe(),
         "precision": device.precision,
         "trainable_params": trainable,
@@ -134,6 +142,8 @@ def train(cfg: FinetuneConfig) -> dict:
         "gpu_hours": train_runtime / 3600 if device.type == "cuda" else None,
         "steps": trainer.state.global_step,
         "effective_batch": cfg.train.micro_batch_size * cfg.train.grad_accum,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "auto_fit": fitted,
         "optimizer": describe_optimizer(trainer.optimizer),
         "gradient_checkpointing": is_checkpointing(trainer.model),
         "quantized_layers": count_quantized_layers(trainer.model),

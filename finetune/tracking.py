@@ -112,3 +112,12 @@ def peak_memory_gb(device_type: str) -> Optional[float]:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def peak_memory_reserved_gb(device_type: str) -> Optional[float]:
+    """Peak GPU memory reserved by PyTorch's caching allocator (what `plan` predicts); None on CPU."""
+    if device_type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 1e9

@@ -1,0 +1,184 @@
+"""`plan`: textbook memory facts, the activation model against autograd's own saved tensors, fit and the
+suggested changes, auto-fit. No GPU needed: GPU measurements are scripts/validate_plan.py's job."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from finetune.config import LoraConfig
+from finetune.errors import UserError
+from finetune.plan import (GIB, GPUS, Setting, activation_bytes_per_token, auto_fit, load_arch, make_plan, setting_of,
+                           weight_bits)
+from finetune.registry import load_config
+from tests.helpers import run_cli
+
+GB = 1e9
+
+
+def plan_of(*overrides, gpu="h100", mode="train"):
+    return make_plan(load_config([f"plan.gpu={gpu}", f"plan.mode={mode}", *overrides]))
+
+
+@pytest.mark.parametrize("method, dtype_bytes, expected_gb", [("none", 4, 4.0), ("none", 2, 2.0), ("int8", 2, 1.0),
+                                                             ("nf4", 2, 0.5)])
+def test_a_billion_weights(method, dtype_bytes, expected_gb):
+    assert 1e9 * weight_bits(method, True, dtype_bytes) / 8 / GB == pytest.approx(expected_gb, rel=0.10)
+
+
+def test_llama2_7b_inference_in_16_bit_needs_about_14_gb():
+    plan = plan_of("model=llama2_7b", "quant=none", "data.max_length=512", "train.micro_batch_size=1", mode="inference")
+    assert plan["params"] / 1e9 == pytest.approx(6.74, rel=0.01)  # from the shipped config preset, offline
+    assert plan["peak_reserved_gib"] * GIB / GB == pytest.approx(14, rel=0.10)
+
+
+def test_llama2_70b_weights_in_16_and_4_bit():
+    def weights_gb(plan):
+        return sum(v for k, v in plan["memory_gib"].items() if k.startswith(("base weights", "embeddings"))) * GIB / GB
+
+    full = weights_gb(plan_of("model=llama2_70b", "quant=none", gpu="h200"))
+    nf4 = weights_gb(plan_of("model=llama2_70b", "quant=nf4", gpu="h200"))
+    assert full == pytest.approx(138, rel=0.10)
+    assert 1 - nf4 / full == pytest.approx(0.75, rel=0.10)
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for the backward pass (parameters excluded), each storage counted once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("checkpointing, dropout", [(False, 0.0), (False, 0.1), (True, 0.1)])
+def test_activation_model_matches_what_autograd_saves(tmp_path, checkpointing, dropout):
+    """A Llama of another shape than the one the coefficients came from: GQA, wider MLP, rank 16."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(layers):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers=layers,
+                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = get_peft_model(model, PeftLora(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return config, model.train()
+
+    batch, seq = 2, 96
+    ids = torch.randint(0, 512, (batch, seq))
+    measured = {}
+    for layers in (2, 4):
+        config, model = build(layers)
+        measured[layers] = saved_bytes(model, ids)
+    per_layer = (measured[4] - measured[2]) / 2 / (batch * seq)
+    config.save_pretrained(tmp_path)
+    arch = load_arch(load_config([f"model.name_or_path={tmp_path}"]).model)
+    lora = LoraConfig(r=16, dropout=dropout)
+    predicted = activation_bytes_per_token(arch, lora, 16, 2, checkpointing)["layers"] / arch.layers
+    assert per_layer == pytest.approx(predicted, rel=0.10)
+
+
+def test_a_recipe_that_fits_and_its_cost():
+    plan = plan_of("recipe=qlora_llama7b", gpu="rtx3060")
+    assert plan["fits"] and 0 < plan["margin_gib"] < GPUS["rtx3060"].memory_gib
+    assert plan["peak_gib"] == pytest.approx(sum(plan["memory_gib"].values()))
+    # 1000 steps x 16 sequences x 2048 tokens, at the stated tokens/s
+    assert plan["train_tokens"] == 1000 * 16 * 2048
+    assert plan["gpu_hours"] == pytest.approx(plan["train_tokens"] / plan["tokens_per_second"] / 3600)
+    # the same recipe is ~3.6x faster on an H100 than on an RTX 3060 at the same efficiency: the TFLOP/s ratio
+    h100 = plan_of("recipe=qlora_llama7b", gpu="h100")
+    assert h100["tokens_per_second"] / plan["tokens_per_second"] == pytest.approx(989 / 25.6)
+
+
+def test_checkpointing_and_quantization_change_the_peak_the_right_way():
+    on = plan_of("recipe=qlora_llama7b", "train.gradient_checkpointing=true")
+    off = plan_of("recipe=qlora_llama7b", "train.gradient_checkpointing=false")
+    int8 = plan_of("recipe=qlora_llama7b", "quant=int8", "quant.double_quant=false")
+    assert on["peak_gib"] < off["peak_gib"] and on["flops_per_token"] > off["flops_per_token"]
+    assert int8["peak_gib"] > on["peak_gib"]
+    # full fine-tuning in bf16 with 8-bit AdamW: 2 (weights) + 2 (gradients) + 2 (states) bytes per weight
+    full = plan_of("model=llama2_7b", "quant=none", "lora=off", "quant.double_quant=false", "export=adapter", gpu="rtx4090")
+    grads = next(v for k, v in full["memory_gib"].items() if k.startswith("gradients of all 6.74B"))
+    assert grads * GIB / GB == pytest.approx(2 * 6.74, rel=0.01) and not full["fits"]
+
+
+def test_every_suggestion_really_fits_when_applied():
+    overrides = ["recipe=qlora_llama3_8b", "data.max_length=4096", "train.micro_batch_size=4", "train.grad_accum=4",
+                 "train.gradient_checkpointing=false"]
+    plan = plan_of(*overrides, gpu="t4")
+    assert not plan["fits"] and plan["suggestions"]
+    for s in plan["suggestions"]:
+        again = plan_of(*overrides, *s["overrides"], gpu="t4")
+        assert again["fits"] and again["peak_gib"] == pytest.approx(s["peak_gib"]), s
+        again_setting = again["setting"]
+        assert again_setting["micro_batch"] * again_setting["grad_accum"] == 16  # the effective batch is kept
+
+
+def test_auto_fit_takes_the_largest_micro_batch_that_fits(monkeypatch):
+    import finetune.plan as plan_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(plan_module, "local_gpu", lambda: GPUS["a10"])
+    cfg = load_config(["recipe=qlora_llama7b", "train.micro_batch_size=1", "train.grad_accum=16", "train.auto_fit=true"])
+    chosen = auto_fit(cfg)
+    assert chosen["applied"] and cfg.train.micro_batch_size * cfg.train.grad_accum == 16
+    assert chosen["predicted_peak_gib"] <= GPUS["a10"].memory_gib
+    arch = load_arch(cfg.model)
+    s = setting_of(cfg)
+    bigger = [m for m in (2, 4, 8, 16) if m > s.micro_batch]
+    from finetune.plan import evaluate_setting
+
+    for m in bigger:  # nothing larger fits, with the checkpointing it chose or without
+        for ckpt in {s.checkpointing, False}:
+            r = evaluate_setting(arch, cfg, GPUS["a10"], dataclasses.replace(s, micro_batch=m, grad_accum=16 // m,
+                                                                              checkpointing=ckpt), "train")
+            assert not r["fits"]
+
+
+def test_plan_cli_table_json_and_errors():
+    result = run_cli("plan", "recipe=qlora_llama7b", "plan.gpu=rtx3060")
+    assert result.returncode == 0, result.stderr
+    assert "fits:" in result.stdout and "tokens/s" in result.stdout and "GPU-hours" in result.stdout
+    result = run_cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4")
+    plan = json.loads(result.stdout)
+    assert plan["model"] == "meta-llama/Llama-2-70b-hf" and plan["params"] > 68e9
+    result = run_cli("plan", "plan.gpu=a100")
+    assert result.returncode == 2 and "plan.gpu=a100 is not allowed" in result.stderr and "a100-40gb" in result.stderr
+    if not torch.cuda.is_available():
+        result = run_cli("plan", "recipe=qlora_llama7b")
+        assert result.returncode == 2 and "plan.gpu=auto reads the local GPU, and this machine has none" in result.stderr
+
+
+def test_an_unknown_hub_model_without_network_is_one_message():
+    with pytest.raises(UserError, match="its config.json could not be read"):
+        plan_of("model.name_or_path=someone/not-a-preset")
+
+
+def test_validate_plan_script_predicts_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = tmp_path / "vp.md"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate_plan.py"), "--predict-only", "--gpu", "a10",
+                           "--workdir", str(tmp_path / "w"), "--out", str(out)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert len(rows) >= 6 and {r["quant"] for r in rows} == {"nf4", "int8", "none"}
+    assert {r["checkpointing"] for r in rows} == {True, False} and len({r["seq"] for r in rows}) >= 3
+    assert all(r["predicted_gb"] > 4 and r["measured_gb"] is None for r in rows)
