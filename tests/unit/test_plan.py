@@ -182,3 +182,4 @@ def test_validate_plan_script_predicts_without_a_gpu(tmp_path):
     assert len(rows) >= 6 and {r["quant"] for r in rows} == {"nf4", "int8", "none"}
     assert {r["checkpointing"] for r in rows} == {True, False} and len({r["seq"] for r in rows}) >= 3
     assert all(r["predicted_gb"] > 4 and r["measured_gb"] is None for r in rows)
+
