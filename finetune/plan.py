@@ -420,7 +420,7 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
     result = evaluate_setting(arch, cfg, gpu, s, mode)
     out = {
         "recipe": cfg.recipe, "model": arch.name, "gpu": gpu.name, "gpu_memory_gib": gpu.memory_gib, "mode": mode,
-        "params": arch.params, "setting": s.__dict__,
+        "params": arch.params, "setting": s.__dict__, "packing": cfg.data.packing,
         "memory_gib": {label: b / GIB for label, b in result["rows"]},
         "peak_reserved_gib": result["reserved_gib"], "peak_gib": result["total_gib"],
         "fits": result["fits"], "margin_gib": result["margin_gib"],
@@ -445,6 +445,9 @@ def render(plan: dict) -> str:
     width = max(len(k) for k in plan["memory_gib"]) + 2
     lines += [f"  {k:<{width}}{v:8.2f} GiB" for k, v in plan["memory_gib"].items()]
     lines.append(f"  {'peak':<{width}}{plan['peak_gib']:8.2f} GiB  ({plan['peak_reserved_gib']:.2f} GiB reserved by PyTorch)")
+    if plan["mode"] == "train" and not plan.get("packing"):
+        lines.append(f"  (every micro-batch counted as {s['micro_batch']} rows of {s['max_length']} tokens: the worst case "
+                     "without packing; with data.packing=true every sequence is that full)")
     lines.append("")
     if plan["fits"]:
         lines.append(f"fits: {plan['margin_gib']:.2f} GiB to spare ({plan['margin_gib'] / plan['gpu_memory_gib']:.0%} of the card)")
