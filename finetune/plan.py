@@ -22,6 +22,7 @@ is added up per component, the way our pipeline really stores it:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ GIB = 2**30
 CONTEXT_GIB = 0.5         # CUDA context + cuBLAS handles: on the card, outside PyTorch's allocator
 WORKSPACE_GIB = 0.25      # cuBLAS/cuDNN workspaces and small buffers inside the allocator
 FRAGMENTATION = 0.05      # reserved / allocated - 1 for a steady training loop
+AUTO_FIT_USE = 0.95       # auto_fit leaves 5% of the card free: the plan is an estimate
 EFFICIENCY = {"nf4": 0.30, "int8": 0.12, "none": 0.40}  # share of the dense bf16 peak reached (dequantization, kernels)
 ARCH_DIR = Path(__file__).resolve().parent / "assets" / "arch"
 
@@ -72,12 +74,16 @@ def local_gpu() -> GPU:
         raise UserError(f"plan.gpu=auto reads the local GPU, and this machine has none: name one with plan.gpu=NAME "
                         f"({', '.join(GPUS)}).")
     props = torch.cuda.get_device_properties(0)
-    name = props.name
-    key = next((k for k in sorted(GPUS, key=len, reverse=True) if k.replace("-", "").split("gb")[0] in
-                name.lower().replace(" ", "").replace("geforce", "").replace("-", "")), None)
-    ref = GPUS.get(key) if key else None
-    return GPU(name, props.total_memory / GIB, torch.cuda.is_bf16_supported(),
-               ref.tflops if ref else 100.0, ref.bandwidth_gbs if ref else 1000.0)
+    name, memory = props.name, props.total_memory / GIB
+    compact = name.lower().replace(" ", "").replace("-", "")
+    patterns = [("h200", "h200"), ("h100", "h100"), ("a100", "a100-80gb" if memory > 50 else "a100-40gb"),
+                ("a10", "a10"), ("l4", "l4"), ("4090", "rtx4090"), ("3090", "rtx3090"), ("3060", "rtx3060"), ("t4", "t4")]
+    ref = next((GPUS[key] for pattern, key in patterns if pattern in compact), None)
+    if ref is None:
+        log.warning("plan: %s is not among the presets; its speed is taken as 100 TFLOP/s (memory is read from the "
+                    "GPU itself).", name)
+    return GPU(name, memory, torch.cuda.is_bf16_supported(), ref.tflops if ref else 100.0,
+               ref.bandwidth_gbs if ref else 1000.0)
 
 
 def pick_gpu(name: str) -> GPU:
@@ -333,8 +339,6 @@ def evaluate_setting(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode
 def knobs(s: Setting, mode: str) -> list[tuple[str, list]]:
     """Each change plan may suggest, cheapest first: (name, [(new setting, overrides, label), ...]) with its
     values from the mildest to the strongest."""
-    import dataclasses
-
     eff = s.micro_batch * s.grad_accum
     out = []
     if mode == "train":
@@ -364,8 +368,6 @@ def suggestions(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str
     """Changes that make it fit, each with its new peak: every single change, cheapest first, at its mildest
     value that fits; then the cheapest changes combined, in the same order, each at its mildest value that
     fits or else its strongest, until the whole fits."""
-    import dataclasses
-
     def fit(setting):
         return evaluate_setting(arch, cfg, gpu, setting, mode)
 
@@ -468,8 +470,9 @@ def render(plan: dict) -> str:
 
 
 def auto_fit(cfg: FinetuneConfig) -> dict:
-    """train.auto_fit: the largest micro-batch that fits the local GPU, with checkpointing off where that
-    fits too; the effective batch stays the same. Changes cfg.train in place; returns what it chose."""
+    """train.auto_fit: the largest micro-batch that fits the local GPU (within AUTO_FIT_USE of its memory),
+    with checkpointing off where that fits too; the effective batch stays the same. Changes cfg.train in
+    place; returns what it chose."""
     import torch
 
     t = cfg.train
@@ -480,11 +483,9 @@ def auto_fit(cfg: FinetuneConfig) -> dict:
     base = setting_of(cfg)
     for checkpointing in (False, True):
         for mb in sorted((m for m in range(1, eff + 1) if eff % m == 0), reverse=True):
-            import dataclasses
-
             s = dataclasses.replace(base, micro_batch=mb, grad_accum=eff // mb, checkpointing=checkpointing)
             result = evaluate_setting(arch, cfg, gpu, s, "train")
-            if result["fits"]:
+            if result["total_gib"] <= AUTO_FIT_USE * gpu.memory_gib:
                 t.micro_batch_size, t.grad_accum, t.gradient_checkpointing = mb, eff // mb, checkpointing
                 return {"applied": True, "micro_batch_size": mb, "grad_accum": eff // mb,
                         "gradient_checkpointing": checkpointing, "predicted_peak_gib": result["total_gib"],
