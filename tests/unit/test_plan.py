@@ -11,7 +11,7 @@ from finetune.config import LoraConfig
 from finetune.errors import UserError
 from finetune.plan import (GIB, GPUS, Setting, activation_bytes_per_token, auto_fit, load_arch, make_plan, setting_of,
                            weight_bits)
-from finetune.registry import load_config
+from finetune.registry import load_config, recipes
 from tests.helpers import run_cli
 
 GB = 1e9
@@ -201,3 +201,11 @@ def test_the_local_gpu_is_matched_to_its_preset(monkeypatch, name, memory_gib, p
                         lambda i: SimpleNamespace(name=name, total_memory=memory_gib * GIB))
     gpu = local_gpu()
     assert gpu.tflops == GPUS[preset].tflops and gpu.memory_gib == pytest.approx(memory_gib)
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_every_recipe_plans_offline(recipe):
+    plan = plan_of(f"recipe={recipe}", gpu="a10")
+    weights = sum(v for k, v in plan["memory_gib"].items() if k.startswith(("base weights", "embeddings")))
+    assert plan["peak_gib"] > weights > 0 and plan["tokens_per_second"] > 0
+    assert plan["steps"] and plan["gpu_hours"] > 0  # every recipe's length is known without loading its data
