@@ -115,6 +115,8 @@ class DataConfig:
                                        ["plain", "chatml", "llama2", "llama3", "mistral"])
     train_on_inputs: bool = opt(False, "compute the loss on every token, not only on the assistant's replies")
     packing: bool = opt(False, "pack several rows into each sequence (best-fit; no attention across rows)")
+    padding_free: bool = opt(False, "without packing: concatenate each micro-batch's rows instead of padding them "
+                             "(position ids keep them apart): the same loss, no compute on padding")
     num_proc: Optional[int] = opt(None, "processes for tokenization (results are cached either way)", min=1)
 
 
@@ -133,6 +135,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant): much less memory, ~1/3 more compute")
     precision: str = opt("auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU", ["auto", "bf16", "fp16", "fp32"])
     liger_kernel: bool = opt(False, "use Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]')")
+    compile: bool = opt(False, "torch.compile the model (CUDA; the first steps are slower while it compiles)")
     seed: int = opt(42, "seed for adapter init, data order and dropout")
     logging_steps: int = opt(10, "log loss, lr and throughput every N steps", min=1)
     eval_steps: int = opt(0, "also evaluate every N steps during training; 0 = only before and after", min=0)

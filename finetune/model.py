@@ -53,6 +53,9 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
                         "(or auto).")
     if model.attn_implementation == "flash_attention_2" and kind == "cpu":
         problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU: use sdpa on CPU.")
+    if train.compile and kind == "cpu":
+        problems.append("train.compile=true is for CUDA GPUs (on a CPU it compiles for minutes and gains little): "
+                        "set it to false.")
     if train.liger_kernel and kind == "cpu":
         problems.append("train.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set it to false.")
     if train.liger_kernel and kind == "cuda":

@@ -66,9 +66,13 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         save_total_limit=train.save_total_limit,
         # Data arrives tokenized, with labels (finetune/data/tokenize.py): TRL truncates to max_length and,
         # with packing, packs best-fit and trains padding-free (position ids keep the rows apart).
-        max_length=data.max_length,
+        # Padding-free without packing: TRL leaves truncation to us, and our tokenization already applied
+        # data.too_long, so every row is within data.max_length.
+        max_length=None if data.padding_free and not data.packing else data.max_length,
         packing=data.packing,
         packing_strategy="bfd",
+        padding_free=data.padding_free,  # (with bfd packing TRL is padding-free anyway)
+        torch_compile=train.compile,
         dataset_num_proc=data.num_proc,
         # The chat template's end-of-turn token: TRL adds it to the model's generation config, so it stops there.
         eos_token=eos_token,
@@ -96,9 +100,11 @@ class MetricsCallback(TrainerCallback):
         self.log = log
         self.device_type = device_type
         self._last: Optional[tuple[float, float]] = None  # (time, tokens seen) at the previous log
+        self._last_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), 0.0)
+        self._last_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -108,6 +114,8 @@ class MetricsCallback(TrainerCallback):
         now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
         if self._last is not None and "num_tokens" in logs and now > self._last[0]:
             record["tokens_per_second"] = (tokens - self._last[1]) / (now - self._last[0])
+            record["step_time_s"] = (now - self._last[0]) / max(1, state.global_step - self._last_step)
             self._last = (now, tokens)
+            self._last_step = state.global_step
         record["memory_gb"] = peak_memory_gb(self.device_type)
         self.log.append(record)

@@ -123,9 +123,9 @@ def test_cpu_precision_and_kernels(monkeypatch):
     auto = detect_device(TrainConfig(), QuantConfig(), ModelConfig(name_or_path="x"))
     assert (auto.type, auto.precision, auto.compute_dtype) == ("cpu", "fp32", torch.float32)
     with pytest.raises(UserError) as e:
-        detect_device(TrainConfig(precision="fp16", liger_kernel=True), QuantConfig(),
+        detect_device(TrainConfig(precision="fp16", liger_kernel=True, compile=True), QuantConfig(),
                       ModelConfig(name_or_path="x", attn_implementation="flash_attention_2"))
-    assert len(e.value.problems) == 3
+    assert len(e.value.problems) == 4 and "train.compile=true is for CUDA GPUs" in str(e.value)
 
 
 def test_changing_data_path_alone_does_not_keep_the_demo_eval_file():
