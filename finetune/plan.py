@@ -207,9 +207,11 @@ def optimizer_bytes(optim: str, shapes: list[tuple[int, int]], param_bytes: int)
     return total
 
 
-def activation_bytes_per_token(arch: Arch, lora, r: Optional[int], dtype_bytes: int, checkpointing: bool) -> dict:
+def activation_bytes_per_token(arch: Arch, lora, r: Optional[int], dtype_bytes: int, checkpointing: bool,
+                               liger: bool = False) -> dict:
     """Bytes per token kept for the backward pass: {"layers", "recompute", "other", "logits"}; `lora` is the
-    LoraConfig, r its rank (None: no LoRA)."""
+    LoraConfig, r its rank (None: no LoRA). Liger's fused linear cross-entropy never materializes the
+    logits: it works through chunks of about tokens x hidden fp32 values (V/h chunks), and their gradient."""
     h, i, kv, p = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes
     layer = p * (12 * h + 2 * kv + (4 if arch.gated_mlp else 2) * i)
     if r is not None:
@@ -220,7 +222,7 @@ def activation_bytes_per_token(arch: Arch, lora, r: Optional[int], dtype_bytes: 
             layer += 1.65 * p * inputs  # the dropped-out copy of each input, and its mask
     kept = arch.layers * (p * h if checkpointing else layer)
     return {"layers": kept, "recompute": layer if checkpointing else 0, "other": 4 * p * h,
-            "logits": arch.vocab * (2 * p + 8)}
+            "logits": 8 * h if liger else arch.vocab * (2 * p + 8)}
 
 
 @dataclass
@@ -270,12 +272,14 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
             states = optimizer_bytes(s.optim, matrices, p) + optimizer_bytes(s.optim, [(1, arch.other_params)], p)
         rows.append((f"optimizer states: {s.optim}" + (" (offloaded to CPU)" if s.offload_optimizer else ""),
                      0 if s.offload_optimizer else states))
-        act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing)
+        act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing,
+                                         liger=cfg.train.liger_kernel)
         tokens = s.micro_batch * s.max_length
         rows.append((f"activations: {s.micro_batch} x {s.max_length} tokens, checkpointing "
                      f"{'on' if s.checkpointing else 'off'}",
                      tokens * (act["layers"] + act["recompute"] + act["other"])))
-        rows.append((f"logits and loss: vocabulary {arch.vocab}", tokens * act["logits"]))
+        rows.append((f"logits and loss: vocabulary {arch.vocab}" + (", Liger fused (chunked)" if cfg.train.liger_kernel else ""),
+                     tokens * act["logits"]))
     subtotal = sum(b for _, b in rows)
     rows.append((f"allocator: {FRAGMENTATION:.0%} fragmentation + workspaces", FRAGMENTATION * subtotal + WORKSPACE_GIB * GIB))
     rows.append(("CUDA context (outside PyTorch's allocator)", CONTEXT_GIB * GIB))

@@ -2,6 +2,7 @@
 
     python scripts/bench.py --arch llama2_7b --seq 2048 --steps 40 --out scripts/bench_results/h100.json   # GPU
     python scripts/bench.py --arch llama3_8b --seq 2048 --steps 40 --out scripts/bench_results/h100_llama3.json
+    python scripts/bench.py --arch llama3_8b --longest 16 24 --out scripts/bench_results/h100_longest.json
     python scripts/bench.py --cpu-smoke --out /tmp/bench.json                     # tiny model, CPU, seconds (CI)
 
 Both paths train the same model (the architecture built from its config with random weights: nothing is
@@ -64,8 +65,19 @@ def write_rows(path: Path, seq: int, rows: int) -> float:
 
 # ---- the vanilla path, as the guides write it (run in a child process) ---------------------------
 
+def limit_memory(args) -> None:
+    """Cap this process's GPU memory at --budget-gb (torch.cuda.set_per_process_memory_fraction)."""
+    import torch
+
+    if args.budget_gb and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 1e9
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb / total))
+
+
 def vanilla(args) -> dict:
     import torch
+
+    limit_memory(args)
     from datasets import load_dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
@@ -149,9 +161,8 @@ def step_figures(records: list[dict], warmup: int) -> dict:
 
 # ---- our path: the real CLI ---------------------------------------------------------------------
 
-def ours(args, cuda: bool) -> dict:
-    run_dir = args.workdir / f"ours-{int(time.time())}"
-    cmd = [sys.executable, "-m", "finetune", "recipe=qlora_llama7b", f"model.name_or_path={args.model}",
+def ours_overrides(args, cuda: bool, run_dir: Path) -> list[str]:
+    return ["recipe=qlora_llama7b", f"model.name_or_path={args.model}",
            f"model.tokenizer={TOKENIZER}", f"data.path={args.data}", "data.format=text", "data.eval_path=null",
            "data.eval_split=null", "data.eval_fraction=0", f"data.max_length={args.seq}", "data.too_long=truncate",
            "data.padding_free=true", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
@@ -160,6 +171,11 @@ def ours(args, cuda: bool) -> dict:
            "eval.exact_match_samples=0", f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}",
            f"lora.dropout={LORA['dropout']}", "tracking=none", "export=adapter", f"output_dir={run_dir}",
            *(["train.liger_kernel=true", "train.auto_fit=true"] if cuda else [])]
+
+
+def ours(args, cuda: bool) -> dict:
+    run_dir = args.workdir / f"ours-{int(time.time())}"
+    cmd = [sys.executable, "-m", "finetune", *ours_overrides(args, cuda, run_dir)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -170,6 +186,36 @@ def ours(args, cuda: bool) -> dict:
                peak_allocated_gb=summary["peak_memory_gb"] if cuda else None, auto_fit=summary.get("auto_fit"))
     out["losses"] = [r["loss"] for r in records if "loss" in r]
     return out
+
+
+# ---- the longest sequence under a memory budget -------------------------------------------------
+
+def trains(args, path: str, seq: int, budget_gb: float) -> bool:
+    """Whether `path` trains 2 steps of one row of `seq` tokens within budget_gb of GPU memory."""
+    data = args.workdir / f"rows-full-{seq}.jsonl"
+    with open(data, "w") as f:  # rows that fill the whole sequence: the length is what is tested
+        for _ in range(4):
+            f.write(json.dumps({"text": " ".join(["the red fox"] * (seq // 3 + 8))}) + "\n")
+    common = ["--model", str(args.model), "--data", str(data), "--workdir", str(args.workdir), "--seq", str(seq),
+              "--steps", "2", "--warmup", "1", "--micro-batch", "1", "--grad-accum", "1", "--budget-gb", str(budget_gb)]
+    done = subprocess.run([sys.executable, __file__, "--child", path, *common], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return done.returncode == 0
+
+
+def longest(args, path: str, budget_gb: float, start: int = 512, limit: int = 131072) -> int:
+    """Doubling, then 3 bisection steps: the longest sequence (a multiple of 256) that trains."""
+    good, bad, seq = 0, None, start
+    while seq <= limit and trains(args, path, seq, budget_gb):
+        good, seq = seq, seq * 2
+    bad = seq if seq <= limit else None
+    for _ in range(3 if good and bad else 0):
+        mid = (good + bad) // 2 // 256 * 256
+        if mid in (good, bad):
+            break
+        good, bad = (mid, bad) if trains(args, path, mid, budget_gb) else (good, mid)
+    print(f"{path}: longest sequence within {budget_gb} GB: {good}", flush=True)
+    return good
 
 
 # ---- the comparison -----------------------------------------------------------------------------
@@ -194,14 +240,25 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/finetune_bench"))
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, CPU, a few steps: checks that it runs")
-    ap.add_argument("--child", choices=["vanilla"], help=argparse.SUPPRESS)
+    ap.add_argument("--longest", type=float, nargs="*", metavar="GB",
+                    help="instead: the longest sequence each path trains within these GPU memory budgets, e.g. 16 24")
+    ap.add_argument("--budget-gb", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["vanilla", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
+    if args.child == "vanilla":
         result = vanilla(args)
         (args.workdir / "vanilla.json").write_text(json.dumps(result))
         return 0
+    if args.child == "ours":  # the real CLI, in this process, under the memory budget
+        import torch
+
+        from finetune.__main__ import main as cli
+
+        limit_memory(args)
+        run_dir = args.workdir / f"ours-{args.seq}-{int(time.time())}"
+        return cli(ours_overrides(args, torch.cuda.is_available(), run_dir))
 
     import torch
 
@@ -216,6 +273,17 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.model = args.workdir / f"{args.arch}-random"
     rar.build_model(args.arch, args.model)
+    if args.longest:
+        found = {f"{gb:g} GB": {path: longest(args, path, gb) for path in ("vanilla", "ours")} for gb in args.longest}
+        for r in found.values():
+            r["ratio"] = r["ours"] / r["vanilla"] if r["vanilla"] else None
+        report = {"arch": args.arch, "gpu": torch.cuda.get_device_name(0), "longest_sequence": found,
+                  "how": "torch.cuda.set_per_process_memory_fraction(budget / total), micro-batch 1, 2 steps; "
+                         "doubling from 512, then 3 bisection steps"}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return 0
     args.data = args.workdir / f"rows-{args.seq}.jsonl"
     mean_words = write_rows(args.data, args.seq, rows=max(64, 2 * args.steps * args.micro_batch * args.grad_accum))
 

@@ -209,3 +209,12 @@ def test_every_recipe_plans_offline(recipe):
     weights = sum(v for k, v in plan["memory_gib"].items() if k.startswith(("base weights", "embeddings")))
     assert plan["peak_gib"] > weights > 0 and plan["tokens_per_second"] > 0
     assert plan["steps"] and plan["gpu_hours"] > 0  # every recipe's length is known without loading its data
+
+
+def test_liger_fused_cross_entropy_removes_the_logits_from_the_peak():
+    plain = plan_of("recipe=qlora_llama3_8b", gpu="l4")
+    fused = plan_of("recipe=qlora_llama3_8b", "train.liger_kernel=true", gpu="l4")
+    logits = lambda p: next(v for k, v in p["memory_gib"].items() if k.startswith("logits"))  # noqa: E731
+    tokens = plain["setting"]["micro_batch"] * plain["setting"]["max_length"]
+    assert logits(plain) * GIB == pytest.approx(tokens * 128256 * 12)  # bf16 logits, fp32 copy, saved, gradient
+    assert logits(fused) < 0.05 * logits(plain) and fused["peak_gib"] < plain["peak_gib"] - 2
