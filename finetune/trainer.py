@@ -79,10 +79,66 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
     )
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks):
+def trainer_class():
+    """TRL's SFTTrainer with checkpoints written atomically and resumes that keep the adapter's dtype."""
+    import os
+    import shutil
+
     from trl import SFTTrainer
 
-    return SFTTrainer(
+    class Trainer(SFTTrainer):
+        _staging: Optional[str] = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            """Write checkpoint-N under checkpoints/.staging/ and rename it when complete: a run killed mid-write
+            leaves the previous checkpoints as they were. A failed write is one clear error."""
+            root = super()._get_output_dir(trial)
+            name = f"checkpoint-{self.state.global_step}"
+            self._staging = os.path.join(root, ".staging")
+            try:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                super()._save_checkpoint(model, trial)
+                final = os.path.join(root, name)
+                if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
+                    shutil.rmtree(final)
+                os.replace(os.path.join(self._staging, name), final)
+                shutil.rmtree(self._staging, ignore_errors=True)
+            except OSError as e:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                from finetune.errors import UserError
+
+                kept = sorted((p for p in os.listdir(root) if p.startswith("checkpoint-")),
+                              key=lambda p: int(p.split("-")[-1])) if os.path.isdir(root) else []
+                raise UserError(f"Could not write {name} to {root} ({e.strerror or e}). "
+                                + (f"The previous checkpoint, {kept[-1]}, is intact: free space or fix the folder's "
+                                   "permissions, then resume with resume=true." if kept else
+                                   "No checkpoint was written yet: free space or fix the folder's permissions.")) from None
+            finally:
+                self._staging = None
+            if self.args.should_save:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """Loading the adapter back re-creates it in PEFT's default fp32, but TRL trains a quantized model's
+            adapter in bf16: restore the dtypes it had, or the resumed run computes something else."""
+            target = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in target.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
+    return Trainer
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks):
+    return trainer_class()(
         model=model,
         args=args,
         train_dataset=train_dataset,
