@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 
 VERBS = {
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(verb_usage(verb) if verb in RUN_VERBS else usage())
         return 0
 
-    from finetune.errors import UserError, closest
+    from finetune.errors import Preempted, UserError, closest
 
     try:
         if verb not in VERBS:
@@ -166,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        again = [a for a in argv if a.split("=")[0] not in ("resume", "overwrite")]
+        if not any(a.startswith("output_dir=") for a in again):
+            again.append(f"output_dir={e.run_dir}")
+        print(f"stopped by {e.signal_name} at step {e.step}; checkpoint saved in {e.checkpoint}. Resume with: "
+              f"python -m finetune {' '.join(shlex.quote(a) for a in again + ['resume=true'])}", file=sys.stderr)
+        return Preempted.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

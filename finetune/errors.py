@@ -56,3 +56,13 @@ def closest(word: str, options: Iterable[str]) -> str:
         tail = word.rsplit(".", 1)[-1]
         match = [o for o in options if o.rsplit(".", 1)[-1] == tail][:1]
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+class Preempted(Exception):
+    """Training was stopped by a signal after writing a checkpoint; `resume=true` continues it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str, run_dir: str):
+        super().__init__(f"{signal_name} at step {step}")
+        self.signal_name, self.step, self.checkpoint, self.run_dir = signal_name, step, checkpoint, run_dir

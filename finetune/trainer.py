@@ -175,3 +175,41 @@ class MetricsCallback(TrainerCallback):
             self._last_step = state.global_step
         record["memory_gb"] = peak_memory_gb(self.device_type)
         self.log.append(record)
+
+
+class PreemptionGuard(TrainerCallback):
+    """SIGTERM (a spot instance, a scheduler) or SIGINT (Ctrl-C) during training: finish the current step,
+    write a checkpoint, stop. A second signal acts as usual (Ctrl-C twice stops at once)."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.signal = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self):
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
