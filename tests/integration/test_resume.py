@@ -1,0 +1,140 @@
+"""Nothing lost: resume is exact, a signal stops at a checkpoint, checkpoints are atomic, bad ones are skipped."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import ROOT, run_cli
+
+STEPS = 16  # 91 training rows / micro-batch 8 = 12 steps per epoch: steps 13-16 are in the second epoch
+
+
+def args(tiny_model, chat_data, out, *extra):
+    return [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null", "data.max_length=128",
+            f"output_dir={out}", f"train.max_steps={STEPS}", "eval.exact_match_samples=0", "train.eval_steps=0",
+            "tracking=none", "export=adapter", "lora.r=8", "lora.dropout=0.1", "train.logging_steps=1",
+            "train.micro_batch_size=8", "train.grad_accum=1", "train.save_steps=2", "train.save_total_limit=20", *extra]
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def adapter(run):
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, chat_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "full"
+    result = run_cli(*args(tiny_model, chat_data, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")) == list(range(2, 17, 2))
+    assert not (out / "checkpoints" / ".staging").exists()  # written under a staging name, then renamed
+    return out
+
+
+def interrupted_copy(run, tmp_path, at_step):
+    """The run as if it had stopped right after checkpoint `at_step`."""
+    copy = tmp_path / f"at{at_step}"
+    shutil.copytree(run, copy)
+    for p in (copy / "checkpoints").glob("checkpoint-*"):
+        if int(p.name.split("-")[1]) > at_step:
+            shutil.rmtree(p)
+    shutil.rmtree(copy / "adapter")
+    (copy / "summary.json").unlink()
+    kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= at_step]
+    (copy / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    return copy
+
+
+@pytest.mark.parametrize("at_step", [6, 14], ids=["mid-epoch", "later-epoch"])
+def test_resume_is_exact(uninterrupted, tiny_model, chat_data, tmp_path, at_step):
+    run = interrupted_copy(uninterrupted, tmp_path, at_step)
+    result = run_cli(*args(tiny_model, chat_data, run, "resume=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(run) == losses(uninterrupted)  # every step's loss, bit for bit
+    a, b = adapter(uninterrupted), adapter(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_skips_incomplete_and_corrupt_checkpoints(uninterrupted, tiny_model, chat_data, tmp_path):
+    run = interrupted_copy(uninterrupted, tmp_path, STEPS)
+    ckpts = run / "checkpoints"
+    weights = ckpts / "checkpoint-16" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    (ckpts / "checkpoint-14" / "trainer_state.json").unlink()  # missing trainer state
+    (ckpts / "checkpoint-12" / "optimizer.pt").write_bytes(b"")  # an interrupted write
+    (ckpts / ".staging" / "checkpoint-18").mkdir(parents=True)  # a write that never finished
+    result = run_cli(*args(tiny_model, chat_data, run, "resume=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, why in (("checkpoint-16", "adapter_model.safetensors is unreadable"),
+                      ("checkpoint-14", "no trainer_state.json"), ("checkpoint-12", "no optimizer.pt")):
+        assert f"Skipping {name} for resume: {why}" in result.stderr
+    # resumed from checkpoint-10 and redid 11-16: the same adapter as the uninterrupted run
+    a, b = adapter(uninterrupted), adapter(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (ckpts / "checkpoint-16" / "adapter_model.safetensors").stat().st_size == (
+        uninterrupted / "checkpoints" / "checkpoint-16" / "adapter_model.safetensors").stat().st_size  # rewritten
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model, chat_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "finetune", *args(tiny_model, chat_data, out, "train.save_steps=100")]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert 3 <= step < STEPS and last.startswith(f"stopped by SIGTERM at step {step}; checkpoint saved in ")
+    assert "resume=true" in last and f"output_dir={out}" in last and "Traceback" not in stderr
+    assert (out / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    result = run_cli(*args(tiny_model, chat_data, out, "train.save_steps=100", "resume=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(losses(out)) == list(range(1, STEPS + 1)) and json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_model, chat_data, tmp_path, monkeypatch):
+    import errno
+
+    import transformers
+
+    import finetune.pipeline as pipeline
+    from finetune.errors import UserError
+    from finetune.registry import load_config
+
+    real = transformers.Trainer._save_checkpoint
+    calls = []
+
+    def disk_full_on_second(self, model, trial):
+        calls.append(self.state.global_step)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, model, trial)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", disk_full_on_second)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        pipeline.train(load_config(args(tiny_model, chat_data, out)))
+    assert "Could not write checkpoint-4 to" in str(e.value) and "No space left on device" in str(e.value)
+    assert "The previous checkpoint, checkpoint-2, is intact" in str(e.value)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not (ckpts / ".staging").exists()
+    assert pipeline.checkpoint_problem(ckpts / "checkpoint-2") is None
