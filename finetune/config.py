@@ -35,6 +35,8 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model")
     tokenizer: Optional[str] = opt(None, "tokenizer id or folder; defaults to name_or_path")
     trust_remote_code: bool = opt(False, "run modelling code shipped with the checkpoint (only for repos you trust)")
+    allow_pickle: bool = opt(False, "also load pickle (.bin) weights, which can run code when loaded; by default "
+                             "only safetensors are loaded")
     attn_implementation: str = opt("sdpa", "attention kernel", ["sdpa", "eager", "flash_attention_2"])
     hub_id: Optional[str] = opt(None, "the Hub id a local name_or_path is a copy of: recorded as the adapter's base "
                                 "model, so that other machines and tools can find it")
@@ -142,6 +144,7 @@ class TrainConfig:
     save_steps: int = opt(200, "write a resumable checkpoint every N steps", min=1)
     save_total_limit: int = opt(2, "checkpoints kept", min=1)
     eval_batch_size: int = opt(8, "sequences per eval forward pass", min=1)
+    max_bad_steps: int = opt(0, "optimizer steps with a NaN/inf loss or gradient to skip before the run stops", min=0)
     auto_fit: bool = opt(False, "before training, pick the largest micro-batch that fits the local GPU (and checkpointing "
                          "off where it fits); the effective batch stays the same (see the plan verb)")
 

@@ -118,7 +118,9 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
     from transformers import AutoModelForCausalLM
 
     check_model_path(cfg)
+    warn_remote_code(cfg)
     kwargs = dict(
+        use_safetensors=None if cfg.allow_pickle else True,  # pickle weights can run code when loaded
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
@@ -129,12 +131,28 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as e:
+        if not cfg.allow_pickle and "safetensors" in str(e).lower() and is_local_path(cfg.name_or_path) and any(
+                Path(cfg.name_or_path).expanduser().glob("*.bin")):
+            raise UserError(f"model.name_or_path={cfg.name_or_path} has only pickle (.bin) weights, which can run code "
+                            "when loaded: convert them to safetensors, or set model.allow_pickle=true if you trust "
+                            "their source.") from None
         if is_local_path(cfg.name_or_path) and not isinstance(e, OSError):
             raise
         raise _hub_error("model.name_or_path", cfg.name_or_path, e) from None
     if device.type == "cpu":
         keep_4bit_cpu_layers_differentiable(model)
     return model
+
+
+_warned_remote_code: set = set()
+
+
+def warn_remote_code(cfg: ModelConfig) -> None:
+    """model.trust_remote_code=true runs Python code from the checkpoint: say so, once per model."""
+    if cfg.trust_remote_code and cfg.name_or_path not in _warned_remote_code:
+        _warned_remote_code.add(cfg.name_or_path)
+        log.warning("model.trust_remote_code=true: the Python code shipped with %s will run on this machine. Keep it "
+                    "for repositories you trust.", cfg.name_or_path)
 
 
 def keep_4bit_cpu_layers_differentiable(model) -> int:
@@ -180,6 +198,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     check_model_path(cfg)
     name = cfg.tokenizer or cfg.name_or_path
+    warn_remote_code(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:

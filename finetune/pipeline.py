@@ -24,7 +24,8 @@ from finetune.registry import to_dict, to_yaml
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
 from finetune.data.tokenize import tokenize
-from finetune.trainer import MetricsCallback, PreemptionGuard, build_sft_config, build_trainer, packing_efficiency
+from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, build_sft_config, build_trainer,
+                              last_good_checkpoint, packing_efficiency)
 
 log = logging.getLogger("finetune")
 
@@ -47,47 +48,6 @@ def check_run_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
         raise UserError(f"output_dir={run_dir} already holds a run and is never overwritten by default: pass "
                         "resume=true to continue it, overwrite=true to replace it, or choose another output_dir=...")
     return run_dir, None
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why this checkpoint cannot be resumed from (None: it is complete). Checkpoints are renamed into place
-    only when complete, so a bad one is a disk or copy accident; every file resume needs is read."""
-    import json as _json
-
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
-    try:
-        _json.loads(state.read_text())
-    except (ValueError, OSError):
-        return "trainer_state.json is not valid JSON"
-    weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
-    if not weights:
-        return "no adapter_model.safetensors or model.safetensors"
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights[0]), "pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as e:  # truncated or garbled: safetensors checks the header against the file size
-        return f"{weights[0].name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (path / name).is_file() or (path / name).stat().st_size == 0:
-            return f"no {name}"
-    return None
-
-
-def last_good_checkpoint(ckpts: Path) -> str | None:
-    """The newest complete checkpoint in ckpts; each newer one that is not is named in a warning."""
-    found = sorted((p for p in ckpts.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        log.warning("Skipping %s for resume: %s. Using an earlier checkpoint.", path.name, problem)
-    return None
 
 
 def create_run_dir(cfg: FinetuneConfig, run_dir: Path) -> None:
@@ -154,8 +114,9 @@ def train(cfg: FinetuneConfig) -> dict:
     # The untouched base on the eval split: the yardstick for the tuned model.
     before = evaluate(cfg, trainer, tokenizer, splits, metrics)
 
-    guard = PreemptionGuard()
+    guard, finite = PreemptionGuard(), NonFiniteGuard(cfg.train.max_bad_steps, run_dir / "checkpoints")
     trainer.add_callback(guard)
+    trainer.add_callback(finite)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if guard.signal:  # the checkpoint of this step is written: stop here, resume=true continues
         raise Preempted(guard.signal, trainer.state.global_step,
@@ -187,6 +148,7 @@ def train(cfg: FinetuneConfig) -> dict:
         "steps": trainer.state.global_step,
         "effective_batch": cfg.train.micro_batch_size * cfg.train.grad_accum,
         "micro_batch_size": cfg.train.micro_batch_size,
+        "skipped_bad_steps": finite.bad_steps,
         "auto_fit": fitted,
         "optimizer": describe_optimizer(trainer.optimizer),
         "gradient_checkpointing": is_checkpointing(trainer.model),

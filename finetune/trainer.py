@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -213,3 +214,77 @@ class PreemptionGuard(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why this checkpoint cannot be resumed from (None: it is complete). Checkpoints are renamed into place
+    only when complete, so a bad one is a disk or copy accident; every file resume needs is read."""
+    import json as _json
+
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        _json.loads(state.read_text())
+    except (ValueError, OSError):
+        return "trainer_state.json is not valid JSON"
+    weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
+    if not weights:
+        return "no adapter_model.safetensors or model.safetensors"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights[0]), "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:  # truncated or garbled: safetensors checks the header against the file size
+        return f"{weights[0].name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (path / name).is_file() or (path / name).stat().st_size == 0:
+            return f"no {name}"
+    return None
+
+
+def last_good_checkpoint(ckpts: Path) -> str | None:
+    """The newest complete checkpoint in ckpts; each newer one that is not is named in a warning."""
+    found = sorted((p for p in ckpts.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logging.getLogger("finetune").warning("Skipping %s for resume: %s. Using an earlier checkpoint.", path.name, problem)
+    return None
+
+
+class NonFiniteGuard(TrainerCallback):
+    """A NaN or inf gradient (from a NaN or inf loss, or an overflow) skips that optimizer step; after
+    train.max_bad_steps of them the run stops with the step and the last good checkpoint, which is kept."""
+
+    def __init__(self, max_bad_steps: int, checkpoints: Path):
+        self.max_bad_steps, self.checkpoints = max_bad_steps, checkpoints
+        self.bad_steps: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads or all(torch.isfinite(g).all() for g in grads):
+            return
+        step = state.global_step + 1
+        self.bad_steps.append(step)
+        for p in model.parameters():  # the optimizer skips parameters without a gradient: no update at all
+            p.grad = None
+        if len(self.bad_steps) > self.max_bad_steps:
+            from finetune.errors import UserError
+
+            last = last_good_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
+            raise UserError(
+                f"Non-finite loss or gradient at step {step} ({len(self.bad_steps)} such step(s); "
+                f"train.max_bad_steps={self.max_bad_steps}). "
+                + (f"The last good checkpoint, {Path(last).name}, is kept: lower train.learning_rate or check the "
+                   "data, then continue it with resume=true" if last else "No checkpoint was written yet: lower "
+                   "train.learning_rate or check the data")
+                + f", or allow a few bad steps with train.max_bad_steps=N.")
+        logging.getLogger("finetune").warning("Step %d: non-finite loss or gradient; the update was skipped (%d of "
+                                              "train.max_bad_steps=%d).", step, len(self.bad_steps), self.max_bad_steps)

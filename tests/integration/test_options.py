@@ -45,23 +45,6 @@ def test_each_optimizer_takes_a_step(tiny_model, chat_data, tmp_path, optim, cls
     assert not torch.equal(before, lora_b.detach())
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_model, chat_data, tmp_path):
-    common = [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
-              "data.max_length=128", f"output_dir={tmp_path / 'run'}", "tracking=none", "train.save_steps=2",
-              "train.logging_steps=1", "train.micro_batch_size=8", "train.grad_accum=1"]
-    first = run_cli(*common, "train.max_steps=4")
-    assert first.returncode == 0, first.stderr[-2000:]
-    refused = run_cli(*common, "train.max_steps=6")
-    assert refused.returncode == 2 and "already holds a run" in refused.stderr
-    resumed = run_cli(*common, "train.max_steps=6", "resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
-    assert steps[:4] == [1, 2, 3, 4] and steps[-2:] == [5, 6]  # the second run started at step 5
-
-
 def test_wandb_disabled_writes_no_wandb_run_and_the_environment_override_is_said(tiny_model, chat_data, tmp_path):
     common = [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
               "data.max_length=128", "tracking=wandb", "tracking.mode=disabled", "train.max_steps=2",

@@ -137,4 +137,43 @@ def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_mode
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert not (ckpts / ".staging").exists()
-    assert pipeline.checkpoint_problem(ckpts / "checkpoint-2") is None
+    from finetune.trainer import checkpoint_problem
+
+    assert checkpoint_problem(ckpts / "checkpoint-2") is None
+
+
+@pytest.mark.parametrize("max_bad_steps", [0, 1])
+def test_a_non_finite_loss_stops_the_run_or_is_skipped(tiny_model, chat_data, tmp_path, monkeypatch, max_bad_steps):
+    """Step 5's loss is made NaN: with max_bad_steps=0 the run stops, naming the step and the checkpoint it
+    keeps; with 1 the step's update is skipped and training goes on with finite weights."""
+    import trl
+
+    import finetune.pipeline as pipeline
+    from finetune.errors import UserError
+    from finetune.registry import load_config
+
+    real = trl.SFTTrainer.compute_loss
+
+    def nan_at_step_5(self, model, inputs, *a, **kw):
+        out = real(self, model, inputs, *a, **kw)
+        if self.state.global_step + 1 == 5 and model.training:
+            return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+        return out
+
+    monkeypatch.setattr(trl.SFTTrainer, "compute_loss", nan_at_step_5)
+    out = tmp_path / "run"
+    cfg = load_config(args(tiny_model, chat_data, out, "train.max_steps=8", f"train.max_bad_steps={max_bad_steps}"))
+    if max_bad_steps == 0:
+        with pytest.raises(UserError) as e:
+            pipeline.train(cfg)
+        assert "Non-finite loss or gradient at step 5" in str(e.value)
+        assert "The last good checkpoint, checkpoint-4, is kept" in str(e.value) and "resume=true" in str(e.value)
+        kept = load_file(str(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in kept.values())
+        assert not (out / "adapter").exists()
+    else:
+        summary = pipeline.train(cfg)
+        assert summary["skipped_bad_steps"] == [5] and summary["steps"] == 8
+        weights = adapter(out)
+        assert all(torch.isfinite(t).all() for t in weights.values())
+        assert summary["eval_loss"] < summary["eval_loss_base"]

@@ -148,21 +148,31 @@ def test_auto_fit_takes_the_largest_micro_batch_that_fits(monkeypatch):
             assert r["total_gib"] > 0.95 * GPUS["a10"].memory_gib
 
 
-def test_plan_cli_table_json_and_errors():
-    result = run_cli("plan", "recipe=qlora_llama7b", "plan.gpu=rtx3060")
+def test_plan_cli_table_json_and_errors(capsys):
+    from finetune.__main__ import main
+
+    def cli(*argv):
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    result = run_cli("plan", "recipe=qlora_llama7b", "plan.gpu=rtx3060")  # the real command line, once
     assert result.returncode == 0, result.stderr
     assert "fits:" in result.stdout and "tokens/s" in result.stdout and "GPU-hours" in result.stdout
-    result = run_cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4")
-    plan = json.loads(result.stdout)
-    assert plan["model"] == "meta-llama/Llama-2-70b-hf" and plan["params"] > 68e9
-    result = run_cli("plan", "plan.gpu=a100")
-    assert result.returncode == 2 and "plan.gpu=a100 is not allowed" in result.stderr and "a100-40gb" in result.stderr
+    code, out, _ = cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4")
+    plan = json.loads(out)
+    assert code == 0 and plan["model"] == "meta-llama/Llama-2-70b-hf" and plan["params"] > 68e9
+    code, _, err = cli("plan", "plan.gpu=a100")
+    assert code == 2 and "plan.gpu=a100 is not allowed" in err and "a100-40gb" in err
     if not torch.cuda.is_available():
-        result = run_cli("plan", "recipe=qlora_llama7b")
-        assert result.returncode == 2 and "plan.gpu=auto reads the local GPU, and this machine has none" in result.stderr
+        code, _, err = cli("plan", "recipe=qlora_llama7b")
+        assert code == 2 and "plan.gpu=auto reads the local GPU, and this machine has none" in err
 
 
-def test_an_unknown_hub_model_without_network_is_one_message():
+def test_an_unknown_hub_model_without_network_is_one_message(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on CI: no Hub
     with pytest.raises(UserError, match="its config.json could not be read"):
         plan_of("model.name_or_path=someone/not-a-preset")
 
