@@ -97,11 +97,14 @@ def quiet_optional_kernel_notice() -> None:
 
 
 def setup_logging() -> None:
+    """`[finetune] ...` lines on the current stderr (main() may run several times in one process)."""
     logger = logging.getLogger("finetune")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_finetune", False)]:
+        logger.removeHandler(old)  # its stream may be closed by now (not flushed: setStream would)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
+    handler._finetune = True
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
 

@@ -1,0 +1,214 @@
+"""Hostile inputs, table-driven: each is exit code 2 with one message naming the problem and where it is,
+no traceback (main() runs in-process here, so any escaping exception fails the test), and nothing lost or
+overwritten. Then property-based fuzzing of the data validator."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.__main__ import main
+
+
+def row(user="Hi", assistant="Hello!"):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+GOOD = [json.dumps(row(f"q{i}", f"a{i}")) for i in range(40)]
+
+
+def lines_with(bad: str, at: int = 3) -> str:
+    return "\n".join(GOOD[:at] + [bad] + GOOD[at:]) + "\n"
+
+
+# name -> file content (str or bytes), written under the test's data folder
+DATA = {
+    "broken.jsonl": lines_with('{"messages": [broken'),
+    "missing_field.jsonl": lines_with(json.dumps({"conversation": []})),
+    "empty_content.jsonl": lines_with(json.dumps(row("", ""))),
+    "wrong_type.jsonl": lines_with(json.dumps(row(5, ["x"]))),
+    "not_a_list.jsonl": lines_with(json.dumps({"messages": "hello"})),
+    "no_assistant.jsonl": lines_with(json.dumps({"messages": [{"role": "user", "content": "x"}]})),
+    "unknown_role.jsonl": lines_with(json.dumps({"messages": [{"role": "wizard", "content": "x"},
+                                                              {"role": "assistant", "content": "y"}]})),
+    "top_level_list.jsonl": lines_with("[1, 2, 3]"),
+    "empty.jsonl": "",
+    "binary.jsonl": bytes(range(256)) * 8,
+    "latin1.jsonl": ("\n".join(GOOD[:3]) + "\n").encode() + json.dumps(row("caf\u00e9", "x"), ensure_ascii=False).encode(
+        "latin-1") + b"\n" + ("\n".join(GOOD[3:]) + "\n").encode(),
+    "enormous.jsonl": lines_with(json.dumps(row("tell me " * 50000, "ok"))),
+    "prompt_only.jsonl": "\n".join([json.dumps({"prompt": "a", "completion": "b"})] * 5 + [json.dumps({"prompt": "a"})]) + "\n",
+    "bad.csv": "prompt,completion\na,b\n\"unclosed,c\n",
+    "bad.json": '{"not": "a list of rows"',
+}
+
+CONFIG_CASES = [  # (id, overrides, what the message must say)
+    ("unknown key", ["train.learnig_rate=1e-4"], ["Unknown config key 'train.learnig_rate'", "Did you mean 'train.learning_rate'"]),
+    ("hf alias", ["lr=1e-4"], ["Unknown config key 'lr'", "train.learning_rate"]),
+    ("unknown group key", ["wandb.project=x"], ["Unknown config key 'wandb.project'"]),
+    ("wrong type", ["train.epochs=many"], ["train.epochs", "float"]),
+    ("wrong type bool", ["data.packing=perhaps"], ["data.packing"]),
+    ("negative lr", ["train.learning_rate=-1"], ["train.learning_rate=-1.0 is out of range", "> 0"]),
+    ("dropout range", ["lora.dropout=2"], ["lora.dropout=2.0 is out of range", "<= 0.9"]),
+    ("bad choice", ["train.optim=sgd"], ["train.optim=sgd is not allowed", "paged_adamw_8bit"]),
+    ("unknown recipe", ["recipe=qlora_llama9b"], ["Unknown recipe 'qlora_llama9b'", "qlora_llama7b"]),
+    ("unknown group option", ["quant=fp8"], ["Unknown option 'fp8' for group 'quant'", "nf4"]),
+    ("typo in list entry", ["data.sources=[{pth: a.jsonl}]"], ["Unknown key 'pth'", "Did you mean 'path'"]),
+    ("resume and overwrite", ["resume=true", "overwrite=true"], ["resume=true and overwrite=true contradict"]),
+    ("quantized full fine-tune", ["lora=off"], ["quant=nf4 with lora.enabled=false"]),
+    ("missing model path", ["model.name_or_path=/nonexistent/model"], ["model.name_or_path=/nonexistent/model: no such folder"]),
+    ("unknown verb", None, ["Unknown verb 'trian'", "Did you mean 'train'"]),
+    ("bad option", ["--cfg", "yaml"], ["--cfg takes 'job'"]),
+]
+
+DATA_CASES = [  # (file, extra overrides, fragments: the problem and where)
+    ("broken.jsonl", [], ["broken.jsonl:4: invalid JSON"]),
+    ("missing_field.jsonl", [], ["missing_field.jsonl:4: the row has no 'messages' field"]),
+    ("empty_content.jsonl", [], ["empty_content.jsonl:4:", "empty or non-text 'content'"]),
+    ("wrong_type.jsonl", [], ["wrong_type.jsonl:4:", "empty or non-text 'content'"]),
+    ("not_a_list.jsonl", [], ["not_a_list.jsonl:4:", "must be a non-empty list"]),
+    ("no_assistant.jsonl", [], ["no_assistant.jsonl:4: the row has no assistant message"]),
+    ("unknown_role.jsonl", [], ["unknown_role.jsonl:4:", "role 'wizard'", "allowed: system, user, assistant"]),
+    ("top_level_list.jsonl", [], ["top_level_list.jsonl:4: the row is a list, not an object"]),
+    ("empty.jsonl", [], ["empty.jsonl: holds no rows"]),
+    ("binary.jsonl", [], ["binary.jsonl:", "is not UTF-8"]),
+    ("latin1.jsonl", [], ["latin1.jsonl:4:", "not UTF-8"]),
+    ("enormous.jsonl", ["data.too_long=error"], ["data.max_length"]),
+    ("prompt_only.jsonl", [], ["prompt_only.jsonl:6: the row has no 'completion' field"]),
+    ("bad.csv", [], ["bad.csv:3:"]),
+    ("bad.json", [], ["bad.json"]),
+    ("nonexistent.jsonl", [], ["nonexistent.jsonl: no such file or folder"]),
+    ("empty_folder", [], ["the folder holds no .jsonl, .json, .csv, .parquet files"]),
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    for name, content in DATA.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (folder / "empty_folder").mkdir()
+    return folder
+
+
+def run(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def check(code, err, fragments):
+    assert code == 2, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("overrides, fragments", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config(capsys, tmp_path, overrides, fragments):
+    out = tmp_path / "run"
+    argv = ["trian"] if overrides is None else [*overrides, f"output_dir={out}"]
+    check(*run(capsys, argv), fragments)
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("name, extra, fragments", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data(capsys, tmp_path, tiny_model, data_dir, name, extra, fragments):
+    out = tmp_path / "run"
+    argv = [f"model.name_or_path={tiny_model}", f"data.path={data_dir / name}", "data.eval_path=null",
+            "data.max_length=128", "tracking=none", f"output_dir={out}", *extra]
+    before = {p: p.read_bytes() for p in data_dir.iterdir() if p.is_file()}
+    check(*run(capsys, argv), fragments)
+    assert not out.exists()  # checked before anything is written
+    assert {p: p.read_bytes() for p in data_dir.iterdir() if p.is_file()} == before  # the data is untouched
+
+
+@pytest.fixture
+def good_data(tmp_path):
+    path = tmp_path / "good.jsonl"
+    path.write_text("\n".join(GOOD) + "\n")
+    return path
+
+
+def test_an_existing_run_is_kept(capsys, tmp_path, tiny_model, good_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"keep": true}')
+    code, err = run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
+                             f"output_dir={out}"])
+    check(code, err, [f"output_dir={out} already holds a run", "resume=true", "overwrite=true"])
+    assert [p.name for p in out.iterdir()] == ["summary.json"] and (out / "summary.json").read_text() == '{"keep": true}'
+
+
+def test_an_output_dir_that_is_a_file(capsys, tmp_path, tiny_model, good_data):
+    out = tmp_path / "run.txt"
+    out.write_text("mine")
+    check(*run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
+                        f"output_dir={out}"]), [f"output_dir={out} is a file, not a folder"])
+    assert out.read_text() == "mine"
+
+
+def test_an_output_dir_that_cannot_be_written(capsys, tmp_path, tiny_model, good_data):
+    """Read-only folders cannot be simulated as root, so: a folder under a file, which no one can create."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    check(*run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
+                        "data.max_length=128", "tracking=none", f"output_dir={blocker / 'run'}"]),
+          [f"output_dir={blocker / 'run'}: cannot write there", "Choose a writable output_dir"])
+
+
+def test_resume_without_a_checkpoint(capsys, tmp_path, tiny_model, good_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    check(*run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
+                        f"output_dir={out}", "resume=true"]), ["resume=true but", "holds no checkpoint to resume from"])
+
+
+def test_a_bom_and_crlf_line_endings_are_read_as_the_same_rows(tmp_path):
+    """Not errors: files saved by Windows tools. They must give exactly the rows of the clean file."""
+    from finetune.config import DataConfig
+    from finetune.data import load_splits
+
+    clean, bom, crlf = tmp_path / "clean.jsonl", tmp_path / "bom.jsonl", tmp_path / "crlf.jsonl"
+    clean.write_text("\n".join(GOOD) + "\n")
+    bom.write_bytes(b"\xef\xbb\xbf" + clean.read_bytes())
+    crlf.write_bytes(clean.read_bytes().replace(b"\n", b"\r\n"))
+    rows = [list(load_splits(DataConfig(path=str(p), eval_fraction=0.0), 42).train) for p in (clean, bom, crlf)]
+    assert rows[0] == rows[1] == rows[2] and len(rows[0]) == 40
+
+
+# ---- fuzzing the data validator -----------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20))
+message = st.fixed_dictionaries({}, optional={
+    "role": st.one_of(st.sampled_from(["user", "assistant", "system", "tool", "wizard", ""]), scalars),
+    "content": st.one_of(st.text(max_size=30), scalars, st.lists(scalars, max_size=3)),
+    "from": st.sampled_from(["human", "gpt", "x"]), "value": st.text(max_size=10)})
+row_strategy = st.one_of(
+    st.fixed_dictionaries({}, optional={"messages": st.one_of(st.lists(message, max_size=4), scalars),
+                                         "prompt": st.one_of(st.text(max_size=20), scalars),
+                                         "completion": st.one_of(st.text(max_size=20), scalars),
+                                         "text": st.one_of(st.text(max_size=20), scalars),
+                                         "instruction": st.text(max_size=10), "output": st.text(max_size=10)}),
+    st.lists(scalars, max_size=3), scalars)
+line_strategy = st.one_of(row_strategy.map(lambda r: json.dumps(r).encode()), st.binary(max_size=40))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(line_strategy, min_size=0, max_size=12), bad_rows=st.sampled_from(["error", "drop"]),
+       fmt=st.sampled_from(["auto", "messages", "prompt_completion", "text", "sharegpt", "instruction"]))
+def test_any_file_is_loaded_or_rejected_with_a_message(tmp_path_factory, lines, bad_rows, fmt):
+    from finetune.config import DataConfig
+    from finetune.data import load_splits
+    from finetune.errors import UserError
+
+    path = Path(tmp_path_factory.mktemp("fuzz")) / "rows.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))
+    try:
+        splits = load_splits(DataConfig(path=str(path), bad_rows=bad_rows, format=fmt, eval_fraction=0.0), 42)
+    except UserError as e:
+        assert str(e).strip()
+    else:
+        assert len(splits.train) >= 1
