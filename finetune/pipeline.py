@@ -12,6 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from finetune.data import load_splits
 from finetune.data.templates import apply_chat_template_choice
 from finetune.config import FinetuneConfig
@@ -117,7 +119,10 @@ def train(cfg: FinetuneConfig) -> dict:
     guard, finite = PreemptionGuard(), NonFiniteGuard(cfg.train.max_bad_steps, run_dir / "checkpoints")
     trainer.add_callback(guard)
     trainer.add_callback(finite)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(cfg, run_dir) from None
     if guard.signal:  # the checkpoint of this step is written: stop here, resume=true continues
         raise Preempted(guard.signal, trainer.state.global_step,
                         str(run_dir / "checkpoints" / f"checkpoint-{trainer.state.global_step}"), str(run_dir))
@@ -189,6 +194,30 @@ def train(cfg: FinetuneConfig) -> dict:
                             f"publish run={run_dir} hub.repo_id={cfg.hub.repo_id}") from None
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def out_of_memory(cfg: FinetuneConfig, run_dir: Path) -> UserError:
+    """CUDA ran out of memory in training: the peak and what is free, the plan's cheapest change that fits,
+    and how to continue."""
+    free, total = torch.cuda.mem_get_info()
+    peak = torch.cuda.max_memory_reserved()
+    fix = ("set a smaller train.micro_batch_size (with a larger train.grad_accum), train.gradient_checkpointing=true "
+           "or a shorter data.max_length")
+    try:
+        from finetune.plan import make_plan
+
+        plan = make_plan(cfg, gpu_name="auto", mode="train")
+        if plan["suggestions"]:
+            s = plan["suggestions"][0]
+            fix = f"{s['change']} (planned peak {s['peak_gib']:.1f} GiB): {' '.join(s['overrides'])}"
+    except Exception:  # the plan is advice: the error must be reported whatever happens to it
+        pass
+    last = last_good_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    resume = (f"then continue from {Path(last).name} with resume=true" if last else
+              "no checkpoint was written yet, so start again with overwrite=true")
+    return UserError(f"CUDA out of memory in training: peak {peak / 2**30:.1f} GiB reserved, {free / 2**30:.1f} of "
+                     f"{total / 2**30:.1f} GiB free now. Cheapest fix: {fix}; {resume}. "
+                     f"`python -m finetune plan` shows the whole breakdown.")
 
 
 def check_rows_kept(before: int, after: int, max_length: int) -> None:

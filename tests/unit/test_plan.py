@@ -228,3 +228,22 @@ def test_liger_fused_cross_entropy_removes_the_logits_from_the_peak():
     tokens = plain["setting"]["micro_batch"] * plain["setting"]["max_length"]
     assert logits(plain) * GIB == pytest.approx(tokens * 128256 * 12)  # bf16 logits, fp32 copy, saved, gradient
     assert logits(fused) < 0.05 * logits(plain) and fused["peak_gib"] < plain["peak_gib"] - 2
+
+
+def test_out_of_memory_in_training_says_peak_free_the_fix_and_how_to_resume(monkeypatch, tmp_path):
+    import finetune.pipeline as pipeline
+    import finetune.plan as plan_module
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(0.3 * GIB), int(14.6 * GIB)))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: int(14.1 * GIB))
+    monkeypatch.setattr(plan_module, "local_gpu", lambda: GPUS["t4"])
+    cfg = load_config(["recipe=qlora_llama3_8b", "data.max_length=4096", "train.micro_batch_size=4", "train.grad_accum=4",
+                       "train.gradient_checkpointing=false"])
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.setattr(pipeline, "last_good_checkpoint", lambda path: str(path / "checkpoint-200"))
+    text = str(pipeline.out_of_memory(cfg, tmp_path))
+    assert "CUDA out of memory in training: peak 14.1 GiB reserved, 0.3 of 14.6 GiB free now" in text
+    first = plan_of("recipe=qlora_llama3_8b", "data.max_length=4096", "train.micro_batch_size=4", "train.grad_accum=4",
+                    "train.gradient_checkpointing=false", gpu="t4")["suggestions"][0]
+    assert f"Cheapest fix: {first['change']}" in text and " ".join(first["overrides"]) in text
+    assert "continue from checkpoint-200 with resume=true" in text
