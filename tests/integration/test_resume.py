@@ -110,8 +110,12 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model, chat_data, 
     assert sorted(losses(out)) == list(range(1, STEPS + 1)) and json.loads((out / "summary.json").read_text())["steps"] == STEPS
 
 
-def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_model, chat_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["ENOSPC", "EROFS"], ids=["disk full", "read-only folder"])
+def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_model, chat_data, tmp_path, monkeypatch,
+                                                                       error):
+    """Simulated: as root, a folder cannot be made read-only for the test, so the write fails as the OS would."""
     import errno
+    import os
 
     import transformers
 
@@ -125,14 +129,15 @@ def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_mode
     def disk_full_on_second(self, model, trial):
         calls.append(self.state.global_step)
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            code = getattr(errno, error)
+            raise OSError(code, os.strerror(code))
         return real(self, model, trial)
 
     monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", disk_full_on_second)
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
         pipeline.train(load_config(args(tiny_model, chat_data, out)))
-    assert "Could not write checkpoint-4 to" in str(e.value) and "No space left on device" in str(e.value)
+    assert "Could not write checkpoint-4 to" in str(e.value) and os.strerror(getattr(errno, error)) in str(e.value)
     assert "The previous checkpoint, checkpoint-2, is intact" in str(e.value)
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
