@@ -18,6 +18,12 @@ VERBS = {
 RUN_VERBS = ("export", "generate", "publish")  # they work on an existing run directory: run=RUN_DIR
 
 
+def key_line(key: str, f, suffix: str = "") -> str:
+    """One line of --help: the key, its help text and its allowed values."""
+    choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
+    return f"  {key:<28} {f.metadata.get('help', '')}{choices}{suffix}"
+
+
 def verb_usage(verb: str) -> str:
     import dataclasses
 
@@ -26,13 +32,8 @@ def verb_usage(verb: str) -> str:
 
     cls = VERB_ARGS[verb][0]
     lines = [f"usage: python -m finetune {verb} run=RUN_DIR [key=value ...]", "", f"{VERBS[verb]}.", "", "keys:"]
-    for f in dataclasses.fields(cls):
-        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
-        lines.append(f"  {f.name:<28} {f.metadata.get('help', '')}{choices}")
-    for key in overridable(verb):
-        f = schema_keys()[key]
-        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
-        lines.append(f"  {key:<28} {f.metadata.get('help', '')}{choices}  (default: the run's)")
+    lines += [key_line(f.name, f) for f in dataclasses.fields(cls)]
+    lines += [key_line(key, schema_keys()[key], "  (default: the run's)") for key in overridable(verb)]
     return "\n".join(lines)
 
 
@@ -82,9 +83,7 @@ def usage() -> str:
         "",
         "keys (key=value):",
     ]
-    for key, f in schema_keys().items():
-        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
-        lines.append(f"  {key:<28} {f.metadata.get('help', '')}{choices}")
+    lines += [key_line(key, f) for key, f in schema_keys().items()]
     return "\n".join(lines)
 
 

@@ -269,8 +269,7 @@ def export_run(run_dir: str, checkpoint: Optional[str], overrides: list[str]) ->
         raise UserError(f"{source} holds no adapter (adapter_config.json): export.merge needs a LoRA run; "
                         "pass checkpoint=N to export a checkpoint.")
     out_dir = run.dir / "exports" / source.name if checkpoint else run.dir
-    # The tokenizer as trained, chat template and EOS included: saved with the adapter and in every checkpoint.
-    tokenizer = AutoTokenizer.from_pretrained(str(source if (source / "tokenizer_config.json").is_file() else run.adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer_dir(source)))
     splits = load_splits(cfg.data, cfg.train.seed)
     device = detect_device(cfg.train, cfg.quant, cfg.model)
     model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(source))

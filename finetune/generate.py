@@ -83,8 +83,7 @@ def load_model(run: Run, args: GenerateArgs):
         model_cfg, quant = cfg.model, args.quant or cfg.quant.method
     quant_cfg = QuantConfig(method=quant, double_quant=quant == "nf4" and cfg.quant.double_quant)
     device = detect_device(cfg.train, quant_cfg, cfg.model)
-    tok_dir = source if (source / "tokenizer_config.json").is_file() else run.adapter_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer_dir(source)))
     model = load_base_model(model_cfg, quant_cfg, device)
     if args.model == "adapter":
         with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
@@ -98,12 +97,10 @@ def load_model(run: Run, args: GenerateArgs):
 def generation_kwargs(args: GenerateArgs, tokenizer, source: Path, run: Run) -> dict:
     from transformers import GenerationConfig
 
-    eos = [tokenizer.eos_token_id]
-    for folder in (source, run.adapter_dir):
-        if (folder / "generation_config.json").is_file():
-            saved = GenerationConfig.from_pretrained(str(folder)).eos_token_id
-            eos += [i for i in (saved if isinstance(saved, list) else [saved]) if i is not None and i not in eos]
-            break
+    from finetune.export import eos_token_ids
+
+    folder = next((f for f in (source, run.adapter_dir) if (f / "generation_config.json").is_file()), None)
+    eos = eos_token_ids(tokenizer, GenerationConfig.from_pretrained(str(folder)) if folder else None)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, eos_token_id=eos,
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
     if args.do_sample:

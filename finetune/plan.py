@@ -329,12 +329,13 @@ def dataset_steps(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
 
 # ---- the plan -----------------------------------------------------------------------------------
 
-def dtype_bytes_of(cfg: FinetuneConfig, gpu: GPU) -> int:
+def dtype_bytes_of(cfg: FinetuneConfig) -> int:
+    """Bytes of the compute dtype on a GPU: fp32 when asked, else bf16 or fp16 (auto picks one of them)."""
     return 4 if cfg.train.precision == "fp32" else 2
 
 
 def evaluate_setting(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str) -> dict:
-    rows = memory(arch, cfg, s, dtype_bytes_of(cfg, gpu), mode)
+    rows = memory(arch, cfg, s, dtype_bytes_of(cfg), mode)
     reserved, total = peak(rows)
     return {"rows": rows, "reserved_gib": reserved, "total_gib": total, "fits": total <= gpu.memory_gib,
             "margin_gib": gpu.memory_gib - total}

@@ -127,10 +127,17 @@ class Run:
     def merged_dir(self) -> Path:
         return self.dir / "merged"
 
+    def tokenizer_dir(self, source: Path) -> Path:
+        """Where the tokenizer as trained is (chat template and EOS included): saved with the adapter, with
+        the merged model and in every checkpoint; adapter/ where `source` has none."""
+        return source if (source / "tokenizer_config.json").is_file() else self.adapter_dir
+
     def checkpoint_dir(self, name: Optional[str]) -> Path:
         """checkpoints/checkpoint-N for checkpoint=N, checkpoint-N or last."""
+        from finetune.trainer import list_checkpoints
+
         root = self.dir / "checkpoints"
-        found = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if root.is_dir() else []
+        found = list_checkpoints(root)
         if not found:
             raise UserError(f"checkpoint={name}: {root} holds no checkpoints (train.save_steps sets how often they "
                             "are written).")

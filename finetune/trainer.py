@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -111,8 +112,7 @@ def trainer_class():
                 shutil.rmtree(self._staging, ignore_errors=True)
                 from finetune.errors import UserError
 
-                kept = sorted((p for p in os.listdir(root) if p.startswith("checkpoint-")),
-                              key=lambda p: int(p.split("-")[-1])) if os.path.isdir(root) else []
+                kept = [p.name for p in list_checkpoints(Path(root))]
                 raise UserError(f"Could not write {name} to {root} ({e.strerror or e}). "
                                 + (f"The previous checkpoint, {kept[-1]}, is intact: free space or fix the folder's "
                                    "permissions, then resume with resume=true." if kept else
@@ -219,13 +219,11 @@ class PreemptionGuard(TrainerCallback):
 def checkpoint_problem(path: Path) -> str | None:
     """Why this checkpoint cannot be resumed from (None: it is complete). Checkpoints are renamed into place
     only when complete, so a bad one is a disk or copy accident; every file resume needs is read."""
-    import json as _json
-
     state = path / "trainer_state.json"
     if not state.is_file():
         return "no trainer_state.json"
     try:
-        _json.loads(state.read_text())
+        json.loads(state.read_text())
     except (ValueError, OSError):
         return "trainer_state.json is not valid JSON"
     weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
@@ -245,11 +243,17 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def list_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint-N folders in root, oldest (lowest N) first; none if root does not exist."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+
+
 def last_good_checkpoint(ckpts: Path) -> str | None:
     """The newest complete checkpoint in ckpts; each newer one that is not is named in a warning."""
-    found = sorted((p for p in ckpts.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for path in found:
+    for path in reversed(list_checkpoints(ckpts)):
         problem = checkpoint_problem(path)
         if problem is None:
             return str(path)
