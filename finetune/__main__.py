@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(verb_usage(verb) if verb in RUN_VERBS else usage())
         return 0
 
-    from finetune.errors import Preempted, UserError, closest
+    from finetune import distributed
+    from finetune.errors import Preempted, ReportedByMain, UserError, closest
+
+    world = distributed.world()
 
     try:
         if verb not in VERBS:
@@ -166,23 +169,47 @@ def main(argv: list[str] | None = None) -> int:
         from finetune import pipeline
 
         summary = pipeline.train(cfg)
+    except ReportedByMain:  # another process of an `accelerate launch` run, the main one, prints it
+        return ReportedByMain.exit_code
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under `accelerate launch` every process reads the same config: its errors are printed once, by rank 0.
+        # Once they run together, an error in one process is that process's own: it says which.
+        if world.is_main or distributed.joined():
+            print(f"error: {'' if world.is_main else f'[rank {world.rank}] '}{e}", file=sys.stderr)
         return 2
     except Preempted as e:
+        if not world.is_main:
+            return Preempted.exit_code
         again = [a for a in argv if a.split("=")[0] not in ("resume", "overwrite")]
         if not any(a.startswith("output_dir=") for a in again):
             again.append(f"output_dir={e.run_dir}")
         print(f"stopped by {e.signal_name} at step {e.step}; checkpoint saved in {e.checkpoint}. Resume with: "
-              f"python -m finetune {' '.join(shlex.quote(a) for a in again + ['resume=true'])}", file=sys.stderr)
+              f"{launcher(world)} {' '.join(shlex.quote(a) for a in again + ['resume=true'])}", file=sys.stderr)
         return Preempted.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if not world.is_main:
+        return 0
     keys = ("eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "train_runtime_s", "peak_memory_gb")
     print("\n".join(f"{k:>18}: {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))))
     print(f"run directory: {os.path.abspath(cfg.output_dir)}")
     return 0
+
+
+def launcher(world) -> str:
+    """The command that started this process, up to our arguments: `python -m finetune`, or for a process of
+    `accelerate launch` that launcher's own command line (read from its process, our parent), so that the
+    printed resume command starts the same number of processes with the same config."""
+    if not world.distributed:
+        return "python -m finetune"
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [a.decode() for a in f.read().split(b"\0") if a]
+        start, end = parent.index("launch"), parent.index("finetune")
+        return " ".join(shlex.quote(a) for a in ["accelerate", *parent[start:end + 1]])
+    except (OSError, ValueError):
+        return f"accelerate launch --num_processes {world.size} [your --config_file] -m finetune"
 
 
 def main_exit() -> None:

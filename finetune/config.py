@@ -203,6 +203,10 @@ class PlanConfig:
     format: str = opt("table", "print a table, or JSON for scripts", ["table", "json"])
     efficiency: Optional[float] = opt(None, "share of the GPU's dense 16-bit peak FLOP/s reached; null = 0.30 for nf4, "
                                       "0.12 for int8, 0.40 for 16-bit", min=0, max=1, min_exclusive=True)
+    gpus: int = opt(1, "GPUs the run is launched on (accelerate launch --num_processes N): memory is planned per GPU",
+                    min=1, max=64)
+    sharding: str = opt("ddp", "with gpus > 1: ddp = each GPU holds the whole model; fsdp = weights, gradients and "
+                        "optimizer states sharded over the GPUs", ["ddp", "fsdp"])
 
 
 @dataclass

@@ -66,3 +66,9 @@ class Preempted(Exception):
     def __init__(self, signal_name: str, step: int, checkpoint: str, run_dir: str):
         super().__init__(f"{signal_name} at step {step}")
         self.signal_name, self.step, self.checkpoint, self.run_dir = signal_name, step, checkpoint, run_dir
+
+
+class ReportedByMain(Exception):
+    """In a multi-process run, an error the main process found and reports: the others exit quietly with it."""
+
+    exit_code = 2

@@ -42,13 +42,30 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     return answers
 
 
+def answers_across_processes(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                             batch_size: int) -> list[str]:
+    """generate_answers, with the conversations split between the processes of a multi-process run and the
+    answers gathered in order. Every process gets as many (padded with repeats): under FSDP each generate
+    call is a collective, so all processes must make the same number of them."""
+    from finetune import distributed
+
+    w = distributed.world()
+    if not w.distributed or not conversations:
+        return generate_answers(model, tokenizer, conversations, max_new_tokens, batch_size)
+    per = -(-len(conversations) // w.size)
+    mine = conversations[w.rank * per:(w.rank + 1) * per]
+    answers = generate_answers(model, tokenizer, mine + [conversations[0]] * (per - len(mine)), max_new_tokens, batch_size)
+    everyone = distributed.gather(answers)
+    return [a for r in range(w.size) for a in everyone[r * per:r * per + len(conversations[r * per:(r + 1) * per])]]
+
+
 def exact_match(model, tokenizer, rows, max_new_tokens: int, batch_size: int) -> dict:
     """Share of rows whose greedy answer equals the reference exactly (surrounding whitespace ignored).
 
     An answer that runs on past the reference, because the model did not stop, does not match.
     """
     pairs = [_prompt_and_reference(r["messages"]) for r in rows]
-    answers = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    answers = answers_across_processes(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
     hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs)]
     examples = [
         {"prompt": p[-1]["content"], "reference": ref, "answer": a}

@@ -82,10 +82,12 @@ def write_generation_config(path: Path, model_cfg: ModelConfig, tokenizer) -> li
     return eos
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig) -> None:
+def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None) -> None:
     """adapter_config.json (the base's Hub id, never a local path), adapter_model.safetensors, the tokenizer
-    with the training chat template, and generation_config.json."""
-    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    with the training chat template, and generation_config.json. `state_dict`: the model's full state dict
+    where the model itself holds only a shard (FSDP)."""
+    model.save_pretrained(str(adapter_dir), safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(adapter_dir))
     config_file = adapter_dir / "adapter_config.json"
     config = json.loads(config_file.read_text())
@@ -218,27 +220,31 @@ class MergeRejected(UserError):
 # ---- a run's artefacts --------------------------------------------------------------------------
 
 def export_artifacts(cfg: FinetuneConfig, out_dir: Path, model, tokenizer, rows, summary: dict,
-                     retry: str = "python -m finetune export run=RUN_DIR") -> None:
+                     retry: str = "python -m finetune export run=RUN_DIR", state_dict: Optional[dict] = None,
+                     reference: Optional[list] = None) -> None:
     """adapter/ from the PEFT `model` (the base in 4-bit as trained, with its adapter), merged/ where
     export.merge asks, and their model cards. `rows` are the (converted) rows the merge is checked on;
     `summary` is updated in place with the merge figures. A rejected merge raises MergeRejected after
-    everything else is written."""
+    everything else is written. Under FSDP the caller gathers `state_dict` and the `reference` logits of
+    the model as trained (see pipeline.gather_for_export)."""
     from finetune.publish import write_model_card
 
     summary.update({k: None for k in ("merge_base", "merge_mean_kl", "merge_eval_loss", "merge_reference_eval_loss",
                                       "merge_fidelity")})
     if not hasattr(model, "peft_config"):  # full fine-tuning: the model itself is the result, a plain transformers model
-        model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+        model.save_pretrained(str(out_dir / "model"), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(out_dir / "model"))
         write_generation_config(out_dir / "model", cfg.model, tokenizer)
         write_model_card(out_dir / "model", cfg, summary, merged=True)
         return
     adapter_dir = out_dir / "adapter"
-    save_adapter(model, tokenizer, adapter_dir, cfg)
+    save_adapter(model, tokenizer, adapter_dir, cfg, state_dict)
     rejected = None
     if cfg.export.merge:
         samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data.train_on_inputs)
-        reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
+        if reference is None:
+            reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
         shutil.rmtree(out_dir / "merged", ignore_errors=True)  # never leave an earlier merge beside a new adapter
         try:
             summary.update(export_merged(cfg, adapter_dir, out_dir / "merged", tokenizer, samples, reference,

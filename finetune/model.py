@@ -98,7 +98,9 @@ def _hub_error(key: str, name: str, e: Exception) -> UserError:
                      "`huggingface-cli login`; or give a local folder.")
 
 
-def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype):
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded: bool = False):
+    """`sharded`: FSDP will shard the model. FSDP shards only floating-point tensors of one dtype, so the packed
+    4-bit weights are stored in the compute dtype (the same bytes: four 4-bit values per bf16 element)."""
     from transformers import BitsAndBytesConfig
 
     if quant.method == "nf4":
@@ -107,26 +109,41 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         )
     if quant.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype: Optional[torch.dtype] = None):
-    """The base model on `device`, quantized as `quant` says (16/32-bit in `dtype` when quant.method=none)."""
+def device_map_for(device: Device, world=None) -> Optional[dict]:
+    """Where from_pretrained puts the weights: the whole model on this process's GPU (one process, or DDP:
+    one GPU per process), or no map under FSDP, whose processes each get a shard from accelerate."""
+    if world is not None and world.strategy == "fsdp":
+        return None
+    if device.type != "cuda":
+        return {"": "cpu"}
+    return {"": world.local_rank if world is not None else 0}
+
+
+def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype: Optional[torch.dtype] = None,
+                    world=None):
+    """The base model on `device`, quantized as `quant` says (16/32-bit in `dtype` when quant.method=none).
+    `world` (finetune.distributed.World): under DDP each process loads it whole on its own GPU; under FSDP it
+    is loaded without a device map and accelerate places each process's shard."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(cfg)
     warn_remote_code(cfg)
+    fsdp = world is not None and world.strategy == "fsdp"
     kwargs = dict(
         use_safetensors=None if cfg.allow_pickle else True,  # pickle weights can run code when loaded
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
         dtype=dtype or device.compute_dtype,  # the unquantized parts (embeddings, norms, head) too
-        device_map={"": 0 if device.type == "cuda" else "cpu"},
-        quantization_config=quantization_config(quant, device.compute_dtype),
+        device_map=device_map_for(device, world),
+        quantization_config=quantization_config(quant, device.compute_dtype, sharded=fsdp),
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import distributed
 from finetune.data import load_splits
 from finetune.data.templates import apply_chat_template_choice
 from finetune.config import FinetuneConfig
@@ -27,14 +28,14 @@ from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_
                                start_wandb, wandb_link)
 from finetune.data.tokenize import tokenize
 from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, build_sft_config, build_trainer,
-                              last_good_checkpoint, packing_efficiency)
+                              checkpoint_processes, last_good_checkpoint, packing_efficiency, unmark_prepared)
 
 log = logging.getLogger("finetune")
 
 
-def check_run_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
+def check_run_dir(cfg: FinetuneConfig, processes: int = 1) -> tuple[Path, str | None]:
     """The run directory and the checkpoint to resume from; writes nothing. An existing run is never
-    overwritten unless overwrite=true."""
+    overwritten unless overwrite=true; a checkpoint resumes with as many processes as wrote it."""
     run_dir = Path(cfg.output_dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output_dir={run_dir} is a file, not a folder: choose another output_dir.")
@@ -45,11 +46,28 @@ def check_run_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
         if resume_from is None:
             raise UserError(f"resume=true but {ckpts} holds no checkpoint to resume from: "
                             "drop resume=true to start a new run.")
+        wrote = checkpoint_processes(resume_from)
+        if wrote != processes:  # the data order and each process's random state depend on the count
+            raise UserError(f"{Path(resume_from).name} was written by {wrote} process(es) and this launch has "
+                            f"{processes}: resume with the same number, "
+                            + ("python -m finetune ... resume=true" if wrote == 1 else
+                               f"accelerate launch --num_processes {wrote} ... -m finetune ... resume=true") + ".")
         return run_dir, resume_from
     if busy and not cfg.overwrite:
         raise UserError(f"output_dir={run_dir} already holds a run and is never overwritten by default: pass "
                         "resume=true to continue it, overwrite=true to replace it, or choose another output_dir=...")
     return run_dir, None
+
+
+def check_launch(cfg: FinetuneConfig, world: distributed.World, device_type: str) -> None:
+    """What the launch (`accelerate launch` and its config) cannot do with this recipe on this machine."""
+    if world.strategy == "fsdp" and device_type != "cuda":
+        raise UserError("An FSDP config (configs/accelerate/fsdp*.yaml) needs CUDA GPUs: without them accelerate would "
+                        "quietly run data parallel instead. On CPUs use --config_file configs/accelerate/ddp.yaml.")
+    if world.strategy == "fsdp" and cfg.quant.method == "int8":
+        raise UserError("quant=int8 cannot be sharded by FSDP (LLM.int8 weights are integers, FSDP shards floating-point "
+                        "tensors): use quant=nf4 with configs/accelerate/fsdp_qlora.yaml, or keep int8 under "
+                        "configs/accelerate/ddp.yaml.")
 
 
 def create_run_dir(cfg: FinetuneConfig, run_dir: Path) -> None:
@@ -64,57 +82,80 @@ def create_run_dir(cfg: FinetuneConfig, run_dir: Path) -> None:
 
 
 def train(cfg: FinetuneConfig) -> dict:
-    # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
-    run_dir, resume_from = check_run_dir(cfg)
     # Device first: a setting the machine cannot run (bf16 on a T4, fp16 on a CPU) fails before any download.
     device = detect_device(cfg.train, cfg.quant, cfg.model)
+    # Under `accelerate launch`, one process per GPU: they share rank 0's run directory (a ${now:...} name
+    # differs by the second between processes), and only rank 0 writes files, W&B and the Hub.
+    world = distributed.init(cpu=device.type == "cpu")
+    cfg.output_dir = distributed.broadcast(cfg.output_dir)
+    if world.distributed:
+        log.info("accelerate launch: %d processes (%s)", world.size, world.strategy.upper())
+    # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
+    run_dir, resume_from = distributed.on_main(lambda: (check_launch(cfg, world, device.type), check_run_dir(cfg, world.size))[1])
     log.info("device: %s, precision %s", device.describe(), device.precision)
     fitted = None
     if cfg.train.auto_fit:  # the plan picks micro-batch and checkpointing for this GPU, same effective batch
         from finetune.plan import auto_fit
 
-        fitted = auto_fit(cfg)
+        fitted = auto_fit(cfg, world.size, world.strategy)
         log.info("auto_fit: %s", ", ".join(f"{k}={v}" for k, v in fitted.items()))
     if cfg.hub.push:  # a missing or rejected token fails now, not after hours of training
         from finetune.publish import check_access
 
-        log.info("Hugging Face Hub: publishing to %s as %s at the end", cfg.hub.repo_id, check_access(cfg.hub))
+        who = distributed.on_main(lambda: check_access(cfg.hub))
+        log.info("Hugging Face Hub: publishing to %s as %s at the end", cfg.hub.repo_id, who)
 
-    # Tokenizer before data: rows are checked and formatted with its chat template.
-    tokenizer = load_tokenizer(cfg.model)
-    template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
-    splits = load_splits(cfg.data, cfg.train.seed)
-    log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format, len(splits.train),
-             len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
-    if cfg.eval.exact_match_samples and not splits.conversational:  # known now, before the costly tokenization
-        raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but the "
-                        f"data is in the {splits.format} format: set eval.exact_match_samples=0.")
-    train_tok = tokenize(splits.train, tokenizer, cfg.data, "train", splits.conversational)
-    eval_tok = tokenize(splits.eval, tokenizer, cfg.data, "eval", splits.conversational) if splits.eval is not None else None
+    # Tokenizer before data: rows are checked and formatted with its chat template. Rank 0 goes first (downloads,
+    # reports bad rows, fills datasets' cache); the others then read the cache.
+    with distributed.main_process_first():
+        tokenizer = load_tokenizer(cfg.model)
+        template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
+        splits = load_splits(cfg.data, cfg.train.seed)
+        if world.is_main:
+            log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format,
+                     len(splits.train), len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
+        if cfg.eval.exact_match_samples and not splits.conversational:  # known now, before the costly tokenization
+            raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but "
+                            f"the data is in the {splits.format} format: set eval.exact_match_samples=0.")
+        train_tok = tokenize(splits.train, tokenizer, cfg.data, "train", splits.conversational)
+        eval_tok = tokenize(splits.eval, tokenizer, cfg.data, "eval", splits.conversational) if splits.eval is not None else None
 
     # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
-    create_run_dir(cfg, run_dir)
-    wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg))
+    distributed.barrier()  # every process has checked the run directory before rank 0 writes into it
+    wandb_run = None
+    if world.is_main:
+        create_run_dir(cfg, run_dir)
+        wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg) | {"processes": world.size})
+    distributed.barrier()
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
     # The base model, quantized on load; SFTTrainer wraps it in the LoRA adapter (B = 0, so it is still the base).
-    model = load_base_model(cfg.model, cfg.quant, device)
+    # Under FSDP the model is complete only once the Trainer has sharded it, as training starts: the base is
+    # evaluated there (eval_on_start), by all processes; its exact match is not measured.
+    sharded = world.strategy == "fsdp"
+    model = load_base_model(cfg.model, cfg.quant, device, world=world)
     args = build_sft_config(cfg.train, cfg.data, device, run_dir / "checkpoints",
                             report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name,
-                            eos_token=tokenizer.eos_token, has_eval=eval_tok is not None)
+                            eos_token=tokenizer.eos_token, has_eval=eval_tok is not None,
+                            eval_on_start=sharded and resume_from is None and eval_tok is not None)
     trainer = build_trainer(model, tokenizer, train_tok.dataset, eval_tok.dataset if eval_tok else None,
                             build_peft_config(cfg.lora), args, [MetricsCallback(metrics, device.type)])
     packed = packing_efficiency(trainer.train_dataset, cfg.data.max_length) if cfg.data.packing else None
-    if packed is not None:
+    if packed is not None and world.is_main:
         log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(train_tok.dataset),
                  len(trainer.train_dataset), cfg.data.max_length, 100 * packed)
     else:
         check_rows_kept(len(train_tok.dataset), len(trainer.train_dataset), cfg.data.max_length)
     trainable, total = count_parameters(trainer.model)
-    log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    if world.is_main:
+        log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     # The untouched base on the eval split: the yardstick for the tuned model.
-    before = evaluate(cfg, trainer, tokenizer, splits, metrics)
+    if sharded:
+        before = {"eval_loss": None, "exact_match": None, "examples": []}
+    else:
+        before = evaluate(cfg, trainer, tokenizer, splits, metrics, world.is_main)
+        unmark_prepared(trainer)
 
     guard, finite = PreemptionGuard(), NonFiniteGuard(cfg.train.max_bad_steps, run_dir / "checkpoints")
     trainer.add_callback(guard)
@@ -127,7 +168,9 @@ def train(cfg: FinetuneConfig) -> dict:
         raise Preempted(guard.signal, trainer.state.global_step,
                         str(run_dir / "checkpoints" / f"checkpoint-{trainer.state.global_step}"), str(run_dir))
 
-    after = evaluate(cfg, trainer, tokenizer, splits, metrics)
+    if args.eval_on_start:
+        before["eval_loss"] = next(r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r)
+    after = evaluate(cfg, trainer, tokenizer, splits, metrics, world.is_main)
     train_runtime = result.metrics["train_runtime"]
     train_tokens = int(getattr(trainer, "_total_train_tokens", 0)) or None  # counted by TRL (non-padding tokens)
     summary = {
@@ -151,8 +194,12 @@ def train(cfg: FinetuneConfig) -> dict:
         "total_params": total,
         "gpu_hours": train_runtime / 3600 if device.type == "cuda" else None,
         "steps": trainer.state.global_step,
-        "effective_batch": cfg.train.micro_batch_size * cfg.train.grad_accum,
+        # sequences per optimizer step: micro-batch x accumulation x processes
+        "effective_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * world.size,
         "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "processes": world.size,
+        "distributed": None if world.size == 1 else world.strategy,
         "skipped_bad_steps": finite.bad_steps,
         "auto_fit": fitted,
         "optimizer": describe_optimizer(trainer.optimizer),
@@ -168,11 +215,16 @@ def train(cfg: FinetuneConfig) -> dict:
     }
 
     # Export: the adapter always; merged/ (never from 4-bit weights) checked against the model as trained.
+    # Under FSDP each process holds a shard: the adapter is gathered, and the model as trained is run by all.
+    rows = splits.eval if splits.eval is not None else splits.train
+    gathered = gather_for_export(cfg, trainer, tokenizer, rows) if world.strategy == "fsdp" else {}
+    if not world.is_main:
+        return summary
     rejected, export_start = None, time.time()
     reset_peak_memory(device.type)
     try:
-        export_artifacts(cfg, run_dir, trainer.model, tokenizer, splits.eval if splits.eval is not None else splits.train,
-                         summary, f"python -m finetune export run={run_dir}")
+        export_artifacts(cfg, run_dir, trainer.model, tokenizer, rows, summary,
+                         f"python -m finetune export run={run_dir}", **gathered)
     except MergeRejected as e:  # the run and its adapter are kept; the user is told at the end
         rejected = e
     # GPU memory the export itself needed (the merge runs in CPU memory), or the process's peak RSS on CPU
@@ -194,6 +246,18 @@ def train(cfg: FinetuneConfig) -> dict:
                             f"publish run={run_dir} hub.repo_id={cfg.hub.repo_id}") from None
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def gather_for_export(cfg: FinetuneConfig, trainer, tokenizer, rows) -> dict:
+    """FSDP: the full state dict (on rank 0) and, for a merge, the logits of the model as trained on the check
+    samples; every process takes part."""
+    from finetune.export import check_samples, logits_of
+
+    out = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)}
+    if cfg.export.merge and cfg.lora.enabled:
+        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data.train_on_inputs)
+        out["reference"] = logits_of(trainer.model, samples)
+    return out
 
 
 def out_of_memory(cfg: FinetuneConfig, run_dir: Path) -> UserError:
@@ -230,7 +294,7 @@ def check_rows_kept(before: int, after: int, max_length: int) -> None:
                     before - after, before, max_length)
 
 
-def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLog) -> dict:
+def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLog, is_main: bool = True) -> dict:
     """Eval loss on the eval split (the trainer logs it to metrics.jsonl and W&B), and the exact-match
     score of greedy answers where asked for."""
     out = {"eval_loss": None, "exact_match": None, "examples": []}
@@ -244,8 +308,9 @@ def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLo
         rows = splits.eval.select(range(min(cfg.eval.exact_match_samples, len(splits.eval))))
         em = exact_match(trainer.model, tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         out["exact_match"], out["examples"] = em["exact_match"], em["examples"]
-        metrics.append({"step": trainer.state.global_step, "exact_match": em["exact_match"], "n": em["n"]})
-        if trainer.is_world_process_zero() and "wandb" in trainer.args.report_to:
+        if is_main:
+            metrics.append({"step": trainer.state.global_step, "exact_match": em["exact_match"], "n": em["n"]})
+        if is_main and "wandb" in trainer.args.report_to:
             import wandb
 
             wandb.log({"eval/exact_match": em["exact_match"]})

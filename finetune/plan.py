@@ -238,20 +238,33 @@ class Setting:
     checkpointing: bool
     optim: str
     offload_optimizer: bool = False
+    gpus: int = 1               # processes of an accelerate launch, one per GPU
+    sharding: str = "ddp"       # with gpus > 1: ddp (replicas) or fsdp (shards)
+
+    @property
+    def shards(self) -> int:
+        """How many GPUs share each weight, gradient and optimizer state."""
+        return self.gpus if self.sharding == "fsdp" else 1
 
 
 def setting_of(cfg: FinetuneConfig) -> Setting:
     t = cfg.train
     return Setting(cfg.quant.method, cfg.quant.double_quant, cfg.lora.enabled, cfg.lora.r, t.micro_batch_size,
-                   t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim)
+                   t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim,
+                   gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
 
 
 def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: str = "train") -> list[tuple[str, float]]:
     """[(component, bytes)] of the peak, in order; the last two are the allocator and the CUDA context."""
-    p = dtype_bytes
-    rows = [(f"base weights: {arch.quantized_params / 1e9:.2f}B in {describe_quant(s)}",
-             arch.quantized_params * weight_bits(s.method, s.double_quant, p) / 8),
-            (f"embeddings, lm_head, norms: {arch.other_params / 1e9:.2f}B in {8 * p}-bit", arch.other_params * p)]
+    p, n_sh = dtype_bytes, s.shards
+    sharded = f", 1/{n_sh} per GPU" if n_sh > 1 else ""
+    layer_bytes = arch.quantized_params * weight_bits(s.method, s.double_quant, p) / 8
+    rows = [(f"base weights: {arch.quantized_params / 1e9:.2f}B in {describe_quant(s)}{sharded}", layer_bytes / n_sh),
+            (f"embeddings, lm_head, norms: {arch.other_params / 1e9:.2f}B in {8 * p}-bit{sharded}",
+             arch.other_params * p / n_sh)]
+    if n_sh > 1:  # FSDP gathers a layer while it computes (and prefetches the next); the root unit stays whole
+        rows.append(("FSDP gathered: 2 decoder layers + embeddings, lm_head, norms",
+                     2 * layer_bytes / arch.layers + arch.other_params * p))
     if mode == "inference":
         tokens = s.micro_batch * s.max_length
         rows.append((f"KV cache: {s.micro_batch} x {s.max_length} tokens", tokens * 2 * arch.layers * arch.kv_dim * p))
@@ -263,15 +276,19 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
             adapter = [(s.r, a) for a, _ in shapes] + [(b, s.r) for _, b in shapes]  # A: r x in, B: out x r
             n = sum(x * y for x, y in adapter)
             b = 2 if s.method != "none" and p == 2 else 4
-            rows += [(f"LoRA weights: {n / 1e6:.1f}M, r={s.r}, {8 * b}-bit", n * b), ("LoRA gradients", n * b)]
-            states = optimizer_bytes(s.optim, adapter, b)
+            rows += [(f"LoRA weights: {n / 1e6:.1f}M, r={s.r}, {8 * b}-bit{sharded}", n * b / n_sh),
+                     (f"LoRA gradients{sharded}", n * b / n_sh)]
+            states, grads = optimizer_bytes(s.optim, adapter, b), n * b
         else:
             n = arch.params
-            rows.append((f"gradients of all {n / 1e9:.2f}B weights", n * p))
+            rows.append((f"gradients of all {n / 1e9:.2f}B weights{sharded}", n * p / n_sh))
             matrices = [shape for shapes in arch.linears.values() for shape in shapes]
             states = optimizer_bytes(s.optim, matrices, p) + optimizer_bytes(s.optim, [(1, arch.other_params)], p)
-        rows.append((f"optimizer states: {s.optim}" + (" (offloaded to CPU)" if s.offload_optimizer else ""),
-                     0 if s.offload_optimizer else states))
+            grads = n * p
+        rows.append((f"optimizer states: {s.optim}" + (" (offloaded to CPU)" if s.offload_optimizer else sharded),
+                     0 if s.offload_optimizer else states / n_sh))
+        if s.gpus > 1 and n_sh == 1:  # DDP all-reduces the gradients through buckets: one more copy of them
+            rows.append(("DDP gradient buckets (a copy of the gradients)", grads))
         act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing,
                                          liger=cfg.train.liger_kernel)
         tokens = s.micro_batch * s.max_length
@@ -323,7 +340,7 @@ def dataset_steps(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
         return None, "the row count of the data is unknown without loading it: set train.max_steps or data.max_samples"
     if not (d.eval_path or d.eval_split):
         rows = int(rows * (1 - d.eval_fraction))
-    steps = math.ceil(rows / (t.micro_batch_size * t.grad_accum)) * t.epochs
+    steps = math.ceil(rows / (t.micro_batch_size * t.grad_accum * cfg.plan.gpus)) * t.epochs
     return math.ceil(steps), f"{how}, {t.epochs:g} epochs"
 
 
@@ -416,6 +433,20 @@ def suggestions(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str
     return out
 
 
+def scale_out(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str) -> list[dict]:
+    """When one GPU is not enough: the fewest GPUs of this kind that fit it with FSDP, the recipe unchanged."""
+    if mode != "train" or s.gpus > 1:
+        return []
+    for n in (2, 4, 8):
+        result = evaluate_setting(arch, cfg, gpu, dataclasses.replace(s, gpus=n, sharding="fsdp"), mode)
+        if result["fits"]:
+            config = "fsdp_qlora" if s.method == "nf4" else "fsdp"
+            return [{"change": f"the recipe as it is, sharded over {n} GPUs with FSDP (accelerate launch --config_file "
+                               f"configs/accelerate/{config}.yaml --num_processes {n}); peak per GPU",
+                     "overrides": [f"plan.gpus={n}", "plan.sharding=fsdp"], "peak_gib": result["total_gib"]}]
+    return []
+
+
 def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optional[str] = None) -> dict:
     """Everything `plan` prints, as a dict (what plan.format=json writes)."""
     gpu = pick_gpu(gpu_name or cfg.plan.gpu)
@@ -424,31 +455,37 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
         raise UserError(f"train.precision=bf16 but the {gpu.name} has no bf16: set train.precision=auto or fp16.")
     arch = load_arch(cfg.model)
     s = setting_of(cfg)
+    if mode == "inference":  # generate and export run in one process
+        s = dataclasses.replace(s, gpus=1)
     result = evaluate_setting(arch, cfg, gpu, s, mode)
     out = {
         "recipe": cfg.recipe, "model": arch.name, "gpu": gpu.name, "gpu_memory_gib": gpu.memory_gib, "mode": mode,
+        "gpus": s.gpus, "sharding": s.sharding if s.gpus > 1 else None,
         "params": arch.params, "setting": s.__dict__, "packing": cfg.data.packing,
         "memory_gib": {label: b / GIB for label, b in result["rows"]},
         "peak_reserved_gib": result["reserved_gib"], "peak_gib": result["total_gib"],
         "fits": result["fits"], "margin_gib": result["margin_gib"],
-        "suggestions": [] if result["fits"] else suggestions(arch, cfg, gpu, s, mode),
+        "suggestions": [] if result["fits"] else suggestions(arch, cfg, gpu, s, mode) + scale_out(arch, cfg, gpu, s, mode),
     }
     if mode == "train":
         efficiency = cfg.plan.efficiency or EFFICIENCY[s.method]
         fpt = flops_per_token(arch, s)
-        tps = gpu.tflops * 1e12 * efficiency / fpt
+        tps = gpu.tflops * 1e12 * efficiency / fpt * s.gpus  # all GPUs; communication not modelled: an upper bound
         steps, how = dataset_steps(cfg)
-        tokens = steps * s.micro_batch * s.grad_accum * s.max_length if steps else None
+        tokens = steps * s.micro_batch * s.grad_accum * s.gpus * s.max_length if steps else None
+        hours = tokens / tps / 3600 if tokens else None
         out.update({"flops_per_token": fpt, "efficiency": efficiency, "tokens_per_second": tps,
                     "steps": steps, "steps_from": how, "train_tokens": tokens,
-                    "hours": tokens / tps / 3600 if tokens else None, "gpu_hours": tokens / tps / 3600 if tokens else None})
+                    "hours": hours, "gpu_hours": hours * s.gpus if hours else None})
     return out
 
 
 def render(plan: dict) -> str:
     s = plan["setting"]
-    lines = [f"plan: {plan['recipe']} ({plan['model']}, {plan['params'] / 1e9:.2f}B parameters) on {plan['gpu']} "
-             f"({plan['gpu_memory_gib']:.1f} GiB), {plan['mode']}", ""]
+    gpus = plan.get("gpus", 1)
+    on = (f"{gpus} x {plan['gpu']} ({plan['gpu_memory_gib']:.1f} GiB each), {plan['sharding'].upper()}; memory per GPU"
+          if gpus > 1 else f"{plan['gpu']} ({plan['gpu_memory_gib']:.1f} GiB)")
+    lines = [f"plan: {plan['recipe']} ({plan['model']}, {plan['params'] / 1e9:.2f}B parameters) on {on}, {plan['mode']}", ""]
     width = max(len(k) for k in plan["memory_gib"]) + 2
     lines += [f"  {k:<{width}}{v:8.2f} GiB" for k, v in plan["memory_gib"].items()]
     lines.append(f"  {'peak':<{width}}{plan['peak_gib']:8.2f} GiB  ({plan['peak_reserved_gib']:.2f} GiB reserved by PyTorch)")
@@ -464,9 +501,10 @@ def render(plan: dict) -> str:
     if plan["mode"] == "train":
         lines.append("")
         lines.append(f"speed: ~{plan['tokens_per_second']:,.0f} tokens/s ({plan['flops_per_token'] / 1e9:.1f} GFLOP per "
-                     f"token at {plan['efficiency']:.0%} of the GPU's dense 16-bit peak)")
+                     f"token at {plan['efficiency']:.0%} of the GPU's dense 16-bit peak"
+                     + (f", {gpus} GPUs; their communication is not modelled: an upper bound)" if gpus > 1 else ")"))
         if plan["steps"]:
-            lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum']} "
+            lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum'] * gpus} "
                          f"sequences x {s['max_length']} tokens = {plan['train_tokens'] / 1e6:,.1f}M tokens (at most) -> "
                          f"{plan['hours']:.2f} h = {plan['gpu_hours']:.2f} GPU-hours")
         else:
@@ -474,7 +512,7 @@ def render(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def auto_fit(cfg: FinetuneConfig) -> dict:
+def auto_fit(cfg: FinetuneConfig, processes: int = 1, strategy: str = "single") -> dict:
     """train.auto_fit: the largest micro-batch that fits the local GPU (within AUTO_FIT_USE of its memory),
     with checkpointing off where that fits too; the effective batch stays the same. Changes cfg.train in
     place; returns what it chose."""
@@ -485,7 +523,7 @@ def auto_fit(cfg: FinetuneConfig) -> dict:
         return {"applied": False, "reason": "no CUDA GPU: the plan models GPU memory"}
     gpu, arch = local_gpu(), load_arch(cfg.model)
     eff = t.micro_batch_size * t.grad_accum
-    base = setting_of(cfg)
+    base = dataclasses.replace(setting_of(cfg), gpus=processes, sharding="fsdp" if strategy == "fsdp" else "ddp")
     for checkpointing in (False, True):
         for mb in sorted((m for m in range(1, eff + 1) if eff % m == 0), reverse=True):
             s = dataclasses.replace(base, micro_batch=mb, grad_accum=eff // mb, checkpointing=checkpointing)

@@ -22,7 +22,8 @@ def packing_efficiency(dataset, max_length: int) -> float:
 
 
 def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
-                     report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True):
+                     report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True,
+                     eval_on_start: bool = False):
     from trl import SFTConfig
 
     # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
@@ -62,6 +63,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         logging_steps=train.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if train.eval_steps and has_eval else "no",
+        eval_on_start=eval_on_start,  # the base's eval loss, once the model is ready (FSDP: sharded)
         eval_steps=train.eval_steps or None,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -75,6 +77,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         packing_strategy="bfd",
         padding_free=data.padding_free,  # (with bfd packing TRL is padding-free anyway)
         torch_compile=train.compile,
+        ddp_find_unused_parameters=False,  # every LoRA (or full) weight is used in each step: no extra graph walk
         dataset_num_proc=data.num_proc,
         # The chat template's end-of-turn token: TRL adds it to the model's generation config, so it stops there.
         eos_token=eos_token,
@@ -96,20 +99,29 @@ def trainer_class():
 
         def _save_checkpoint(self, model, trial):
             """Write checkpoint-N under checkpoints/.staging/ and rename it when complete: a run killed mid-write
-            leaves the previous checkpoints as they were. A failed write is one clear error."""
+            leaves the previous checkpoints as they were. A failed write is one clear error. With several
+            processes, each writes its part (RNG state, FSDP shards) and the main process renames when all are done."""
+            from finetune import distributed
+
             root = super()._get_output_dir(trial)
             name = f"checkpoint-{self.state.global_step}"
-            self._staging = os.path.join(root, ".staging")
+            staging = os.path.join(root, ".staging")
             try:
-                shutil.rmtree(self._staging, ignore_errors=True)
+                if self.args.should_save:
+                    shutil.rmtree(staging, ignore_errors=True)
+                distributed.barrier()
+                self._staging = staging
                 super()._save_checkpoint(model, trial)
-                final = os.path.join(root, name)
-                if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
-                    shutil.rmtree(final)
-                os.replace(os.path.join(self._staging, name), final)
-                shutil.rmtree(self._staging, ignore_errors=True)
+                distributed.barrier()
+                if self.args.should_save:
+                    final = os.path.join(root, name)
+                    if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
+                        shutil.rmtree(final)
+                    os.replace(os.path.join(staging, name), final)
+                    shutil.rmtree(staging, ignore_errors=True)
             except OSError as e:
-                shutil.rmtree(self._staging, ignore_errors=True)
+                if self.args.should_save:
+                    shutil.rmtree(staging, ignore_errors=True)
                 from finetune.errors import UserError
 
                 kept = [p.name for p in list_checkpoints(Path(root))]
@@ -138,6 +150,17 @@ def trainer_class():
     return Trainer
 
 
+def unmark_prepared(trainer) -> None:
+    """Let the Trainer wrap the model for training after an evaluation.
+
+    trainer.evaluate() before training prepares the bare model for evaluation, and accelerate (1.14+) marks it
+    prepared; its training prepare then skips the model, so DDP never wraps it and every process trains its own
+    copy, without a gradient all-reduce. Clearing the mark restores the wrap (found on accelerate 1.15)."""
+    for model in (trainer.model, trainer.model_wrapped):
+        if getattr(model, "_is_accelerate_prepared", False):
+            model._is_accelerate_prepared = False
+
+
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks):
     return trainer_class()(
         model=model,
@@ -164,8 +187,8 @@ class MetricsCallback(TrainerCallback):
         self._last_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
-        if "train_runtime" in logs:  # the end-of-training summary, written to summary.json instead
+        logs = dict(logs or {})  # the Trainer has averaged losses over the processes: rank 0 writes them
+        if "train_runtime" in logs or not state.is_world_process_zero:  # the end-of-training summary, written to summary.json instead
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
@@ -208,7 +231,11 @@ class PreemptionGuard(TrainerCallback):
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal:
+        from finetune import distributed
+
+        # A signal to one process stops them all at the same step: the others would wait in the next collective.
+        if distributed.any_process(self.signal is not None):
+            self.signal = self.signal or "a signal to another process"
             control.should_save = True
             control.should_training_stop = True
 
@@ -226,21 +253,31 @@ def checkpoint_problem(path: Path) -> str | None:
         json.loads(state.read_text())
     except (ValueError, OSError):
         return "trainer_state.json is not valid JSON"
+    sharded = [p for p in path.glob("pytorch_model_fsdp_*") if p.is_dir()]  # FSDP's SHARDED_STATE_DICT
     weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
-    if not weights:
+    if not weights and not sharded:
         return "no adapter_model.safetensors or model.safetensors"
     try:
         from safetensors import safe_open
 
-        with safe_open(str(weights[0]), "pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
+        for file in weights[:1]:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
     except Exception as e:  # truncated or garbled: safetensors checks the header against the file size
         return f"{weights[0].name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (path / name).is_file() or (path / name).stat().st_size == 0:
-            return f"no {name}"
+    optimizer = [p for p in (path / "optimizer.pt", path / "optimizer.bin") if p.is_file() and p.stat().st_size]
+    if not optimizer and not any(p.is_dir() for p in path.glob("optimizer_*")):  # optimizer_0/: FSDP, sharded
+        return "no optimizer.pt"
+    if not (path / "scheduler.pt").is_file() or (path / "scheduler.pt").stat().st_size == 0:
+        return "no scheduler.pt"
     return None
+
+
+def checkpoint_processes(checkpoint) -> int:
+    """How many processes wrote a Trainer checkpoint: each saves its RNG state (rng_state_N.pth), a single
+    process rng_state.pth."""
+    return len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -272,8 +309,12 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
 
+        from finetune import distributed
+
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if not grads or all(torch.isfinite(g).all() for g in grads):
+        bad = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
+        # Under FSDP each process sees its shard of the gradients: a step is skipped by all or by none.
+        if not distributed.any_process(bad):
             return
         step = state.global_step + 1
         self.bad_steps.append(step)

@@ -49,17 +49,20 @@ def write_chat_data(path: Path, n: int) -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
-            wandb_mode: str | None = "offline", env: dict | None = None) -> subprocess.CompletedProcess:
+            wandb_mode: str | None = "offline", env: dict | None = None,
+            launch: tuple = ()) -> subprocess.CompletedProcess:
     """`python -m finetune ARGS` in a subprocess, offline; wandb_mode=None leaves W&B to the config.
-    `env` adds to (or, with a None value, removes from) the environment."""
+    `env` adds to (or, with a None value, removes from) the environment. `launch`: the options of
+    `accelerate launch` to start it with instead (`accelerate launch OPTIONS -m finetune ARGS`)."""
     env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "HF_TOKEN": None,
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     env = {k: v for k, v in env.items() if v is not None}
     env.pop("WANDB_MODE", None)
     if wandb_mode:
         env["WANDB_MODE"] = wandb_mode
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "finetune"] if launch else \
+        [sys.executable, "-m", "finetune"]
+    return subprocess.run([*command, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_wandb_log(path: Path) -> list:
