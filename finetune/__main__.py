@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if verb not in VERBS:
             raise UserError(f"Unknown verb '{verb}'. Available: {', '.join(VERBS)}.{closest(verb, VERBS)}")
+        if world.distributed and verb != "train":
+            raise UserError(f"`{verb}` runs in one process: python -m finetune {verb} ... (accelerate launch is for "
+                            "training).")
         if verb in RUN_VERBS:
             setup_logging()
             return run_verb(verb, argv)

@@ -44,9 +44,9 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
 
 def answers_across_processes(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
                              batch_size: int) -> list[str]:
-    """generate_answers, with the conversations split between the processes of a multi-process run and the
-    answers gathered in order. Every process gets as many (padded with repeats): under FSDP each generate
-    call is a collective, so all processes must make the same number of them."""
+    """generate_answers, with the conversations split between the processes of a DDP run (each holds the whole
+    model) and the answers gathered in order. Every process gets as many (the last padded with repeats), so
+    all make the same number of generate calls and reach the gather together."""
     from finetune import distributed
 
     w = distributed.world()

@@ -131,8 +131,12 @@ def train(cfg: FinetuneConfig) -> dict:
 
     # The base model, quantized on load; SFTTrainer wraps it in the LoRA adapter (B = 0, so it is still the base).
     # Under FSDP the model is complete only once the Trainer has sharded it, as training starts: the base is
-    # evaluated there (eval_on_start), by all processes; its exact match is not measured.
+    # evaluated there (eval_on_start), by all processes. Greedy generation would bypass FSDP's root module, so
+    # exact match is not measured under FSDP.
     sharded = world.strategy == "fsdp"
+    if sharded and cfg.eval.exact_match_samples:
+        log.info("eval.exact_match_samples=%d: exact match is not measured under FSDP (generation needs the whole "
+                 "model in one process); the eval loss is.", cfg.eval.exact_match_samples)
     model = load_base_model(cfg.model, cfg.quant, device, world=world)
     args = build_sft_config(cfg.train, cfg.data, device, run_dir / "checkpoints",
                             report_to="wandb" if wandb_run is not None else "none", run_name=run_dir.name,
@@ -170,7 +174,7 @@ def train(cfg: FinetuneConfig) -> dict:
 
     if args.eval_on_start:
         before["eval_loss"] = next(r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r)
-    after = evaluate(cfg, trainer, tokenizer, splits, metrics, world.is_main)
+    after = evaluate(cfg, trainer, tokenizer, splits, metrics, world.is_main, generate=not sharded)
     train_runtime = result.metrics["train_runtime"]
     train_tokens = int(getattr(trainer, "_total_train_tokens", 0)) or None  # counted by TRL (non-padding tokens)
     summary = {
@@ -223,7 +227,8 @@ def train(cfg: FinetuneConfig) -> dict:
     rejected, export_start = None, time.time()
     reset_peak_memory(device.type)
     try:
-        export_artifacts(cfg, run_dir, trainer.model, tokenizer, rows, summary,
+        model = trainer.accelerator.unwrap_model(trainer.model) if sharded else trainer.model
+        export_artifacts(cfg, run_dir, model, tokenizer, rows, summary,
                          f"python -m finetune export run={run_dir}", **gathered)
     except MergeRejected as e:  # the run and its adapter are kept; the user is told at the end
         rejected = e
@@ -294,7 +299,8 @@ def check_rows_kept(before: int, after: int, max_length: int) -> None:
                     before - after, before, max_length)
 
 
-def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLog, is_main: bool = True) -> dict:
+def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLog, is_main: bool = True,
+             generate: bool = True) -> dict:
     """Eval loss on the eval split (the trainer logs it to metrics.jsonl and W&B), and the exact-match
     score of greedy answers where asked for."""
     out = {"eval_loss": None, "exact_match": None, "examples": []}
@@ -304,7 +310,7 @@ def evaluate(cfg: FinetuneConfig, trainer, tokenizer, splits, metrics: MetricsLo
     done = [r["eval_loss"] for r in trainer.state.log_history
             if "eval_loss" in r and r.get("step") == trainer.state.global_step and trainer.state.global_step > 0]
     out["eval_loss"] = done[-1] if done else trainer.evaluate()["eval_loss"]
-    if cfg.eval.exact_match_samples:
+    if cfg.eval.exact_match_samples and generate:
         rows = splits.eval.select(range(min(cfg.eval.exact_match_samples, len(splits.eval))))
         em = exact_match(trainer.model, tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         out["exact_match"], out["examples"] = em["exact_match"], em["examples"]

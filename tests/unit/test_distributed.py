@@ -138,3 +138,15 @@ def test_the_resume_command_repeats_the_launch(monkeypatch):
         parent.kill()
     monkeypatch.setattr("os.getppid", lambda: 2**22 + 12345)  # no such process: a template to fill in
     assert launcher(World(2, 0, 0, "ddp")).startswith("accelerate launch --num_processes 2")
+
+
+def test_only_training_is_launched_on_several_processes(monkeypatch, capsys):
+    from finetune.__main__ import main
+
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["plan", "plan.gpu=h100"]) == 2
+    assert "`plan` runs in one process: python -m finetune plan" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # the other processes read the same command line: rank 0 alone says it
+    assert main(["plan", "plan.gpu=h100"]) == 2
+    assert capsys.readouterr().err == ""
