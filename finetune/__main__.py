@@ -14,8 +14,9 @@ VERBS = {
     "export": "write a run's adapter/ and merged/ again (or a checkpoint's), with the merge fidelity check",
     "generate": "answer prompts with a run's adapter or merged model; compare=true shows base and tuned",
     "publish": "push a run's adapter or merged model to the Hugging Face Hub with a model card",
+    "eval": "loss, perplexity and task metrics of a run's adapter (run=) or a base (recipe=), at each eval.quant precision",
 }
-RUN_VERBS = ("export", "generate", "publish")  # they work on an existing run directory: run=RUN_DIR
+RUN_VERBS = ("export", "generate", "publish", "eval")  # they work on an existing run directory: run=RUN_DIR
 
 
 def key_line(key: str, f, suffix: str = "") -> str:
@@ -32,6 +33,8 @@ def verb_usage(verb: str) -> str:
 
     cls = VERB_ARGS[verb][0]
     lines = [f"usage: python -m finetune {verb} run=RUN_DIR [key=value ...]", "", f"{VERBS[verb]}.", "", "keys:"]
+    if verb == "eval":
+        lines[1:1] = ["       python -m finetune eval recipe=NAME [group=option ...] [key=value ...]   (a bare base model)"]
     lines += [key_line(f.name, f) for f in dataclasses.fields(cls)]
     lines += [key_line(key, schema_keys()[key], "  (default: the run's)") for key in overridable(verb)]
     return "\n".join(lines)
@@ -46,6 +49,13 @@ def run_verb(verb: str, argv: list[str]) -> int:
         from finetune.generate import generate
 
         generate(args)
+        return 0
+    if verb == "eval":
+        from finetune.scorecard import eval_run, table
+
+        out_dir, result = eval_run(args.run, args.checkpoint, overrides)
+        print(table(result))
+        print(f"eval.json and eval.png in {out_dir}")
         return 0
     if verb == "export":
         from finetune.export import export_run
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.distributed and verb != "train":
             raise UserError(f"`{verb}` runs in one process: python -m finetune {verb} ... (accelerate launch is for "
                             "training).")
-        if verb in RUN_VERBS:
+        if verb in RUN_VERBS and not (verb == "eval" and not any(a.startswith("run=") for a in argv)):
             setup_logging()
             return run_verb(verb, argv)
         show_cfg = "--cfg" in argv
@@ -160,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.data.report import report
 
             report(cfg)
+            return 0
+        if verb == "eval":  # recipe=NAME: the bare base model
+            from finetune.scorecard import eval_base, table
+
+            out_dir, result = eval_base(cfg)
+            print(table(result))
+            print(f"eval.json and eval.png in {out_dir}")
             return 0
         if verb == "plan":
             import json

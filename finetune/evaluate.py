@@ -12,8 +12,11 @@ def _prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of each conversation's prompt, formatted with the tokenizer's chat template."""
+def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
+                     lengths: list | None = None, progress=None) -> list[str]:
+    """Greedy completions of each conversation's prompt, formatted with the tokenizer's chat template.
+    `lengths` (a list) receives each answer's generated tokens, its EOS included; `progress` (a tqdm bar)
+    is advanced by each batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -36,6 +39,11 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
             )
             new = out[:, batch["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            if lengths is not None:
+                for row in new.tolist():
+                    lengths.append(row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row))
+            if progress is not None:
+                progress.update(len(prompts))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -98,11 +98,16 @@ def _hub_error(key: str, name: str, e: Exception) -> UserError:
                      "`huggingface-cli login`; or give a local folder.")
 
 
+DEFAULT_SKIP = ["lm_head", "embed_out"]  # output heads (Llama-likes, GPT-NeoX): never quantized by bitsandbytes
+
+
 def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded: bool = False):
     """`sharded`: FSDP will shard the model. FSDP shards only floating-point tensors of one dtype, so the packed
     4-bit weights are stored in the compute dtype (the same bytes: four 4-bit values per bf16 element)."""
     from transformers import BitsAndBytesConfig
 
+    # A skip list replaces transformers' default one (the output head): keep the head out of it too.
+    skip = list(dict.fromkeys([*quant.skip_modules, *DEFAULT_SKIP])) if quant.skip_modules else None
     if quant.method == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -110,9 +115,10 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded:
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
+            llm_int8_skip_modules=skip,  # (the name is historical: 4-bit reads it too)
         )
     if quant.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return None
 
 
@@ -156,9 +162,28 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
         if is_local_path(cfg.name_or_path) and not isinstance(e, OSError):
             raise
         raise _hub_error("model.name_or_path", cfg.name_or_path, e) from None
+    if quant.skip_modules and quant.method != "none":
+        check_skip_modules(model, quant.skip_modules)
     if device.type == "cpu":
         keep_4bit_cpu_layers_differentiable(model)
     return model
+
+
+def check_skip_modules(model, patterns: list[str]) -> None:
+    """Each quant.skip_modules name must keep some Linear layer in 16-bit: a typo would quantize everything."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [p for p in patterns if all(should_convert_module(n, [p]) for n in linears)]
+    for p in patterns:
+        kept = [n for n in linears if not should_convert_module(n, [p])]
+        if kept and all(not should_convert_module(n, DEFAULT_SKIP) for n in kept):
+            log.warning("quant.skip_modules: %s (%s) is never quantized by bitsandbytes anyway: listing it changes "
+                        "nothing.", p, ", ".join(kept))
+    if unmatched:
+        examples = ", ".join(dict.fromkeys(n.rsplit(".", 2)[0] for n in linears[:40]))
+        raise UserError(f"quant.skip_modules: {', '.join(unmatched)} matches no linear layer of the model. Names are "
+                        f"module paths or their prefixes, e.g. {examples}.")
 
 
 _warned_remote_code: set = set()

@@ -83,6 +83,7 @@ def model_card(cfg: FinetuneConfig, summary: dict, merged: bool, repo_id: Option
         fidelity = (f"\n## Merge fidelity\n\nThe adapter merged into each base, compared with the {cfg.quant.method} "
                     f"model as trained on {f['samples']} eval rows (its loss there: {f['reference_eval_loss']:.4g}):\n\n"
                     f"| merged into | mean KL (nats/token) | loss |\n| --- | --- | --- |\n{rows}\n")
+    evaluation = eval_section(summary.get("eval"))
     wandb = summary.get("wandb_url") or (f"W&B run `{summary['wandb_run']}` (logged offline)" if summary.get("wandb_run") else None)
     lora = cfg.lora
     hyper = (f"| base | {base_desc} in {cfg.quant.method} |\n"
@@ -118,10 +119,33 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 | figure | value |
 | --- | --- |
 {figures}
-{fidelity}
+{evaluation}{fidelity}
 {f'Tracked in {wandb}.' if wandb else ''}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def eval_section(figures: Optional[dict]) -> str:
+    """The card's table of `python -m finetune eval`: base vs tuned, and each precision the adapter was measured at."""
+    if not figures:
+        return ""
+    cols = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3g}"), ("exact_match", "exact match", "{:.3f}"),
+            ("task_accuracy", "task accuracy", "{:.3f}"), ("agreement", "answers as unquantized", "{:.3f}"),
+            ("weights_gb", "weights (GB)", "{:.3f}"), ("tokens_per_second", "tokens/s", "{:,.0f}")]
+    cols = [c for c in cols if any(r and r.get(c[0]) is not None for r in figures["variants"])]
+    rows = [(f"{r['label']}{' (as trained)' if figures['tuned'] and r['label'] == figures['tuned']['label'] else ''}", r)
+            for r in figures["variants"]]
+    body = "\n".join(f"| {label} | " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in cols)
+                     + " |" for label, r in rows)
+    harness = "".join(f"| {r['label']} | {task} | {k} | {v:.4g} |\n" for r in figures["variants"]
+                      for task, metrics in (r.get("harness") or {}).items() for k, v in metrics.items()
+                      if k not in ("samples", "sample_len"))
+    if harness:
+        harness = f"\nlm-evaluation-harness:\n\n| model | task | metric | value |\n| --- | --- | --- | --- |\n{harness}"
+    return (f"\n## Evaluation\n\n`python -m finetune eval` on {figures['eval_rows']} eval rows: the base without the "
+            f"adapter, the adapter as trained, and the adapter on the base loaded at other precisions"
+            f"{' (task: ' + figures['task'] + ')' if figures.get('task') not in (None, 'none') else ''}.\n\n"
+            f"| model | {' | '.join(name for _, name, _ in cols)} |\n| --- |{' --- |' * len(cols)}\n{body}\n{harness}")
 
 
 def write_model_card(path: Path, cfg: FinetuneConfig, summary: dict, merged: bool) -> None:

@@ -51,13 +51,21 @@ class GenerateArgs:
 
 
 @dataclass
+class EvalArgs:
+    run: str = opt(MISSING, "run directory (holds config.yaml and adapter/); or recipe=NAME for a bare base model")
+    checkpoint: Optional[str] = opt(None, "evaluate checkpoints/checkpoint-N's adapter: N, the folder name, or last; "
+                                    "written to RUN_DIR/exports/checkpoint-N/")
+
+
+@dataclass
 class PublishArgs:
     run: str = opt(MISSING, "run directory (holds config.yaml, summary.json and adapter/ or merged/)")
 
 
 # Each verb's own arguments, and the keys of the run's config it may override (a prefix ending in '.' = a group).
 VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (GenerateArgs, []),
-             "publish": (PublishArgs, ["hub.", "model.hub_id"])}
+             "publish": (PublishArgs, ["hub.", "model.hub_id"]),
+             "eval": (EvalArgs, ["eval.", "quant.skip_modules", "data.eval_max_samples"])}
 
 
 def overridable(verb: str) -> list[str]:
