@@ -47,8 +47,8 @@ class QuantConfig:
     method: str = opt("nf4", "how the frozen base weights are stored", ["nf4", "int8", "none"])
     double_quant: bool = opt(True, "4-bit only: quantize the quantization scales too (~0.4 bit/param saved)")
     compute_dtype: str = opt("auto", "dtype 4-bit layers compute in; auto follows train.precision", DTYPES)
-    skip_modules: List[str] = opt([], "modules kept in 16-bit while the rest is quantized (partial quantization): names "
-                                  "or prefixes, e.g. [lm_head] or [model.layers.0, model.layers.31]; lm_head always is")
+    skip_modules: List[str] = opt([], "modules kept unquantized (in the compute dtype) while the rest is quantized: "
+                                  "names or prefixes, e.g. [model.layers.0, model.layers.31]; lm_head always is")
 
 
 @dataclass
@@ -156,8 +156,8 @@ class EvalConfig:
     exact_match_samples: int = opt(0, "eval rows answered greedily and scored by exact match, before and after training; 0 = off", min=0)
     max_new_tokens: int = opt(64, "token limit of each generated answer", min=1)
     batch_size: int = opt(16, "prompts generated together", min=1)
-    quant: List[str] = opt([], "`eval`: precisions to compare the adapter at, e.g. [nf4,int8,none] (16-bit is the "
-                           "reference); [] = the precision it was trained at", ["nf4", "int8", "none"])
+    quant: List[str] = opt([], "`eval`: precisions to compare the adapter at, e.g. [nf4,int8,none] (the unquantized "
+                           "base is the reference); [] = the precision it was trained at", ["nf4", "int8", "none"])
     task: str = opt("none", "`eval`: a task metric from the generated answers besides exact match; number_words = the "
                     "answer names the reference's number, however spelled (the demo task)", ["none", "number_words"])
     harness_tasks: List[str] = opt([], "`eval`: lm-evaluation-harness tasks to run on the model, e.g. [hellaswag] "

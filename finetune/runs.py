@@ -65,7 +65,9 @@ class PublishArgs:
 # Each verb's own arguments, and the keys of the run's config it may override (a prefix ending in '.' = a group).
 VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (GenerateArgs, []),
              "publish": (PublishArgs, ["hub.", "model.hub_id"]),
-             "eval": (EvalArgs, ["eval.", "quant.skip_modules", "data.eval_max_samples"])}
+             "eval": (EvalArgs, ["eval.quant", "eval.task", "eval.max_new_tokens", "eval.batch_size", "eval.harness_tasks",
+                                 "eval.harness_include", "eval.harness_limit", "quant.skip_modules",
+                                 "data.eval_max_samples"])}
 
 
 def overridable(verb: str) -> list[str]:

@@ -11,6 +11,7 @@ model cards get the figures.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -224,19 +225,31 @@ def measure(cfg: FinetuneConfig, variant: Variant, adapter_dir: Optional[Path], 
             torch.cuda.empty_cache()
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include: Optional[str], tasks: tuple):
+    """lm-eval's task index: only the include folder's tasks when they are all there (indexing lm-eval's own
+    ~15,000 tasks takes seconds), else everything; built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    if include:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return TaskManager(include_path=include)
+
+
 def harness(model, tokenizer, cfg: FinetuneConfig) -> dict:
     """EleutherAI's lm-evaluation-harness on the model as loaded: {task: {metric: value}}."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("eval.harness_tasks needs lm-evaluation-harness: pip install 'finetune[harness]' "
                         "(or pip install lm-eval).") from None
     include = cfg.eval.harness_include
     if include and not Path(include).expanduser().is_dir():
         raise UserError(f"eval.harness_include={include}: no such folder (it should hold lm-eval task YAML files).")
-    manager = TaskManager(include_path=str(Path(include).expanduser()) if include else None)
+    manager = task_manager(str(Path(include).expanduser()) if include else None, tuple(cfg.eval.harness_tasks))
     unknown = [t for t in cfg.eval.harness_tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"eval.harness_tasks: unknown task(s) {', '.join(unknown)}"
