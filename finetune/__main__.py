@@ -221,7 +221,7 @@ def launcher(world) -> str:
     """The command that started this process, up to our arguments: `python -m finetune`, or for a process of
     `accelerate launch` that launcher's own command line (read from its process, our parent), so that the
     printed resume command starts the same number of processes with the same config."""
-    if not world.distributed:
+    if world.strategy == "single":
         return "python -m finetune"
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:

@@ -35,7 +35,8 @@ class World:
 def world() -> World:
     """This process's place in the launch, from the variables torchrun / accelerate set."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = "single" if size == 1 else ("fsdp" if _flag("ACCELERATE_USE_FSDP") else "ddp")
+    # FSDP even on one GPU (accelerate wraps the model all the same): the path can be checked on one card
+    strategy = "fsdp" if _flag("ACCELERATE_USE_FSDP") else ("single" if size == 1 else "ddp")
     return World(size, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), strategy)
 
 
@@ -60,7 +61,7 @@ def init(cpu: bool) -> World:
     """Join the process group (gloo on CPU, NCCL on GPUs) the Trainer will use; nothing for one process."""
     global _joined
     w = world()
-    if w.distributed:
+    if w.distributed or w.strategy == "fsdp":
         _joined = True
         from accelerate import PartialState
 

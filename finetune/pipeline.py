@@ -70,6 +70,12 @@ def check_launch(cfg: FinetuneConfig, world: distributed.World, device_type: str
                         "configs/accelerate/ddp.yaml.")
 
 
+def check_start(cfg: FinetuneConfig, world: distributed.World, device_type: str) -> tuple[Path, str | None]:
+    """The launch and the run directory (main process only under accelerate launch)."""
+    check_launch(cfg, world, device_type)
+    return check_run_dir(cfg, world.size)
+
+
 def create_run_dir(cfg: FinetuneConfig, run_dir: Path) -> None:
     """Create the run directory (emptied first with overwrite=true) and write config.yaml."""
     try:
@@ -91,7 +97,7 @@ def train(cfg: FinetuneConfig) -> dict:
     if world.distributed:
         log.info("accelerate launch: %d processes (%s)", world.size, world.strategy.upper())
     # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
-    run_dir, resume_from = distributed.on_main(lambda: (check_launch(cfg, world, device.type), check_run_dir(cfg, world.size))[1])
+    run_dir, resume_from = distributed.on_main(lambda: check_start(cfg, world, device.type))
     log.info("device: %s, precision %s", device.describe(), device.precision)
     fitted = None
     if cfg.train.auto_fit:  # the plan picks micro-batch and checkpointing for this GPU, same effective batch
@@ -111,9 +117,8 @@ def train(cfg: FinetuneConfig) -> dict:
         tokenizer = load_tokenizer(cfg.model)
         template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
         splits = load_splits(cfg.data, cfg.train.seed)
-        if world.is_main:
-            log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format,
-                     len(splits.train), len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
+        log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format,
+                 len(splits.train), len(splits.eval) if splits.eval is not None else 0, splits.eval_source, template)
         if cfg.eval.exact_match_samples and not splits.conversational:  # known now, before the costly tokenization
             raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but "
                             f"the data is in the {splits.format} format: set eval.exact_match_samples=0.")
@@ -145,14 +150,13 @@ def train(cfg: FinetuneConfig) -> dict:
     trainer = build_trainer(model, tokenizer, train_tok.dataset, eval_tok.dataset if eval_tok else None,
                             build_peft_config(cfg.lora), args, [MetricsCallback(metrics, device.type)])
     packed = packing_efficiency(trainer.train_dataset, cfg.data.max_length) if cfg.data.packing else None
-    if packed is not None and world.is_main:
+    if packed is not None:
         log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(train_tok.dataset),
                  len(trainer.train_dataset), cfg.data.max_length, 100 * packed)
     else:
         check_rows_kept(len(train_tok.dataset), len(trainer.train_dataset), cfg.data.max_length)
     trainable, total = count_parameters(trainer.model)
-    if world.is_main:
-        log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     # The untouched base on the eval split: the yardstick for the tuned model.
     if sharded:
@@ -203,7 +207,7 @@ def train(cfg: FinetuneConfig) -> dict:
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum,
         "processes": world.size,
-        "distributed": None if world.size == 1 else world.strategy,
+        "distributed": None if world.strategy == "single" else world.strategy,
         "skipped_bad_steps": finite.bad_steps,
         "auto_fit": fitted,
         "optimizer": describe_optimizer(trainer.optimizer),

@@ -150,3 +150,13 @@ def test_only_training_is_launched_on_several_processes(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")  # the other processes read the same command line: rank 0 alone says it
     assert main(["plan", "plan.gpu=h100"]) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_fsdp_on_one_gpu_is_still_fsdp(monkeypatch):
+    """accelerate wraps the model in FSDP even for one process: the FSDP path (quant storage, no device map)
+    is taken, so one GPU can check it."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    w = distributed.world()
+    assert (w.strategy, w.distributed) == ("fsdp", False)
+    assert device_map_for(GPU, w) is None
