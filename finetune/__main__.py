@@ -29,7 +29,7 @@ def verb_usage(verb: str) -> str:
     import dataclasses
 
     from finetune.config import schema_keys
-    from finetune.runs import VERB_ARGS, overridable
+    from finetune.verb_args import VERB_ARGS, overridable
 
     cls = VERB_ARGS[verb][0]
     lines = [f"usage: python -m finetune {verb} run=RUN_DIR [key=value ...]", "", f"{VERBS[verb]}.", "", "keys:"]
@@ -41,38 +41,44 @@ def verb_usage(verb: str) -> str:
 
 
 def run_verb(verb: str, argv: list[str]) -> int:
-    """export / generate / publish on an existing run directory."""
-    from finetune.runs import parse_verb_args
+    """export / generate / eval / publish on an existing run directory."""
+    from finetune.run import Run
+    from finetune.verb_args import parse_verb_args
 
     args, overrides = parse_verb_args(verb, argv)
+    run = Run.open(args.run, overrides)
     if verb == "generate":
         from finetune.generate import generate
 
-        generate(args)
-        return 0
-    if verb == "eval":
-        from finetune.scorecard import eval_run, table
+        generate(run, args)
+    elif verb == "eval":
+        from finetune.eval import eval_run
 
-        out_dir, result = eval_run(args.run, args.checkpoint, overrides)
-        print(table(result))
-        print(f"eval.json and eval.png in {out_dir}")
-        return 0
-    if verb == "export":
-        from finetune.export import export_run
+        print_eval(*eval_run(run, args.checkpoint))
+    elif verb == "export":
+        from finetune.export import export
 
-        out_dir, summary = export_run(args.run, args.checkpoint, overrides)
-        if summary.get("merge_base"):
-            print(f"merged into the {summary['merge_base']} base: mean KL {summary['merge_mean_kl']:.3g} nats/token "
-                  f"to the model as trained; loss {summary['merge_eval_loss']:.4g} (as trained: "
-                  f"{summary['merge_reference_eval_loss']:.4g})")
-        print(f"exported to {out_dir}")
-        return 0
-    from finetune.publish import publish
-    from finetune.runs import load_run
+        print_export(*export(run, args.checkpoint))
+    else:
+        from finetune.publish import publish
 
-    run = load_run(args.run, overrides)
-    print(f"published: {publish(run.dir, run.cfg, run.summary)}")
+        print(f"published: {publish(run)}")
     return 0
+
+
+def print_eval(out_dir, result: dict) -> None:
+    from finetune.eval import table
+
+    print(table(result))
+    print(f"eval.json and eval.png in {out_dir}")
+
+
+def print_export(out_dir, summary: dict) -> None:
+    if summary.get("merge_base"):
+        print(f"merged into the {summary['merge_base']} base: mean KL {summary['merge_mean_kl']:.3g} nats/token "
+              f"to the model as trained; loss {summary['merge_eval_loss']:.4g} (as trained: "
+              f"{summary['merge_reference_eval_loss']:.4g})")
+    print(f"exported to {out_dir}")
 
 
 def usage() -> str:
@@ -120,75 +126,17 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_optional_kernel_notice()
-    verb = "train"
-    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
-        verb = argv.pop(0)
+    verb = argv.pop(0) if argv and "=" not in argv[0] and not argv[0].startswith("-") else "train"
     if "-h" in argv or "--help" in argv:
         print(verb_usage(verb) if verb in RUN_VERBS else usage())
         return 0
 
     from finetune import distributed
-    from finetune.errors import Preempted, ReportedByMain, UserError, closest
+    from finetune.errors import Preempted, ReportedByMain, UserError
 
     world = distributed.world()
-
     try:
-        if verb not in VERBS:
-            raise UserError(f"Unknown verb '{verb}'. Available: {', '.join(VERBS)}.{closest(verb, VERBS)}")
-        if world.distributed and verb != "train":
-            raise UserError(f"`{verb}` runs in one process: python -m finetune {verb} ... (accelerate launch is for "
-                            "training).")
-        if verb in RUN_VERBS and not (verb == "eval" and not any(a.startswith("run=") for a in argv)):
-            setup_logging()
-            return run_verb(verb, argv)
-        show_cfg = "--cfg" in argv
-        resolve = "--resolve" in argv
-        if show_cfg:
-            i = argv.index("--cfg")
-            if argv[i + 1 : i + 2] != ["job"]:
-                raise UserError("--cfg takes 'job': python -m finetune recipe=NAME --cfg job")
-            del argv[i : i + 2]
-        if resolve:
-            argv.remove("--resolve")
-        unknown = [a for a in argv if a.startswith("-")]
-        if unknown:
-            raise UserError(f"Unknown option {unknown[0]}: options are --cfg job, --resolve and --help; "
-                            "everything else is key=value.")
-
-        from finetune import registry
-
-        if show_cfg:
-            from omegaconf import OmegaConf
-
-            cfg = registry.compose(argv)
-            print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
-            return 0
-
-        cfg = registry.load_config(argv)
-        setup_logging()
-        if verb == "data":
-            from finetune.data.report import report
-
-            report(cfg)
-            return 0
-        if verb == "eval":  # recipe=NAME: the bare base model
-            from finetune.scorecard import eval_base, table
-
-            out_dir, result = eval_base(cfg)
-            print(table(result))
-            print(f"eval.json and eval.png in {out_dir}")
-            return 0
-        if verb == "plan":
-            import json
-
-            from finetune.plan import make_plan, render
-
-            plan = make_plan(cfg)
-            print(json.dumps(plan, indent=2) if cfg.plan.format == "json" else render(plan))
-            return 0
-        from finetune import pipeline
-
-        summary = pipeline.train(cfg)
+        return dispatch(verb, argv, world)
     except ReportedByMain:  # another process of an `accelerate launch` run, the main one, prints it
         return ReportedByMain.exit_code
     except UserError as e:
@@ -198,23 +146,105 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {'' if world.is_main else f'[rank {world.rank}] '}{e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        if not world.is_main:
-            return Preempted.exit_code
-        again = [a for a in argv if a.split("=")[0] not in ("resume", "overwrite")]
-        if not any(a.startswith("output_dir=") for a in again):
-            again.append(f"output_dir={e.run_dir}")
-        print(f"stopped by {e.signal_name} at step {e.step}; checkpoint saved in {e.checkpoint}. Resume with: "
-              f"{launcher(world)} {' '.join(shlex.quote(a) for a in again + ['resume=true'])}", file=sys.stderr)
-        return Preempted.exit_code
+        return preempted(e, argv, world)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def dispatch(verb: str, argv: list[str], world) -> int:
+    """Run `verb`: on a finished run (run=...), or on the config composed from the recipe and overrides."""
+    from finetune.errors import UserError, closest
+
+    if verb not in VERBS:
+        raise UserError(f"Unknown verb '{verb}'. Available: {', '.join(VERBS)}.{closest(verb, VERBS)}")
+    if world.distributed and verb != "train":
+        raise UserError(f"`{verb}` runs in one process: python -m finetune {verb} ... (accelerate launch is for "
+                        "training).")
+    if verb in RUN_VERBS and (verb != "eval" or any(a.startswith("run=") for a in argv)):  # eval: or recipe=
+        setup_logging()
+        return run_verb(verb, argv)
+    if "--cfg" in argv:
+        return print_config(argv)
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+        raise UserError(f"Unknown option {unknown[0]}: options are --cfg job, --resolve and --help; "
+                        "everything else is key=value.")
+    from finetune import registry
+
+    cfg = registry.load_config(argv)
+    setup_logging()
+    return {"data": data_verb, "eval": eval_base_verb, "plan": plan_verb}.get(verb, train_verb)(cfg, world)
+
+
+def print_config(argv: list[str]) -> int:
+    """--cfg job [--resolve]: the composed config as YAML."""
+    from omegaconf import OmegaConf
+
+    from finetune import registry
+    from finetune.errors import UserError
+
+    i = argv.index("--cfg")
+    if argv[i + 1:i + 2] != ["job"]:
+        raise UserError("--cfg takes 'job': python -m finetune recipe=NAME --cfg job")
+    rest = [a for a in argv[:i] + argv[i + 2:] if a != "--resolve"]
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        raise UserError(f"Unknown option {unknown[0]}: options are --cfg job, --resolve and --help; "
+                        "everything else is key=value.")
+    print(OmegaConf.to_yaml(registry.compose(rest), resolve="--resolve" in argv), end="")
+    return 0
+
+
+def data_verb(cfg, world) -> int:
+    from finetune.data.report import report
+
+    report(cfg)
+    return 0
+
+
+def eval_base_verb(cfg, world) -> int:
+    """`eval recipe=NAME`: the bare base model."""
+    from finetune.eval import eval_base
+
+    print_eval(*eval_base(cfg))
+    return 0
+
+
+def plan_verb(cfg, world) -> int:
+    import json
+
+    from finetune.plan import make_plan, render
+
+    plan = make_plan(cfg)
+    print(json.dumps(plan, indent=2) if cfg.plan.format == "json" else render(plan))
+    return 0
+
+
+def train_verb(cfg, world) -> int:
+    from finetune import pipeline
+
+    summary = pipeline.train(cfg)
     if not world.is_main:
         return 0
     keys = ("eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "train_runtime_s", "peak_memory_gb")
     print("\n".join(f"{k:>18}: {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))))
     print(f"run directory: {os.path.abspath(cfg.output_dir)}")
     return 0
+
+
+def preempted(e, argv: list[str], world) -> int:
+    """A signal stopped training at a checkpoint: the command that resumes it."""
+    from finetune.errors import Preempted
+
+    if not world.is_main:
+        return Preempted.exit_code
+    again = [a for a in argv if a.split("=")[0] not in ("resume", "overwrite")]
+    if not any(a.startswith("output_dir=") for a in again):
+        again.append(f"output_dir={e.run_dir}")
+    print(f"stopped by {e.signal_name} at step {e.step}; checkpoint saved in {e.checkpoint}. Resume with: "
+          f"{launcher(world)} {' '.join(shlex.quote(a) for a in again + ['resume=true'])}", file=sys.stderr)
+    return Preempted.exit_code
 
 
 def launcher(world) -> str:

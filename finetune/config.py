@@ -24,7 +24,7 @@ def opt(default: Any, help: str, choices: Optional[list] = None, min: Optional[f
     return field(default=default, metadata=meta)
 
 
-DTYPES = ["auto", "bfloat16", "float16", "float32"]
+COMPUTE_DTYPES = ["auto", "bfloat16", "float16", "float32"]
 DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"]  # see finetune/data/formats.py
 OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"]
 
@@ -45,10 +45,25 @@ class ModelConfig:
 @dataclass
 class QuantConfig:
     method: str = opt("nf4", "how the frozen base weights are stored", ["nf4", "int8", "none"])
-    double_quant: bool = opt(True, "4-bit only: quantize the quantization scales too (~0.4 bit/param saved)")
-    compute_dtype: str = opt("auto", "dtype 4-bit layers compute in; auto follows train.precision", DTYPES)
+    double_quant: Optional[bool] = opt(None, "4-bit only: quantize the quantization scales too (~0.4 bit/param "
+                                       "saved); null = on for nf4, off otherwise")
+    compute_dtype: str = opt("auto", "dtype 4-bit layers compute in; auto follows train.precision",
+                             COMPUTE_DTYPES)
     skip_modules: List[str] = opt([], "modules kept unquantized (in the compute dtype) while the rest is quantized: "
                                   "names or prefixes, e.g. [model.layers.0, model.layers.31]; lm_head always is")
+
+    @property
+    def nested(self) -> bool:
+        """Whether the 4-bit scales are quantized too: quant.double_quant, by default on for nf4 (the one place this
+        default lives; the other methods cannot)."""
+        return self.method == "nf4" if self.double_quant is None else self.double_quant
+
+    def at(self, method: str, skip_modules: Optional[list] = None) -> "QuantConfig":
+        """This base loaded at another precision (eval, generate): the 4-bit settings kept where they apply."""
+        same = method == self.method
+        return QuantConfig(method=method, double_quant=self.double_quant if same else None,
+                           compute_dtype=self.compute_dtype if method == "nf4" else "auto",
+                           skip_modules=list(self.skip_modules if skip_modules is None else skip_modules))
 
 
 @dataclass
@@ -257,12 +272,12 @@ def schema_keys(cls: type = FinetuneConfig, prefix: str = "") -> dict[str, datac
     return keys
 
 
-def _check_field(key: str, f: dataclasses.Field, value: Any) -> Optional[str]:
+def check_field(key: str, f: dataclasses.Field, value: Any) -> Optional[str]:
     meta = f.metadata
     if value is None:
         return None
     if meta.get("choices") and isinstance(value, (list, tuple)):  # a list: each of its values
-        return next((_check_field(key, f, v) for v in value if _check_field(key, f, v)), None)
+        return next((check_field(key, f, v) for v in value if check_field(key, f, v)), None)
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(str(c) for c in meta["choices"])
         null = " (or null)" if f.default is None else ""
@@ -283,15 +298,24 @@ def field_problems(obj, prefix: str = "") -> list[Optional[str]]:
         value = obj
         for part in key.split("."):
             value = getattr(value, part)
-        out.append(_check_field(prefix + key, f, value))
+        out.append(check_field(prefix + key, f, value))
     return out
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    """Check every field, then the combinations across groups; raise one UserError listing all problems."""
-    problems = field_problems(cfg)
+    """Settle the defaults that follow another key, check every field, then the combinations across groups;
+    raise one UserError listing all problems."""
+    cfg.quant.double_quant = cfg.quant.nested
+    problems = field_problems(cfg) + training_problems(cfg) + output_problems(cfg) + data_problems(cfg)
+    problems = [p for p in problems if p]
+    if problems:
+        raise UserError(*problems)
 
+
+def training_problems(cfg: FinetuneConfig) -> list[str]:
+    """Base precision, adapter, schedule and run directory settings that contradict each other."""
     q, lora, t = cfg.quant, cfg.lora, cfg.train
+    problems = []
     if q.method != "none" and not lora.enabled:
         problems.append(f"quant={q.method} with lora.enabled=false: quantized base weights cannot be trained. "
                         "Set lora.enabled=true, or quant=none for full fine-tuning.")
@@ -309,6 +333,15 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.resume and cfg.overwrite:
         problems.append("resume=true and overwrite=true contradict each other: resume continues output_dir, "
                         "overwrite deletes it. Pick one.")
+    if lora.use_dora and q.method == "int8":
+        problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
+    return problems
+
+
+def output_problems(cfg: FinetuneConfig) -> list[str]:
+    """What export, tracking and the Hub are asked to write that the run will not have."""
+    q, lora, hub = cfg.quant, cfg.lora, cfg.hub
+    problems = []
     if cfg.export.merge and not lora.enabled:
         problems.append("export.merge=true needs LoRA (lora.enabled=true): without an adapter there is nothing to merge.")
     if cfg.export.merge_base == "dequantized" and q.method != "nf4":
@@ -317,7 +350,6 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.tracking.log_model and cfg.tracking.backend != "wandb":
         problems.append("tracking.log_model=true logs the adapter to W&B, but tracking.backend is none: "
                         "use tracking=wandb, or drop tracking.log_model.")
-    hub = cfg.hub
     if hub.push and not hub.repo_id:
         problems.append("hub.push=true needs hub.repo_id=USER/NAME: the repository to publish to.")
     if hub.repo_id and hub.repo_id.count("/") != 1:
@@ -328,23 +360,26 @@ def validate(cfg: FinetuneConfig) -> None:
     if hub.push and hub.model == "merged" and not cfg.export.merge:
         problems.append("hub.model=merged publishes merged/, which export.merge=false does not write: "
                         "set export.merge=true (or export=merged), or hub.model=adapter.")
-    if lora.use_dora and q.method == "int8":
-        problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
-    if cfg.data.packing and cfg.model.trust_remote_code:
+    return problems
+
+
+def data_problems(cfg: FinetuneConfig) -> list[str]:
+    """Where the data comes from, and the eval split the other settings need."""
+    data = cfg.data
+    problems = []
+    if data.packing and cfg.model.trust_remote_code:
         problems.append("data.packing=true relies on transformers building per-row attention from position ids, which "
                         "remote modelling code (model.trust_remote_code=true) may not do: set data.packing=false.")
-    if bool(cfg.data.path) == bool(cfg.data.sources):
+    if bool(data.path) == bool(data.sources):
         problems.append("Give the training data either as data.path or as data.sources (several, mixed by weight), "
-                        "not both" + (": set data.path=null to use data.sources." if cfg.data.sources else ": neither is set."))
-    for i, source in enumerate(cfg.data.sources):
+                        "not both" + (": set data.path=null to use data.sources." if data.sources else ": neither is set."))
+    for i, source in enumerate(data.sources):
         problems += field_problems(source, f"data.sources[{i}].")
-    has_eval = bool(cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_fraction > 0)
-    if t.eval_steps and not has_eval:
-        problems.append(f"train.eval_steps={t.eval_steps} needs an eval split: set data.eval_path, data.eval_split or "
-                        "data.eval_fraction > 0, or train.eval_steps=0.")
+    has_eval = bool(data.eval_path or data.eval_split or data.eval_fraction > 0)
+    if cfg.train.eval_steps and not has_eval:
+        problems.append(f"train.eval_steps={cfg.train.eval_steps} needs an eval split: set data.eval_path, "
+                        "data.eval_split or data.eval_fraction > 0, or train.eval_steps=0.")
     if cfg.eval.exact_match_samples and not has_eval:
         problems.append("eval.exact_match_samples > 0 needs an eval split: set data.eval_path, data.eval_split "
                         "or data.eval_fraction > 0.")
-    problems = [p for p in problems if p]
-    if problems:
-        raise UserError(*problems)
+    return problems

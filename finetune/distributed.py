@@ -12,8 +12,10 @@ A single `python -m finetune` is a world of one process: every helper here is th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each process holds a shard of the model, whole only inside the Trainer's forward."""
+        return self.strategy == "fsdp"
+
 
 def world() -> World:
     """This process's place in the launch, from the variables torchrun / accelerate set."""
@@ -40,41 +47,39 @@ def world() -> World:
     return World(size, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), strategy)
 
 
-def fsdp_version() -> int:
-    """FSDP1 or FSDP2, as the accelerate config asked (fsdp_version)."""
-    return int(os.environ.get("FSDP_VERSION", "1"))
-
-
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-_joined = False
-
-
-def joined() -> bool:
-    """Whether this process has joined the others: errors before that are the same in every process."""
-    return _joined
-
-
 def init(cpu: bool) -> World:
     """Join the process group (gloo on CPU, NCCL on GPUs) the Trainer will use; nothing for one process."""
-    global _joined
     w = world()
-    if w.distributed or w.strategy == "fsdp":
-        _joined = True
+    if w.distributed or w.sharded:
         from accelerate import PartialState
 
         PartialState(cpu=cpu)  # the Trainer's TrainingArguments re-uses this group
         if not w.is_main:
             quiet_replica()
+        logging.getLogger("finetune").info("accelerate launch: %d processes (%s)", w.size, w.strategy.upper())
     return w
+
+
+def check_launch(cfg, w: World, device_type: str) -> None:
+    """What the launch (`accelerate launch` and its config) cannot do with this recipe on this machine."""
+    from finetune.errors import UserError
+
+    if w.sharded and device_type != "cuda":
+        raise UserError("An FSDP config (configs/accelerate/fsdp*.yaml) needs CUDA GPUs: without them accelerate would "
+                        "quietly run data parallel instead. On CPUs use --config_file configs/accelerate/ddp.yaml.")
+    if w.sharded and cfg.quant.method == "int8":
+        raise UserError("quant=int8 cannot be sharded by FSDP (LLM.int8 weights are integers, FSDP shards floating-point "
+                        "tensors): use quant=nf4 with configs/accelerate/fsdp_qlora.yaml, or keep int8 under "
+                        "configs/accelerate/ddp.yaml.")
 
 
 def quiet_replica() -> None:
     """The other processes run the same code as rank 0: their logs, warnings and progress bars would only
     repeat rank 0's. They still print errors."""
-    import logging
     import warnings
 
     import datasets
@@ -86,7 +91,9 @@ def quiet_replica() -> None:
     datasets.disable_progress_bars()
 
 
-def _initialized() -> bool:
+def joined() -> bool:
+    """Whether this process has joined the others (the process group is up): errors before that are the same
+    in every process."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -94,7 +101,7 @@ def _initialized() -> bool:
 
 def broadcast(obj):
     """rank 0's value of obj, in every process."""
-    if not _initialized():
+    if not joined():
         return obj
     from accelerate.utils import broadcast_object_list
 
@@ -106,7 +113,7 @@ def broadcast(obj):
 def on_main(fn):
     """fn() in the main process only; its result, or its UserError, in every process. The main process
     raises the error with its message; the others raise ReportedByMain, so it is printed once."""
-    if not _initialized():
+    if not joined():
         return fn()
     from finetune.errors import ReportedByMain, UserError
 
@@ -125,7 +132,7 @@ def on_main(fn):
 
 
 def barrier() -> None:
-    if _initialized():
+    if joined():
         import torch.distributed as dist
 
         dist.barrier()
@@ -134,7 +141,7 @@ def barrier() -> None:
 @contextlib.contextmanager
 def main_process_first():
     """Rank 0 runs the block first (filling datasets' cache), then the others (reading it)."""
-    if not _initialized():
+    if not joined():
         yield
         return
     from accelerate import PartialState
@@ -145,7 +152,7 @@ def main_process_first():
 
 def any_process(flag: bool) -> bool:
     """True in every process if it is true in any: one process's decision, taken by all."""
-    if not _initialized():
+    if not joined():
         return flag
     import torch
     import torch.distributed as dist
@@ -158,9 +165,41 @@ def any_process(flag: bool) -> bool:
 
 def gather(items: list) -> list:
     """Every process's list, concatenated in rank order, in every process."""
-    if not _initialized():
+    if not joined():
         return items
     from accelerate.utils import gather_object
 
     return gather_object(items)
 
+
+
+# ---- FSDP: the model is whole only inside the Trainer --------------------------------------------------
+
+def base_eval_at_start(w: World, resuming: bool, has_eval: bool) -> bool:
+    """Whether the Trainer measures the untouched base as training starts (eval_on_start): under FSDP the model is
+    sharded only then, so the pipeline cannot measure it before."""
+    return w.sharded and not resuming and has_eval
+
+
+def base_eval_loss(trainer) -> Optional[float]:
+    """The base's eval loss the Trainer logged at the start of training (eval_on_start)."""
+    return next((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r), None)
+
+
+def model_to_export(w: World, trainer):
+    """The trained model as export saves it: FSDP's root module unwrapped (its weights come gathered, below)."""
+    return trainer.accelerator.unwrap_model(trainer.model) if w.sharded else trainer.model
+
+
+def gather_for_export(w: World, trainer, cfg, tokenizer, rows) -> dict:
+    """FSDP: the full state dict (on rank 0) and, for a merge, the logits of the model as trained on the check
+    samples; every process takes part. Nothing to gather otherwise."""
+    if not w.sharded:
+        return {}
+    from finetune.export import check_samples, logits_of
+
+    out = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)}
+    if cfg.export.merge and cfg.lora.enabled:
+        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data.train_on_inputs)
+        out["reference"] = logits_of(trainer.model, samples)
+    return out

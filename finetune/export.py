@@ -20,9 +20,12 @@ from typing import Optional
 
 import torch
 
-from finetune.config import FinetuneConfig, ModelConfig, QuantConfig
+from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
-from finetune.model import DTYPES, Device, base_model_id, load_base_model
+from finetune.model import DTYPES, Device, attach_adapter, load_base_model, write_generation_config
+from finetune.run import Run
+from finetune.scoring import mean_loss
+from finetune.tokenizer import base_model_id
 
 log = logging.getLogger("finetune")
 
@@ -53,33 +56,6 @@ def adapter_warnings(cfg: FinetuneConfig) -> list[str]:
         warnings.append(f"lora.r={lora.r} is not one of vLLM's ranks ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "
                         f"serve it with --max-lora-rank {serve}, which reserves memory for rank {serve}.")
     return warnings
-
-
-def eos_token_ids(tokenizer, base_generation_config=None) -> list[int]:
-    """The tokens that end a reply: the tokenizer's EOS (the chat template's end-of-turn token after
-    training), then those of the base's own generation config."""
-    ids = [tokenizer.eos_token_id]
-    base_eos = getattr(base_generation_config, "eos_token_id", None)
-    for i in base_eos if isinstance(base_eos, list) else [base_eos]:
-        if i is not None and i not in ids:
-            ids.append(i)
-    return ids
-
-
-def write_generation_config(path: Path, model_cfg: ModelConfig, tokenizer) -> list[int]:
-    """generation_config.json with every EOS id of the training chat template and the base, and the pad id."""
-    from transformers import GenerationConfig
-
-    try:
-        base = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
-    except (OSError, ValueError):
-        base = GenerationConfig()
-    eos = eos_token_ids(tokenizer, base)
-    base.eos_token_id = eos if len(eos) > 1 else eos[0]
-    base.pad_token_id = tokenizer.pad_token_id
-    base.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else base.bos_token_id
-    base.save_pretrained(str(path))
-    return eos
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None) -> None:
@@ -122,18 +98,6 @@ def logits_of(model, samples: list[dict]) -> list[torch.Tensor]:
     return [model(input_ids=s["input_ids"].to(device)).logits.float().cpu() for s in samples]
 
 
-def loss_of(logits: list[torch.Tensor], samples: list[dict]) -> float:
-    """Mean next-token cross-entropy over the trained (labelled) tokens of all samples."""
-    total, count = 0.0, 0
-    for x, s in zip(logits, samples):
-        labels = s["labels"][:, 1:]
-        keep = labels != -100
-        if keep.any():
-            total += torch.nn.functional.cross_entropy(x[:, :-1][keep], labels[keep], reduction="sum").item()
-            count += int(keep.sum())
-    return total / count if count else float("nan")
-
-
 def fidelity(reference: list[torch.Tensor], logits: list[torch.Tensor], samples: list[dict]) -> dict:
     """How far `logits` are from the model as trained: mean KL(trained || merged) per token, the largest
     |logit| difference, and the loss on the samples."""
@@ -143,7 +107,7 @@ def fidelity(reference: list[torch.Tensor], logits: list[torch.Tensor], samples:
     ]).mean().item()
     kl = max(kl, 0.0)  # KL is never negative; float rounding can make an exact match read -1e-9
     max_abs = max((x - y).abs().max().item() for x, y in zip(reference, logits))
-    return {"mean_kl": kl, "max_abs_logit_diff": max_abs, "eval_loss": loss_of(logits, samples)}
+    return {"mean_kl": kl, "max_abs_logit_diff": max_abs, "eval_loss": mean_loss(logits, samples)}
 
 
 # ---- merging ------------------------------------------------------------------------------------
@@ -151,16 +115,14 @@ def fidelity(reference: list[torch.Tensor], logits: list[torch.Tensor], samples:
 def build_merged(cfg: FinetuneConfig, adapter_dir: Path, merge_base: str):
     """The adapter merged into the base, in CPU memory, in export.merge_dtype: merge_base=original reloads
     the base unquantized; dequantized loads it in 4-bit as in training and dequantizes every layer first."""
-    from peft import PeftModel
-
     dtype = DTYPES[cfg.export.merge_dtype]
     cpu = Device("cpu", "cpu", True, "fp32", dtype)
     if merge_base == "dequantized":
         base = load_base_model(cfg.model, cfg.quant, cpu, dtype=dtype)
         base = base.dequantize(dtype=dtype)
     else:
-        base = load_base_model(cfg.model, QuantConfig(method="none", double_quant=False), cpu, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        base = load_base_model(cfg.model, QuantConfig(method="none"), cpu, dtype=dtype)
+    model = attach_adapter(base, adapter_dir).merge_and_unload()
     assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None
     return model
 
@@ -175,7 +137,7 @@ def export_merged(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, toke
                   reference: list[torch.Tensor], retry: str = "python -m finetune export run=RUN_DIR") -> dict:
     """Merge into each candidate base, compare each with the model as trained (`reference` logits on
     `samples`), save the closest to merged_dir. Returns the figures for summary.json."""
-    figures: dict = {"reference_eval_loss": loss_of(reference, samples), "samples": len(samples)}
+    figures: dict = {"reference_eval_loss": mean_loss(reference, samples), "samples": len(samples)}
     model, chosen, best = None, None, float("inf")
     for name in candidates(cfg):
         del model
@@ -219,24 +181,20 @@ class MergeRejected(UserError):
 
 # ---- a run's artefacts --------------------------------------------------------------------------
 
-def export_artifacts(cfg: FinetuneConfig, out_dir: Path, model, tokenizer, rows, summary: dict,
+def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: dict,
                      retry: str = "python -m finetune export run=RUN_DIR", state_dict: Optional[dict] = None,
                      reference: Optional[list] = None) -> None:
     """adapter/ from the PEFT `model` (the base in 4-bit as trained, with its adapter), merged/ where
-    export.merge asks, and their model cards. `rows` are the (converted) rows the merge is checked on;
-    `summary` is updated in place with the merge figures. A rejected merge raises MergeRejected after
-    everything else is written. Under FSDP the caller gathers `state_dict` and the `reference` logits of
-    the model as trained (see pipeline.gather_for_export)."""
-    from finetune.publish import write_model_card
-
+    export.merge asks, and their model cards, in out_dir (the run, or exports/checkpoint-N/). `rows` are the
+    (converted) rows the merge is checked on; `summary` is updated in place with the merge figures. A rejected
+    merge raises MergeRejected after everything else is written. Under FSDP the caller gathers `state_dict` and
+    the `reference` logits of the model as trained (finetune.distributed.gather_for_export)."""
+    cfg = run.cfg
     summary.update({k: None for k in ("merge_base", "merge_mean_kl", "merge_eval_loss", "merge_reference_eval_loss",
                                       "merge_fidelity")})
     if not hasattr(model, "peft_config"):  # full fine-tuning: the model itself is the result, a plain transformers model
-        model.save_pretrained(str(out_dir / "model"), safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
-        tokenizer.save_pretrained(str(out_dir / "model"))
-        write_generation_config(out_dir / "model", cfg.model, tokenizer)
-        write_model_card(out_dir / "model", cfg, summary, merged=True)
+        save_model(model, tokenizer, out_dir / "model", cfg, state_dict)
+        run.write_cards(summary, out_dir)
         return
     adapter_dir = out_dir / "adapter"
     save_adapter(model, tokenizer, adapter_dir, cfg, state_dict)
@@ -247,46 +205,40 @@ def export_artifacts(cfg: FinetuneConfig, out_dir: Path, model, tokenizer, rows,
             reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
         shutil.rmtree(out_dir / "merged", ignore_errors=True)  # never leave an earlier merge beside a new adapter
         try:
-            summary.update(export_merged(cfg, adapter_dir, out_dir / "merged", tokenizer, samples, reference,
-                                         retry))
-            write_model_card(out_dir / "merged", cfg, summary, merged=True)
+            summary.update(export_merged(cfg, adapter_dir, out_dir / "merged", tokenizer, samples, reference, retry))
         except MergeRejected as e:
             summary.update(e.summary)
             rejected = e
-    write_model_card(adapter_dir, cfg, summary, merged=False)
+    run.write_cards(summary, out_dir)
     if rejected is not None:
         raise rejected
 
 
-def export_run(run_dir: str, checkpoint: Optional[str], overrides: list[str]) -> tuple[Path, dict]:
+def save_model(model, tokenizer, folder: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None) -> None:
+    """A full fine-tune's model/: a plain transformers model with the tokenizer and its generation config."""
+    model.save_pretrained(str(folder), safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(str(folder))
+    write_generation_config(folder, cfg.model, tokenizer)
+
+
+def export(run: Run, checkpoint: Optional[str]) -> tuple[Path, dict]:
     """`export`: write a run's adapter/ and merged/ again, from its final adapter (into the run directory)
     or from one of its checkpoints (into RUN_DIR/exports/checkpoint-N/). Returns (where, summary)."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     from finetune.data import load_splits
-    from finetune.model import detect_device
-    from finetune.runs import load_run
 
-    run = load_run(run_dir, overrides)
-    cfg = run.cfg
-    source = run.checkpoint_dir(checkpoint) if checkpoint else run.adapter_dir
-    if not (source / "adapter_config.json").is_file():
-        raise UserError(f"{source} holds no adapter (adapter_config.json): export.merge needs a LoRA run; "
-                        "pass checkpoint=N to export a checkpoint.")
-    out_dir = run.dir / "exports" / source.name if checkpoint else run.dir
-    tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer_dir(source)))
-    splits = load_splits(cfg.data, cfg.train.seed)
-    device = detect_device(cfg.train, cfg.quant, cfg.model)
-    model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(source))
+    splits = load_splits(run.cfg.data, run.cfg.train.seed)
+    loaded = run.load_for_inference(checkpoint=checkpoint)
+    out_dir = run.output_dir(loaded.source if checkpoint else None)
     summary = dict(run.summary)
     if checkpoint:  # the figures after training are not this checkpoint's
         summary.update({k: None for k in ("eval_loss", "exact_match", "train_loss", "exact_match_examples")})
-        summary["checkpoint"] = source.name
+        summary["checkpoint"] = loaded.source.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    retry = f"python -m finetune export run={run.dir}" + (f" checkpoint={checkpoint}" if checkpoint else "")
     try:
-        export_artifacts(cfg, out_dir, model, tokenizer, splits.eval if splits.eval is not None else splits.train, summary,
-                         f"python -m finetune export run={run.dir}" + (f" checkpoint={checkpoint}" if checkpoint else ""))
+        export_artifacts(run, out_dir, loaded.model, loaded.tokenizer,
+                         splits.eval if splits.eval is not None else splits.train, summary, retry)
     finally:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        run.write_summary(summary, out_dir)
     return out_dir, summary

@@ -11,14 +11,13 @@ import json
 import logging
 import shutil
 import textwrap
-import warnings
 from pathlib import Path
 
 import torch
 
-from finetune.config import ModelConfig, QuantConfig
 from finetune.errors import UserError
-from finetune.runs import GenerateArgs, Run, load_run
+from finetune.run import Loaded, Run
+from finetune.verb_args import GenerateArgs
 
 log = logging.getLogger("finetune")
 RAW_FORMATS = ("text", "prompt_completion")  # trained on raw text: prompts are continued as they are
@@ -56,48 +55,19 @@ def read_prompts(args: GenerateArgs) -> list[list[dict]]:
     return [system + [{"role": "user", "content": t}] for t in texts]
 
 
-def load_model(run: Run, args: GenerateArgs):
-    """(model, tokenizer, source folder) as `args` ask: the base in 4-bit/8-bit/16-bit with the adapter,
-    or merged/ (16-bit unless quant= says otherwise)."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from finetune.model import detect_device, load_base_model
-
-    cfg = run.cfg
-    if args.model == "merged":
-        if args.compare:
-            raise UserError("compare=true answers with the base and with the adapter switched on: use model=adapter.")
-        if args.checkpoint:
-            raise UserError("checkpoint= picks an adapter; a checkpoint's merged model is in exports/checkpoint-N/merged, "
-                            "written by `python -m finetune export run=RUN checkpoint=N export.merge=true`.")
-        source = run.merged_dir
-        if not (source / "config.json").is_file():
-            raise UserError(f"{source} holds no merged model: write it with "
-                            f"python -m finetune export run={run.dir} export.merge=true")
-        model_cfg, quant = ModelConfig(name_or_path=str(source)), args.quant or "none"
-    else:
-        source = run.checkpoint_dir(args.checkpoint) if args.checkpoint else run.adapter_dir
-        if not (source / "adapter_config.json").is_file():
-            raise UserError(f"{source} holds no adapter (adapter_config.json).")
-        model_cfg, quant = cfg.model, args.quant or cfg.quant.method
-    quant_cfg = QuantConfig(method=quant, double_quant=quant == "nf4" and cfg.quant.double_quant)
-    device = detect_device(cfg.train, quant_cfg, cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer_dir(source)))
-    model = load_base_model(model_cfg, quant_cfg, device)
-    if args.model == "adapter":
-        with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, str(source))
-    model.eval()
-    log.info("loaded %s (%s base) on %s", source, quant, device.describe())
-    return model, tokenizer, source
+def load_model(run: Run, args: GenerateArgs) -> Loaded:
+    """The base in 4-bit/8-bit/16-bit with the adapter (or a checkpoint's), or merged/, as `args` ask."""
+    if args.model == "merged" and args.compare:
+        raise UserError("compare=true answers with the base and with the adapter switched on: use model=adapter.")
+    loaded = run.load_for_inference(quant=args.quant, checkpoint=args.checkpoint, merged=args.model == "merged")
+    log.info("loaded %s (%s base) on %s", loaded.source, loaded.quant, loaded.device.describe())
+    return loaded
 
 
 def generation_kwargs(args: GenerateArgs, tokenizer, source: Path, run: Run) -> dict:
     from transformers import GenerationConfig
 
-    from finetune.export import eos_token_ids
+    from finetune.model import eos_token_ids
 
     folder = next((f for f in (source, run.adapter_dir) if (f / "generation_config.json").is_file()), None)
     eos = eos_token_ids(tokenizer, GenerationConfig.from_pretrained(str(folder)) if folder else None)
@@ -136,15 +106,15 @@ def side_by_side(left: str, right: str, titles=("base", "tuned")) -> str:
     return "\n".join(rows)
 
 
-def generate(args: GenerateArgs) -> list[dict]:
+def generate(run: Run, args: GenerateArgs) -> list[dict]:
     """Answer every prompt, printing as it goes; returns [{"prompt", "answer", "tokens", "stopped_at_eos", "base"?}]."""
     from transformers import TextStreamer
 
-    run = load_run(args.run)
     conversations = read_prompts(args)
-    model, tokenizer, source = load_model(run, args)
+    loaded = load_model(run, args)
+    model, tokenizer = loaded.model, loaded.tokenizer
     raw = run.summary.get("data_format") in RAW_FORMATS
-    kwargs = generation_kwargs(args, tokenizer, source, run)
+    kwargs = generation_kwargs(args, tokenizer, loaded.source, run)
     results = []
     for conversation in conversations:
         if args.do_sample:

@@ -1,4 +1,4 @@
-"""Base model and tokenizer loading: device and precision, quantization config, pad token.
+"""The base model: device and precision, quantization config, loading (and an adapter on top), EOS ids.
 
 transformers' BitsAndBytesConfig defaults are fp4 and an fp32 compute dtype; QLoRA wants NF4, double
 quantization and 16-bit compute, so every field is set here explicitly.
@@ -7,7 +7,6 @@ quantization and 16-bit compute, so every field is set here explicitly.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,6 +15,7 @@ import torch
 
 from finetune.config import ModelConfig, QuantConfig, TrainConfig
 from finetune.errors import UserError
+from finetune.tokenizer import check_model_path, hub_load_error, is_local_path, warn_remote_code
 
 log = logging.getLogger("finetune")
 
@@ -69,35 +69,6 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
     return Device(kind, name, bf16, precision, DTYPES[compute])
 
 
-def is_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-
-
-def base_model_id(model: ModelConfig) -> Optional[str]:
-    """The base model as other machines can find it: its Hub id, or model.hub_id for a local copy."""
-    if model.hub_id:
-        return model.hub_id
-    return None if is_local_path(model.name_or_path) else model.name_or_path
-
-
-def check_model_path(cfg: ModelConfig) -> None:
-    for key, value in (("model.name_or_path", cfg.name_or_path), ("model.tokenizer", cfg.tokenizer)):
-        if value and is_local_path(value):
-            path = Path(value).expanduser()
-            if not path.is_dir():
-                raise UserError(f"{key}={value}: no such folder. Give a local folder holding config.json, "
-                                "or a Hugging Face Hub id such as meta-llama/Llama-2-7b-hf.")
-            if key == "model.name_or_path" and not (path / "config.json").is_file():
-                raise UserError(f"{key}={value}: the folder has no config.json, so it is not a transformers model.")
-
-
-def _hub_error(key: str, name: str, e: Exception) -> UserError:
-    first = str(e).strip().split("\n")[0]
-    return UserError(f"{key}={name}: could not be loaded ({type(e).__name__}: {first}). Check the Hub id and your "
-                     "network; for gated models (Llama, Mistral) accept the licence on huggingface.co and run "
-                     "`huggingface-cli login`; or give a local folder.")
-
-
 DEFAULT_SKIP = ["lm_head", "embed_out"]  # output heads (Llama-likes, GPT-NeoX): never quantized by bitsandbytes
 
 
@@ -112,7 +83,7 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_use_double_quant=quant.nested,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
             llm_int8_skip_modules=skip,  # (the name is historical: 4-bit reads it too)
@@ -125,7 +96,7 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded:
 def device_map_for(device: Device, world=None) -> Optional[dict]:
     """Where from_pretrained puts the weights: the whole model on this process's GPU (one process, or DDP:
     one GPU per process), or no map under FSDP, whose processes each get a shard from accelerate."""
-    if world is not None and world.strategy == "fsdp":
+    if world is not None and world.sharded:
         return None
     if device.type != "cuda":
         return {"": "cpu"}
@@ -141,7 +112,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
 
     check_model_path(cfg)
     warn_remote_code(cfg)
-    fsdp = world is not None and world.strategy == "fsdp"
+    fsdp = world is not None and world.sharded
     kwargs = dict(
         use_safetensors=None if cfg.allow_pickle else True,  # pickle weights can run code when loaded
         revision=cfg.revision,
@@ -161,7 +132,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
                             "their source.") from None
         if is_local_path(cfg.name_or_path) and not isinstance(e, OSError):
             raise
-        raise _hub_error("model.name_or_path", cfg.name_or_path, e) from None
+        raise hub_load_error("model.name_or_path", cfg.name_or_path, e) from None
     if quant.skip_modules and quant.method != "none":
         check_skip_modules(model, quant.skip_modules)
     if device.type == "cpu":
@@ -174,10 +145,12 @@ def check_skip_modules(model, patterns: list[str]) -> None:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    unmatched = [p for p in patterns if all(should_convert_module(n, [p]) for n in linears)]
+    unmatched = []
     for p in patterns:
         kept = [n for n in linears if not should_convert_module(n, [p])]
-        if kept and all(not should_convert_module(n, DEFAULT_SKIP) for n in kept):
+        if not kept:
+            unmatched.append(p)
+        elif all(not should_convert_module(n, DEFAULT_SKIP) for n in kept):
             log.warning("quant.skip_modules: %s (%s) is never quantized by bitsandbytes anyway: listing it changes "
                         "nothing.", p, ", ".join(kept))
     if unmatched:
@@ -186,15 +159,15 @@ def check_skip_modules(model, patterns: list[str]) -> None:
                         f"module paths or their prefixes, e.g. {examples}.")
 
 
-_warned_remote_code: set = set()
+def attach_adapter(model, adapter_dir: Path):
+    """The PEFT adapter saved in adapter_dir, on top of `model` (a base loaded by load_base_model)."""
+    import warnings
 
+    from peft import PeftModel
 
-def warn_remote_code(cfg: ModelConfig) -> None:
-    """model.trust_remote_code=true runs Python code from the checkpoint: say so, once per model."""
-    if cfg.trust_remote_code and cfg.name_or_path not in _warned_remote_code:
-        _warned_remote_code.add(cfg.name_or_path)
-        log.warning("model.trust_remote_code=true: the Python code shipped with %s will run on this machine. Keep it "
-                    "for repositories you trust.", cfg.name_or_path)
+    with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def keep_4bit_cpu_layers_differentiable(model) -> int:
@@ -214,38 +187,28 @@ def keep_4bit_cpu_layers_differentiable(model) -> int:
     return changed
 
 
-# Tokens that can pad without being EOS, in the order tried. Padding is masked out of the loss by the
-# attention mask, but a distinct pad token also keeps generation and other tools from confusing the two.
-PAD_CANDIDATES = ["<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"]
+def eos_token_ids(tokenizer, base_generation_config=None) -> list[int]:
+    """The tokens that end a reply: the tokenizer's EOS (the chat template's end-of-turn token after
+    training), then those of the base's own generation config."""
+    ids = [tokenizer.eos_token_id]
+    base_eos = getattr(base_generation_config, "eos_token_id", None)
+    for i in base_eos if isinstance(base_eos, list) else [base_eos]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
 
 
-def ensure_pad_token(tokenizer) -> str:
-    """Give the tokenizer a pad token distinct from EOS where its vocabulary allows; returns what was done."""
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != eos:
-        return f"kept {tokenizer.pad_token}"
-    vocab = tokenizer.get_vocab()
-    for token in [tokenizer.unk_token] + PAD_CANDIDATES:
-        if token and token in vocab and vocab[token] != eos:
-            tokenizer.pad_token = token
-            return f"set to {token}"
-    tokenizer.pad_token = tokenizer.eos_token
-    log.warning("The tokenizer has no token to pad with but EOS; padding with EOS (padding is masked by the "
-                "attention mask, so EOS is still trained).")
-    return f"EOS ({tokenizer.eos_token}): no other candidate"
+def write_generation_config(path: Path, model_cfg: ModelConfig, tokenizer) -> list[int]:
+    """generation_config.json with every EOS id of the training chat template and the base, and the pad id."""
+    from transformers import GenerationConfig
 
-
-def load_tokenizer(cfg: ModelConfig):
-    from transformers import AutoTokenizer
-
-    check_model_path(cfg)
-    name = cfg.tokenizer or cfg.name_or_path
-    warn_remote_code(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _hub_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", name, e) from None
-    if tokenizer.eos_token is None:
-        raise UserError(f"The tokenizer of {name} has no EOS token, so a tuned model could never learn to stop.")
-    ensure_pad_token(tokenizer)
-    return tokenizer
+        base = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+    except (OSError, ValueError):
+        base = GenerationConfig()
+    eos = eos_token_ids(tokenizer, base)
+    base.eos_token_id = eos if len(eos) > 1 else eos[0]
+    base.pad_token_id = tokenizer.pad_token_id
+    base.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else base.bos_token_id
+    base.save_pretrained(str(path))
+    return eos

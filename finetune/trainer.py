@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from transformers import TrainerCallback
 
 from finetune.config import DataConfig, TrainConfig
 from finetune.model import Device
+from finetune.run import last_good_checkpoint, list_checkpoints
 from finetune.tracking import MetricsLog, peak_memory_gb
 
 
@@ -21,21 +21,27 @@ def packing_efficiency(dataset, max_length: int) -> float:
     return sum(lengths) / (len(lengths) * max_length) if lengths else 0.0
 
 
+def version_dependent_args(sft_config, train: TrainConfig) -> dict:
+    """Checkpointing and the KV cache, under the names this transformers version knows."""
+    fields = sft_config.__dataclass_fields__
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = {name: train.gradient_checkpointing,
+            f"{name}_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None}
+    # No KV cache in training: transformers only builds per-row attention from packed position ids when no
+    # cache exists, so a cache would let packed rows attend to each other (the Trainer's default, made explicit).
+    if "use_cache" in fields:
+        args["use_cache"] = False
+    return args
+
+
 def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
                      report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True,
                      eval_on_start: bool = False):
     from trl import SFTConfig
 
-    # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older versions know only the first.
-    name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
-    checkpointing = {name: train.gradient_checkpointing,
-                     f"{name}_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None}
-    # No KV cache in training: transformers only builds per-row attention from packed position ids when no
-    # cache exists, so a cache would let packed rows attend to each other (the Trainer's default, made explicit).
-    cache = {"use_cache": False} if "use_cache" in SFTConfig.__dataclass_fields__ else {}
     return SFTConfig(
-        **checkpointing,
-        **cache,
+        **version_dependent_args(SFTConfig, train),
         output_dir=str(checkpoints),
         run_name=run_name,
         report_to=report_to,
@@ -85,10 +91,8 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
 
 
 def trainer_class():
-    """TRL's SFTTrainer with checkpoints written atomically and resumes that keep the adapter's dtype."""
-    import os
-    import shutil
-
+    """TRL's SFTTrainer with checkpoints written atomically and resumes that keep the adapter's dtype. (Its two
+    overrides are of the Trainer's private methods: tests/unit/test_internals.py fails the day they move.)"""
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
@@ -98,44 +102,8 @@ def trainer_class():
             return self._staging or super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model, trial):
-            """Write checkpoint-N under checkpoints/.staging/ and rename it when complete: a run killed mid-write
-            leaves the previous checkpoints as they were. A failed write is one clear error. With several
-            processes, each writes its part (RNG state, FSDP shards) and the main process renames when all are done."""
-            from finetune import distributed
-
-            root = super()._get_output_dir(trial)
-            name = f"checkpoint-{self.state.global_step}"
-            staging = os.path.join(root, ".staging")
-            try:
-                if self.args.should_save:
-                    shutil.rmtree(staging, ignore_errors=True)
-                distributed.barrier()
-                self._staging = staging
-                super()._save_checkpoint(model, trial)
-                distributed.barrier()
-                if self.args.should_save:
-                    final = os.path.join(root, name)
-                    if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
-                        shutil.rmtree(final)
-                    os.replace(os.path.join(staging, name), final)
-                    shutil.rmtree(staging, ignore_errors=True)
-            except OSError as e:
-                if self.args.should_save:
-                    shutil.rmtree(staging, ignore_errors=True)
-                from finetune.errors import UserError
-
-                kept = [p.name for p in list_checkpoints(Path(root))]
-                raise UserError(f"Could not write {name} to {root} ({e.strerror or e}). "
-                                + (f"The previous checkpoint, {kept[-1]}, is intact: free space or fix the folder's "
-                                   "permissions, then resume with resume=true." if kept else
-                                   "No checkpoint was written yet: free space or fix the folder's permissions.")) from None
-            finally:
-                self._staging = None
-            if self.args.should_save:
-                from transformers.trainer_utils import rotate_checkpoints
-
-                rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            write = super()._save_checkpoint
+            save_atomically(self, super()._get_output_dir(trial), lambda: write(model, trial))
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             """Loading the adapter back re-creates it in PEFT's default fp32, but TRL trains a quantized model's
@@ -148,6 +116,53 @@ def trainer_class():
                     p.data = p.data.to(dtypes[n])
 
     return Trainer
+
+
+def save_atomically(trainer, root: str, write) -> None:
+    """Let `write` (the Trainer's own checkpoint save) write checkpoint-N under checkpoints/.staging/, and rename it
+    when complete: a run killed mid-write leaves the previous checkpoints as they were. A failed write is one clear
+    error. With several processes, each writes its part (RNG state, FSDP shards) and the main process renames
+    when all are done."""
+    import os
+    import shutil
+
+    from finetune import distributed
+
+    name, staging, main = f"checkpoint-{trainer.state.global_step}", os.path.join(root, ".staging"), trainer.args.should_save
+    try:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
+        trainer._staging = staging
+        write()
+        distributed.barrier()
+        if main:
+            final = os.path.join(root, name)
+            if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as e:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise checkpoint_write_failed(name, root, e) from None
+    finally:
+        trainer._staging = None
+    if main:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=root, save_total_limit=trainer.args.save_total_limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
+
+
+def checkpoint_write_failed(name: str, root: str, e: OSError):
+    from finetune.errors import UserError
+
+    kept = [p.name for p in list_checkpoints(Path(root))]
+    return UserError(f"Could not write {name} to {root} ({e.strerror or e}). "
+                     + (f"The previous checkpoint, {kept[-1]}, is intact: free space or fix the folder's permissions, "
+                        "then resume with resume=true." if kept else
+                        "No checkpoint was written yet: free space or fix the folder's permissions."))
 
 
 def unmark_prepared(trainer) -> None:
@@ -243,61 +258,6 @@ class PreemptionGuard(TrainerCallback):
         self._restore()
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why this checkpoint cannot be resumed from (None: it is complete). Checkpoints are renamed into place
-    only when complete, so a bad one is a disk or copy accident; every file resume needs is read."""
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
-    try:
-        json.loads(state.read_text())
-    except (ValueError, OSError):
-        return "trainer_state.json is not valid JSON"
-    sharded = [p for p in path.glob("pytorch_model_fsdp_*") if p.is_dir()]  # FSDP's SHARDED_STATE_DICT
-    weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
-    if not weights and not sharded:
-        return "no adapter_model.safetensors or model.safetensors"
-    try:
-        from safetensors import safe_open
-
-        for file in weights[:1]:
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():
-                    f.get_tensor(key)
-    except Exception as e:  # truncated or garbled: safetensors checks the header against the file size
-        return f"{weights[0].name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-    optimizer = [p for p in (path / "optimizer.pt", path / "optimizer.bin") if p.is_file() and p.stat().st_size]
-    if not optimizer and not any(p.is_dir() for p in path.glob("optimizer_*")):  # optimizer_0/: FSDP, sharded
-        return "no optimizer.pt"
-    if not (path / "scheduler.pt").is_file() or (path / "scheduler.pt").stat().st_size == 0:
-        return "no scheduler.pt"
-    return None
-
-
-def checkpoint_processes(checkpoint) -> int:
-    """How many processes wrote a Trainer checkpoint: each saves its RNG state (rng_state_N.pth), a single
-    process rng_state.pth."""
-    return len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """The checkpoint-N folders in root, oldest (lowest N) first; none if root does not exist."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
-
-
-def last_good_checkpoint(ckpts: Path) -> str | None:
-    """The newest complete checkpoint in ckpts; each newer one that is not is named in a warning."""
-    for path in reversed(list_checkpoints(ckpts)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        logging.getLogger("finetune").warning("Skipping %s for resume: %s. Using an earlier checkpoint.", path.name, problem)
-    return None
-
-
 class NonFiniteGuard(TrainerCallback):
     """A NaN or inf gradient (from a NaN or inf loss, or an overflow) skips that optimizer step; after
     train.max_bad_steps of them the run stops with the step and the last good checkpoint, which is kept."""
@@ -330,6 +290,6 @@ class NonFiniteGuard(TrainerCallback):
                 + (f"The last good checkpoint, {Path(last).name}, is kept: lower train.learning_rate or check the "
                    "data, then continue it with resume=true" if last else "No checkpoint was written yet: lower "
                    "train.learning_rate or check the data")
-                + f", or allow a few bad steps with train.max_bad_steps=N.")
+                + ", or allow a few bad steps with train.max_bad_steps=N.")
         logging.getLogger("finetune").warning("Step %d: non-finite loss or gradient; the update was skipped (%d of "
                                               "train.max_bad_steps=%d).", step, len(self.bad_steps), self.max_bad_steps)

@@ -80,7 +80,7 @@ def vanilla(args) -> dict:
     limit_memory(args)
     from datasets import load_dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()

@@ -72,7 +72,7 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = args.workdir / f"{args.arch}-{'config-only' if args.predict_only else 'random'}"
     tokenizer = ROOT / "finetune" / "assets" / "tiny_llama"
-    base = [f"recipe=qlora_llama7b", f"model.name_or_path={model_dir}", f"model.tokenizer={tokenizer}",
+    base = ["recipe=qlora_llama7b", f"model.name_or_path={model_dir}", f"model.tokenizer={tokenizer}",
             "data.eval_path=null", "data.eval_split=null", "data.eval_fraction=0.05", "data.eval_max_samples=2",
             "data.too_long=truncate", f"train.max_steps={args.steps}", f"train.save_steps={10 * args.steps}",
             "train.eval_steps=0", "train.logging_steps=1", "tracking=none", "export=adapter"]

@@ -19,7 +19,7 @@ from typing import Optional
 from finetune.config import DataConfig
 from finetune.data import formats
 from finetune.errors import UserError
-from finetune.model import is_local_path
+from finetune.tokenizer import is_local_path
 
 log = logging.getLogger("finetune")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

@@ -8,7 +8,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import load_splits
 from finetune.data.templates import apply_chat_template_choice
 from finetune.data.tokenize import tokenize
-from finetune.model import load_tokenizer
+from finetune.tokenizer import load_tokenizer
 
 BAR = 40
 

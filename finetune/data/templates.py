@@ -116,7 +116,7 @@ def apply_chat_template_choice(tokenizer, name: str | None) -> str:
     there); its special tokens must already be single tokens of the vocabulary: new tokens would need
     trained embeddings, which LoRA on the linear layers does not give.
     """
-    from finetune.model import ensure_pad_token
+    from finetune.tokenizer import ensure_pad_token
 
     if name is None:
         if tokenizer.chat_template:

@@ -11,7 +11,6 @@ tokenize again. TRL then takes the tokenized rows as they are (it only truncates
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass

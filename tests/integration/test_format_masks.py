@@ -10,7 +10,8 @@ from finetune.data import load_splits
 from finetune.data.templates import apply_chat_template_choice
 from finetune.data.tokenize import tokenize
 from finetune.lora import build_peft_config
-from finetune.model import Device, load_tokenizer, load_base_model
+from finetune.model import Device, load_base_model
+from finetune.tokenizer import load_tokenizer
 from finetune.config import ModelConfig, QuantConfig
 from finetune.trainer import build_sft_config, build_trainer
 

@@ -8,7 +8,8 @@ import torch
 from finetune.data import load_splits
 from finetune.data.tokenize import tokenize
 from finetune.lora import build_peft_config
-from finetune.model import Device, load_base_model, load_tokenizer
+from finetune.model import Device, load_base_model
+from finetune.tokenizer import load_tokenizer
 from finetune.registry import load_config
 from finetune.trainer import build_sft_config, build_trainer
 from tests.helpers import run_cli

@@ -142,7 +142,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_mode
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert not (ckpts / ".staging").exists()
-    from finetune.trainer import checkpoint_problem
+    from finetune.run import checkpoint_problem
 
     assert checkpoint_problem(ckpts / "checkpoint-2") is None
 

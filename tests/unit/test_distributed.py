@@ -9,12 +9,11 @@ import time
 import pytest
 import torch
 
-from finetune import distributed, evaluate
+from finetune import distributed, scoring
 from finetune.config import QuantConfig
 from finetune.distributed import World
 from finetune.errors import UserError
 from finetune.model import Device, device_map_for, quantization_config
-from finetune.pipeline import check_launch
 from finetune.plan import make_plan
 from finetune.registry import load_config
 from tests.helpers import ROOT
@@ -68,10 +67,10 @@ def test_each_process_loads_its_own_model():
 def test_what_a_launch_cannot_do():
     cfg = load_config([])
     with pytest.raises(UserError, match=r"FSDP config .* needs CUDA GPUs.*configs/accelerate/ddp.yaml"):
-        check_launch(cfg, World(2, 0, 0, "fsdp"), "cpu")
+        distributed.check_launch(cfg, World(2, 0, 0, "fsdp"), "cpu")
     with pytest.raises(UserError, match="quant=int8 cannot be sharded by FSDP"):
-        check_launch(load_config(["quant=int8"]), World(2, 0, 0, "fsdp"), "cuda")
-    check_launch(load_config(["quant=int8"]), World(2, 0, 0, "ddp"), "cpu")  # DDP takes any recipe
+        distributed.check_launch(load_config(["quant=int8"]), World(2, 0, 0, "fsdp"), "cuda")
+    distributed.check_launch(load_config(["quant=int8"]), World(2, 0, 0, "ddp"), "cpu")  # DDP takes any recipe
 
 
 def test_plan_per_gpu():
@@ -104,16 +103,16 @@ def test_generation_is_split_between_processes_and_gathered_in_order(monkeypatch
     """7 prompts over 3 processes: 3 each (the last padded with a repeat, so every process makes the same
     number of generate calls), gathered back as the 7 answers in order."""
     prompts = [[{"role": "user", "content": str(i)}] for i in range(7)]
-    monkeypatch.setattr(evaluate, "generate_answers", lambda m, t, convs, n, b: [c[0]["content"] for c in convs])
+    monkeypatch.setattr(scoring, "generate_answers", lambda m, t, convs, n, b: [c[0]["content"] for c in convs])
     made = {}
     for rank in range(3):
         monkeypatch.setattr(distributed, "world", lambda rank=rank: World(3, rank, rank, "ddp"))
         monkeypatch.setattr(distributed, "gather", lambda items, rank=rank: made.setdefault(rank, items) and [])
-        evaluate.answers_across_processes(None, None, prompts, 4, 2)
+        scoring.answers_across_processes(None, None, prompts, 4, 2)
     assert [len(v) for v in made.values()] == [3, 3, 3]
     everyone = [a for rank in range(3) for a in made[rank]]
     monkeypatch.setattr(distributed, "gather", lambda items: everyone)
-    assert evaluate.answers_across_processes(None, None, prompts, 4, 2) == [str(i) for i in range(7)]
+    assert scoring.answers_across_processes(None, None, prompts, 4, 2) == [str(i) for i in range(7)]
 
 
 def test_one_process_needs_no_group():

@@ -10,7 +10,8 @@ from finetune.config import DataConfig, ModelConfig, QuantConfig
 from finetune.data import load_splits
 from finetune.data.templates import TEMPLATES, apply_chat_template_choice
 from finetune.errors import UserError
-from finetune.model import check_model_path, ensure_pad_token, quantization_config
+from finetune.model import quantization_config
+from finetune.tokenizer import check_model_path, ensure_pad_token
 
 
 def test_nf4_sets_every_qlora_field_explicitly():

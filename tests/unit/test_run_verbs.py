@@ -6,10 +6,13 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.errors import UserError
-from finetune.export import adapter_warnings, eos_token_ids, fidelity, loss_of
+from finetune.export import adapter_warnings, fidelity
+from finetune.model import eos_token_ids
+from finetune.scoring import mean_loss
 from finetune.generate import read_prompts, side_by_side
 from finetune.registry import load_config
-from finetune.runs import GenerateArgs, load_run, parse_verb_args
+from finetune.run import Run
+from finetune.verb_args import GenerateArgs, parse_verb_args
 
 
 def problems(*overrides):
@@ -81,7 +84,7 @@ def test_fidelity_figures():
     # loss over the labelled tokens only: positions 1..3 predict tokens 3, 4, 5
     logp = ref[0].log_softmax(-1)[0]
     expected = -(logp[1, 3] + logp[2, 4] + logp[3, 5]) / 3
-    assert loss_of(ref, samples) == pytest.approx(expected.item(), rel=1e-5)
+    assert mean_loss(ref, samples) == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_verb_arguments_parse_and_check():
@@ -104,13 +107,13 @@ def test_run_overrides_are_typed_and_validated(tmp_path):
     from finetune.registry import to_yaml
 
     (tmp_path / "config.yaml").write_text(to_yaml(load_config([])))
-    assert load_run(str(tmp_path), ["export.max_kl=0.5"]).cfg.export.max_kl == 0.5
+    assert Run.open(str(tmp_path), ["export.max_kl=0.5"]).cfg.export.max_kl == 0.5
     with pytest.raises(UserError, match="export.max_kl=lots"):
-        load_run(str(tmp_path), ["export.max_kl=lots"])
+        Run.open(str(tmp_path), ["export.max_kl=lots"])
     with pytest.raises(UserError, match="export.merge_base=best is not allowed"):
-        load_run(str(tmp_path), ["export.merge_base=best"])
+        Run.open(str(tmp_path), ["export.merge_base=best"])
     with pytest.raises(UserError, match="checkpoint=3: .* holds no checkpoints"):
-        load_run(str(tmp_path)).checkpoint_dir("3")
+        Run.open(str(tmp_path)).checkpoint_dir("3")
 
 
 def test_prompts_files(tmp_path):
@@ -144,12 +147,12 @@ def test_modules_to_save_only_when_asked():
 
 
 def test_model_card_of_a_hub_base_and_dataset():
-    from finetune.publish import model_card
+    from finetune.card import render
 
     cfg = load_config(["recipe=qlora_llama7b", "hub.license=llama2"])
     summary = {"eval_loss_base": 1.61, "eval_loss": 1.23, "steps": 1000, "wandb_url": "https://wandb.ai/me/finetune/runs/abc",
                "merge_fidelity": None}
-    card = model_card(cfg, summary, merged=False, repo_id="me/llama7b-chat")
+    card = render(cfg, summary, merged=False, repo_id="me/llama7b-chat")
     data = card.data
     assert data.base_model == "meta-llama/Llama-2-7b-hf" and data.library_name == "peft" and data.license == "llama2"
     assert data.datasets == ["HuggingFaceH4/ultrachat_200k"]
@@ -157,5 +160,5 @@ def test_model_card_of_a_hub_base_and_dataset():
     assert "| eval loss, base | 1.61 |" in card.text and "| eval loss, tuned | 1.23 |" in card.text
     assert "https://wandb.ai/me/finetune/runs/abc" in card.text and "recipe `qlora_llama7b`" in card.text
     assert 'PeftModel.from_pretrained(base, "me/llama7b-chat")' in card.text
-    merged = model_card(cfg, summary, merged=True, repo_id="me/llama7b-merged").data
+    merged = render(cfg, summary, merged=True, repo_id="me/llama7b-merged").data
     assert merged.library_name == "transformers" and not any(t.startswith("base_model:adapter") for t in merged.tags)

@@ -4,7 +4,8 @@ import pytest
 
 from finetune.__main__ import main
 from finetune.registry import load_config
-from finetune.scorecard import Variant, number_words, table, variants, words_to_number
+from finetune.eval import Variant, table, variants
+from finetune.scoring import number_words, words_to_number
 
 
 @pytest.mark.parametrize("text, number", [

@@ -9,7 +9,8 @@ import torch
 
 from finetune.config import ModelConfig, QuantConfig
 from finetune.errors import UserError
-from finetune.model import Device, load_base_model, warn_remote_code
+from finetune.model import Device, load_base_model
+from finetune.tokenizer import warn_remote_code
 
 CPU = Device("cpu", "cpu", True, "fp32", torch.float32)
 

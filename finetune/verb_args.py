@@ -1,24 +1,20 @@
-"""An existing run directory, and the `key=value` arguments of the verbs that work on one.
+"""The `key=value` arguments of the verbs that work on a finished run: export, generate, eval and publish.
 
-`export`, `generate` and `publish` take `run=RUN_DIR` plus a few keys of their own (checkpoint=,
-prompt=, ...) and, where it makes sense, overrides of the run's own config groups (export.*, hub.*).
-The run's config.yaml is read back into the typed schema, the overrides are applied and the result is
-validated like a training config, so a typo or a bad value gets the same one-line error.
+Each takes `run=RUN_DIR` plus a few keys of its own (checkpoint=, prompt=, ...) and, where it makes sense,
+overrides of the run's own config keys (export.*, hub.*, ...), which finetune.run applies to the run's
+config.yaml and validates like a training config: a typo or a bad value gets the same one-line error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from finetune.config import FinetuneConfig, _check_field, opt, schema_keys, validate
+from finetune.config import check_field, opt, schema_keys
 from finetune.errors import UserError, closest
 
 
@@ -108,7 +104,7 @@ def parse_verb_args(verb: str, argv: list[str]):
             problems.append(f"'{arg}' is not key=value: e.g. run=outputs/tiny_qlora/2026-01-01_12-00-00.")
         elif key in fields:
             values[key] = _parse_value(key, fields[key], raw)
-            problems.append(_check_field(key, fields[key], values[key]))
+            problems.append(check_field(key, fields[key], values[key]))
         elif key in config_keys:
             overrides.append(arg)
         else:
@@ -120,71 +116,3 @@ def parse_verb_args(verb: str, argv: list[str]):
     if problems:
         raise UserError(*problems)
     return cls(**values), overrides
-
-
-@dataclass
-class Run:
-    """A run directory written by `train`: its config, summary and exported folders."""
-    dir: Path
-    cfg: FinetuneConfig
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.dir / "adapter"
-
-    @property
-    def merged_dir(self) -> Path:
-        return self.dir / "merged"
-
-    def tokenizer_dir(self, source: Path) -> Path:
-        """Where the tokenizer as trained is (chat template and EOS included): saved with the adapter, with
-        the merged model and in every checkpoint; adapter/ where `source` has none."""
-        return source if (source / "tokenizer_config.json").is_file() else self.adapter_dir
-
-    def checkpoint_dir(self, name: Optional[str]) -> Path:
-        """checkpoints/checkpoint-N for checkpoint=N, checkpoint-N or last."""
-        from finetune.trainer import list_checkpoints
-
-        root = self.dir / "checkpoints"
-        found = list_checkpoints(root)
-        if not found:
-            raise UserError(f"checkpoint={name}: {root} holds no checkpoints (train.save_steps sets how often they "
-                            "are written).")
-        if name == "last":
-            return found[-1]
-        want = name if str(name).startswith("checkpoint-") else f"checkpoint-{name}"
-        for path in found:
-            if path.name == want:
-                return path
-        raise UserError(f"checkpoint={name}: no such checkpoint in {root}. Available: "
-                        f"{', '.join(p.name.split('-')[-1] for p in found)}, or last.")
-
-
-def load_run(path: str, overrides: Optional[list[str]] = None) -> Run:
-    """The run in `path`, its config read back into the schema with `overrides` applied and validated."""
-    run_dir = Path(path).expanduser()
-    if not run_dir.is_dir():
-        raise UserError(f"run={path}: no such folder. Give the output_dir of a training run, e.g. "
-                        "run=outputs/tiny_qlora/2026-01-01_12-00-00.")
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise UserError(f"run={path}: no config.yaml, so it is not a finetune run directory.")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.load(config))
-    except OmegaConfBaseException as e:
-        first = str(e).strip().split("\n")[0]
-        raise UserError(f"run={path}: {config} does not fit this version of finetune ({first}).") from None
-    for arg in overrides or []:
-        key, _, raw = arg.partition("=")
-        try:
-            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={raw}"]).v, merge=False)
-        except OmegaConfBaseException as e:
-            help_text = schema_keys()[key].metadata["help"]
-            raise UserError(f"{arg}: {str(e).strip().splitlines()[0]} ({key}: {help_text}).") from None
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, FinetuneConfig)
-    validate(obj)
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return Run(run_dir, obj, summary)

@@ -1,0 +1,80 @@
+"""The private internals of other libraries that finetune relies on, one test each: if an upgrade moves one,
+this fails by name, instead of a run that silently stops writing checkpoints atomically, resumes in the wrong
+dtype, reports no token count, or trains without gradient all-reduce. pyproject.toml caps each library below
+its next major version for the same reason."""
+
+import inspect
+
+import pytest
+import torch
+
+
+def parameters(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_the_trainers_checkpoint_methods_we_override():
+    """finetune.trainer.trainer_class overrides these to stage checkpoints and keep the adapter's dtype."""
+    from transformers import Trainer
+
+    assert parameters(Trainer._save_checkpoint) == ["self", "model", "trial"]
+    assert parameters(Trainer._load_from_checkpoint) == ["self", "resume_from_checkpoint", "model"]
+    assert parameters(Trainer._get_output_dir) == ["self", "trial"]
+
+
+def test_rotate_checkpoints_takes_the_arguments_we_pass():
+    from transformers.trainer_utils import rotate_checkpoints
+
+    assert {"output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"} <= set(parameters(rotate_checkpoints))
+
+
+def test_trl_counts_the_trained_tokens_in_total_train_tokens():
+    """summary.json's train_tokens (and tokens/s) is read from SFTTrainer._total_train_tokens."""
+    from trl import SFTTrainer
+
+    source = inspect.getsource(SFTTrainer)
+    assert "self._total_train_tokens = 0" in source and "self._total_train_tokens +=" in source
+
+
+def test_accelerate_marks_a_prepared_model_and_skips_it_next_time():
+    """finetune.trainer.unmark_prepared clears the mark after the base is evaluated, or DDP would never wrap it."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare_model(torch.nn.Linear(2, 2), evaluation_mode=True)
+    assert model._is_accelerate_prepared is True
+
+
+def test_transformers_matches_module_names_as_the_skip_list_check_assumes():
+    """finetune.model.check_skip_modules asks transformers which layers quant.skip_modules keeps unquantized."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    assert should_convert_module("model.layers.1.mlp.up_proj", ["model.layers.0"])
+    assert not should_convert_module("model.layers.0.mlp.up_proj", ["model.layers.0"])
+    assert not should_convert_module("lm_head", ["lm_head"])
+
+
+def test_bitsandbytes_4bit_layers_have_the_cpu_repacking_switch():
+    """finetune.model.keep_4bit_cpu_layers_differentiable turns this off so training keeps its gradients."""
+    import bitsandbytes as bnb
+
+    assert hasattr(bnb.nn.Linear4bit(64, 64), "support_avx512bf16_for_cpu")
+
+
+def test_trl_patches_known_chat_templates_for_assistant_masks():
+    """finetune.data.tokenize asks TRL for a training variant of a template without {% generation %} marks."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    assert callable(get_training_chat_template)
+    assert has_generation_markers("{% generation %}x{% endgeneration %}") and not has_generation_markers("x")
+
+
+@pytest.mark.parametrize("package", ["transformers", "trl", "accelerate", "bitsandbytes", "peft"])
+def test_installed_versions_are_within_the_pinned_range(package):
+    """The installed version is one pyproject.toml admits (what this suite tested)."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    (pin,) = [r for r in map(Requirement, requires("finetune")) if r.name == package and not r.marker]
+    assert pin.specifier.contains(version(package), prereleases=True), (package, version(package), str(pin))
