@@ -1,4 +1,6 @@
-"""Our schema -> trl.SFTConfig and SFTTrainer, plus the callback that writes metrics.jsonl."""
+"""Our schema -> trl.SFTConfig and SFTTrainer (checkpoints written atomically), and its three callbacks:
+MetricsCallback (metrics.jsonl), PreemptionGuard (SIGTERM/Ctrl-C stop at a checkpoint) and NonFiniteGuard
+(a NaN/inf gradient skips its update)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,42 @@
+"""Fixtures: the tiny model and data, the CLI in this process, the one shared tiny run, and the demo run.
+
+Tiers: `pytest -m "not slow"` (config, data, templates, plan, errors: no training) and the whole suite.
+Training runs and subprocesses are marked slow. Runs happen in this process wherever a second interpreter
+is not the point of the test (importing torch, transformers, peft and TRL costs ~12 s per process here).
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import build_tiny_model, run_cli, write_chat_data
+from tests.helpers import build_tiny_model, effective_base_weights, run_cli, tiny_overrides, write_chat_data
+
+# No test sees the developer's Hub login or token. Set before any test module imports huggingface_hub, which
+# reads HF_HOME once; subprocesses inherit it.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-hf-home-")
+os.environ.pop("HF_TOKEN", None)
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+
+# transformers' log handler keeps the stderr of the moment it is first configured. Configured inside a test, that
+# is the test's captured stream, which pytest closes afterwards, and a later warning prints "--- Logging error ---"
+# with a traceback. Configured now, it writes to the session's capture.
+import transformers.utils.logging  # noqa: E402  (after HF_HOME is set: huggingface_hub reads it on import)
+
+transformers.utils.logging.get_logger("transformers")
 
 DEMO_STEPS = 60  # a shortened demo: enough for the loss to fall and the adapter to matter, ~1 min on 2 cores
+TINY_RUN_STEPS = 16  # the shared tiny run: 91 training rows / micro-batch 8 = 12 steps per epoch, 13-16 in the second
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs a training run (the demo's or the shared tiny one) is slow, wherever it lives."""
+    for item in items:
+        if {"demo_run", "tiny_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +50,6 @@ def chat_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_hugging_face_login(tmp_path_factory):
-    """No test sees the developer's Hub login or token (subprocesses inherit this)."""
-    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
-    os.environ.pop("HF_TOKEN", None)
-
-
-@pytest.fixture(scope="session", autouse=True)
 def tokenization_cache(tmp_path_factory):
     """A cache of tokenized data for this test session only (subprocesses inherit it)."""
     path = tmp_path_factory.mktemp("cache")
@@ -33,8 +58,74 @@ def tokenization_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_args(tiny_model, chat_data):
+    """The one override list of a tiny run (tests/helpers.py TINY_RUN): tiny_args(out, "key=value", ...)."""
+    return lambda out, *extra: tiny_overrides(tiny_model, chat_data, out, *extra)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`python -m finetune ARGS` in this process, as run_cli runs it in a subprocess: W&B offline unless
+    wandb_mode=None, `env` set (a None value unsets), in `cwd`. Returns returncode, stdout and stderr."""
+    from finetune.__main__ import main
+
+    def run(*args, env: dict | None = None, cwd=None, wandb_mode: str | None = "offline"):
+        with monkeypatch.context() as m:
+            m.setenv("WANDB_SILENT", "true")
+            m.setenv("WANDB_CONSOLE", "off")  # W&B would wrap stdout and stderr
+            m.delenv("WANDB_MODE", raising=False)
+            if wandb_mode:
+                m.setenv("WANDB_MODE", wandb_mode)
+            for key, value in (env or {}).items():
+                m.delenv(key, raising=False) if value is None else m.setenv(key, value)
+            if cwd is not None:
+                m.chdir(cwd)
+            capsys.readouterr()
+            code = main(list(map(str, args)))
+            out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_args, tmp_path_factory):
+    """The one shared tiny run, in this process, holding on to the live trainer: QLoRA defaults (NF4, paged
+    8-bit AdamW, checkpointing), LoRA r=32 (its 32 x 128 matrices get 8-bit optimizer states), dropout 0.1 (so
+    an exact resume must restore the RNG), a checkpoint every 2 steps, merged/ exported.
+    Returns (captured: trainer and the weights before training, summary, run directory)."""
+    import finetune.pipeline as pipeline
+    from finetune.registry import load_config
+
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = load_config(tiny_args(run_dir, *TINY_RUN_SHARED))
+    captured = {}
+    real_build = pipeline.build_trainer
+
+    def build_and_capture(*args, **kwargs):
+        trainer = real_build(*args, **kwargs)
+        captured["trainer"] = trainer
+        captured["before"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        captured["base_before"] = effective_base_weights(trainer.model)
+        return trainer
+
+    pipeline.build_trainer = build_and_capture
+    try:
+        summary = pipeline.train(cfg)
+    finally:
+        pipeline.build_trainer = real_build
+    return captured, summary, run_dir
+
+
+# what the shared run adds to TINY_RUN; a resumed run passes the same (tests/integration/test_resume.py)
+TINY_RUN_SHARED = [f"train.max_steps={TINY_RUN_STEPS}", "lora.r=32", "lora.dropout=0.1", "train.learning_rate=3e-3",
+                   "train.save_steps=2", "train.save_total_limit=20", "export=merged"]
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The embedded tiny QLoRA recipe through the real CLI, shortened; exported merged, adapter logged to W&B."""
+    """The embedded tiny QLoRA recipe through the real CLI in a subprocess, shortened; exported merged, adapter
+    logged to W&B."""
     out = tmp_path_factory.mktemp("demo") / "run"
     result = run_cli("recipe=tiny_qlora", f"output_dir={out}", f"train.max_steps={DEMO_STEPS}", "train.save_steps=30",
                      "eval.exact_match_samples=24", "tracking.log_model=true")

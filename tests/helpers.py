@@ -1,4 +1,5 @@
-"""Test helpers: a tiny offline model, data files, the CLI in a subprocess, W&B's offline log reader."""
+"""Test helpers: a tiny offline model, data files, the one override list of a tiny run, the CLI in a
+subprocess, a script of scripts/ in this process, W&B's offline log reader."""
 
 from __future__ import annotations
 
@@ -46,6 +47,37 @@ def write_chat_data(path: Path, n: int) -> Path:
                 {"role": "assistant", "content": f"{i * 7 % 100}"},
             ]}) + "\n")
     return path
+
+
+# The one override list every tiny run starts from (tiny_overrides adds the model, the data and output_dir):
+# 96 chat rows with 5% held out for eval, 4 steps of micro-batch 8, LoRA r=8, a log line per step, no
+# exact match, no tracker, the adapter only. The demo recipe's own settings (10 epochs, W&B, merge) are off.
+TINY_RUN = ["data.eval_path=null", "data.max_length=128", "train.max_steps=4", "train.micro_batch_size=8",
+            "train.grad_accum=1", "train.logging_steps=1", "train.eval_steps=0", "eval.exact_match_samples=0",
+            "lora.r=8", "tracking=none", "export=adapter"]
+
+
+def tiny_overrides(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """TINY_RUN for this model, data and output_dir; each of `extra` replaces the same key or adds one."""
+    args = {a.split("=", 1)[0]: a for a in [f"model.name_or_path={tiny_model}", f"data.path={data}",
+                                             f"output_dir={out}", *TINY_RUN, *extra]}
+    return list(args.values())
+
+
+def run_script(name: str, *argv: str) -> int:
+    """scripts/NAME.py's main() in this process, with these command-line arguments (no second interpreter to
+    start and import torch in)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = sys.argv
+    sys.argv = [str(ROOT / "scripts" / f"{name}.py"), *argv]
+    try:
+        return module.main()
+    finally:
+        sys.argv = saved
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
@@ -110,3 +142,22 @@ def wandb_history(records, key: str) -> list:
     """Every value logged under `key`, in order."""
     return [json.loads(item.value_json) for r in records if r.HasField("history")
             for item in r.history.item if _key(item) == key]
+
+
+def effective_base_weights(model) -> dict:
+    """What each frozen weight computes with: a 4-bit layer applied to the identity gives its dequantized
+    weight whatever the storage layout (bitsandbytes repacks 4-bit weights for its CPU kernel on first use)."""
+    import bitsandbytes as bnb
+    import torch
+
+    out, was_training = {}, model.training
+    model.eval()  # one kernel path for both snapshots: bitsandbytes' CPU inference kernel
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                out[name] = module(torch.eye(module.in_features)).clone()
+        for name, p in model.named_parameters():
+            if "lora_" not in name and p.dtype.is_floating_point:
+                out[name] = p.detach().clone()
+    model.train(was_training)
+    return out

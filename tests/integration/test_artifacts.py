@@ -1,6 +1,6 @@
 """What a run leaves behind, used the way users use it: the merge fidelity, adapters other tools load,
-`export`, `generate` and `publish` through the real CLI, publishing with huggingface_hub's own client
-against a local stand-in of the Hub, and the adapter logged to W&B."""
+`export`, `generate` and `publish` through the CLI's main() (in this process), publishing with
+huggingface_hub's own client against a local stand-in of the Hub, and the adapter logged to W&B."""
 
 import json
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import read_wandb_log, run_cli
+from tests.helpers import read_wandb_log
 from tests.hub_standin import HubStandIn
 
+pytestmark = pytest.mark.slow
 TOKEN = "hf_tEsTsEcReT0123456789abcdefghijklmn"
 
 
@@ -20,6 +21,18 @@ def summary_of(path):
 
 def hub_env(hub, token=TOKEN):
     return {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": None, "HF_HUB_DISABLE_XET": "1"}
+
+
+@pytest.fixture(autouse=True)
+def hub_as_configured_here(monkeypatch, tmp_path):
+    """huggingface_hub reads its offline and Xet switches and its token file once, at import: in this process they
+    are set as hub_env() sets them for a fresh one (the stand-in speaks the Hub's API and LFS, not Xet). No token
+    file: a token comes from HF_TOKEN or nowhere."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
 
 
 # ---- merge fidelity -----------------------------------------------------------------------------
@@ -45,8 +58,8 @@ def test_the_merged_weights_are_16_bit_never_4_bit(demo_run):
     assert not any("lora_" in n or "absmax" in n or "quant" in n for n in names)
 
 
-def test_export_of_a_checkpoint_with_a_chosen_base(demo_run):
-    result = run_cli("export", f"run={demo_run}", "checkpoint=30", "export.merge_base=original",
+def test_export_of_a_checkpoint_with_a_chosen_base(demo_run, cli):
+    result = cli("export", f"run={demo_run}", "checkpoint=30", "export.merge_base=original",
                      "model.hub_id=demo-org/tiny-llama")
     assert result.returncode == 0, result.stderr[-2000:]
     out = demo_run / "exports" / "checkpoint-30"
@@ -63,8 +76,8 @@ def test_export_of_a_checkpoint_with_a_chosen_base(demo_run):
     assert not torch.equal(final.get_tensor(key), early.get_tensor(key))
 
 
-def test_a_merge_too_far_from_the_trained_model_is_not_written(demo_run):
-    result = run_cli("export", f"run={demo_run}", "checkpoint=last", "export.max_kl=1e-12")
+def test_a_merge_too_far_from_the_trained_model_is_not_written(demo_run, cli):
+    result = cli("export", f"run={demo_run}", "checkpoint=last", "export.max_kl=1e-12")
     assert result.returncode == 2
     assert "error: The merged model is further from the model as trained than export.max_kl=1e-12" in result.stderr
     assert f"export run={demo_run} checkpoint=last export.merge_dtype=float32" in result.stderr
@@ -100,8 +113,8 @@ def test_generation_config_ends_at_the_templates_eos(demo_run):
 
 # ---- generate -----------------------------------------------------------------------------------
 
-def test_generate_answers_in_the_chat_format_and_stops_at_eos(demo_run):
-    result = run_cli("generate", f"run={demo_run}", "prompt=Write 512 in words.", "max_new_tokens=40")
+def test_generate_answers_in_the_chat_format_and_stops_at_eos(demo_run, cli):
+    result = cli("generate", f"run={demo_run}", "prompt=Write 512 in words.", "max_new_tokens=40")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     answer = lines[lines.index(">>> Write 512 in words.") + 1]
@@ -115,10 +128,10 @@ NUMBER_WORDS = set("zero one two three four five six seven eight nine ten eleven
                    "hundred".split())
 
 
-def test_generate_compare_shows_base_and_tuned_side_by_side(demo_run, tmp_path):
+def test_generate_compare_shows_base_and_tuned_side_by_side(demo_run, cli, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Write 77 in words."}\n{"prompt": "Spell out the number 903."}\n')
-    result = run_cli("generate", f"run={demo_run}", f"prompts_file={prompts}", "compare=true", "quant=none",
+    result = cli("generate", f"run={demo_run}", f"prompts_file={prompts}", "compare=true", "quant=none",
                      env={"COLUMNS": "90"})
     assert result.returncode == 0, result.stderr[-2000:]
     headers = [line for line in result.stdout.splitlines() if line.startswith("base ")]
@@ -128,8 +141,8 @@ def test_generate_compare_shows_base_and_tuned_side_by_side(demo_run, tmp_path):
     assert any(b.strip() != t.strip() for b, t in zip(base, tuned))  # the adapter changes the answers
 
 
-def test_generate_from_the_merged_model_with_sampling(demo_run):
-    result = run_cli("generate", f"run={demo_run}", "prompt=Write 40 in words.", "model=merged", "do_sample=true",
+def test_generate_from_the_merged_model_with_sampling(demo_run, cli):
+    result = cli("generate", f"run={demo_run}", "prompt=Write 40 in words.", "model=merged", "do_sample=true",
                      "temperature=0.5", "seed=3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stopped at EOS" in result.stdout
@@ -151,18 +164,18 @@ def test_generate_user_errors(demo_run, args, message, capsys):
     assert code == 2 and message in err, err
 
 
-def test_verbs_on_a_folder_that_is_no_run(tmp_path):
-    result = run_cli("generate", f"run={tmp_path}", "prompt=hi")
+def test_verbs_on_a_folder_that_is_no_run(cli, tmp_path):
+    result = cli("generate", f"run={tmp_path}", "prompt=hi")
     assert result.returncode == 2 and "no config.yaml, so it is not a finetune run directory" in result.stderr
-    result = run_cli("export", "checkpoint=3")
+    result = cli("export", "checkpoint=3")
     assert result.returncode == 2 and "`export` needs run=..." in result.stderr
 
 
 # ---- publish ------------------------------------------------------------------------------------
 
-def test_publish_uploads_the_adapter_and_its_card_in_one_commit(demo_run):
+def test_publish_uploads_the_adapter_and_its_card_in_one_commit(demo_run, cli):
     with HubStandIn(tokens={TOKEN: "alice"}) as hub:
-        result = run_cli("publish", f"run={demo_run}", "hub.repo_id=alice/tiny-demo", "hub.revision=exp-1",
+        result = cli("publish", f"run={demo_run}", "hub.repo_id=alice/tiny-demo", "hub.revision=exp-1",
                          "model.hub_id=demo-org/tiny-llama", env=hub_env(hub))
     assert result.returncode == 0, result.stderr[-2000:]
     repo = hub.repos["alice/tiny-demo"]
@@ -187,9 +200,9 @@ def test_publish_uploads_the_adapter_and_its_card_in_one_commit(demo_run):
     assert all(h.get("authorization") == f"Bearer {TOKEN}" for m, p, h in hub.requests if p.startswith("/api/repos"))
 
 
-def test_publish_the_merged_model_publicly(demo_run):
+def test_publish_the_merged_model_publicly(demo_run, cli):
     with HubStandIn(tokens={TOKEN: "alice"}) as hub:
-        result = run_cli("publish", f"run={demo_run}", "hub.repo_id=alice/tiny-merged", "hub.model=merged",
+        result = cli("publish", f"run={demo_run}", "hub.repo_id=alice/tiny-merged", "hub.model=merged",
                          "hub.private=false", env=hub_env(hub))
     assert result.returncode == 0, result.stderr[-2000:]
     repo = hub.repos["alice/tiny-merged"]
@@ -199,13 +212,13 @@ def test_publish_the_merged_model_publicly(demo_run):
 
 
 @pytest.mark.parametrize("case", ["no token", "bad token", "no permission", "no network", "commit refused"])
-def test_publish_failures_are_one_message_and_leave_nothing(demo_run, case):
+def test_publish_failures_are_one_message_and_leave_nothing(demo_run, cli, case):
     with HubStandIn(tokens={TOKEN: "alice"}, fail_commit_with=500 if case == "commit refused" else None) as hub:
         env = hub_env(hub, token={"no token": None, "bad token": "hf_wrong"}.get(case, TOKEN))
         if case == "no network":
             env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: connection refused
         repo_id = "bob/x" if case == "no permission" else "alice/x"
-        result = run_cli("publish", f"run={demo_run}", f"hub.repo_id={repo_id}", env=env)
+        result = cli("publish", f"run={demo_run}", f"hub.repo_id={repo_id}", env=env)
     expected = {
         "no token": "Publishing needs a Hugging Face token with write access: set HF_TOKEN",
         "bad token": "The Hugging Face Hub rejected the token",
@@ -218,13 +231,11 @@ def test_publish_failures_are_one_message_and_leave_nothing(demo_run, case):
     assert hub.repos == {}  # a repository created for the failed commit is deleted again
 
 
-def test_train_with_hub_push_publishes_and_never_writes_the_token(tiny_model, chat_data, tmp_path):
+def test_train_with_hub_push_publishes_and_never_writes_the_token(tiny_args, cli, tmp_path):
     out = tmp_path / "run"
     with HubStandIn(tokens={TOKEN: "alice"}) as hub:
-        result = run_cli(f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
-                         "data.max_length=128", f"output_dir={out}", "train.max_steps=4", "eval.exact_match_samples=0",
-                         "train.eval_steps=0", "tracking=wandb", "tracking.log_model=true", "hub=push",
-                         "hub.repo_id=alice/pushed", "lora.r=8", env=hub_env(hub))
+        result = cli(*tiny_args(out, "tracking=wandb", "tracking.log_model=true", "hub=push", "hub.repo_id=alice/pushed"),
+                     env=hub_env(hub))
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary_of(out)["hub_commit_url"].startswith(f"{hub.url}/alice/pushed/commit/")
     assert set(hub.repos["alice/pushed"]["commits"][0]["files"]) >= {"adapter_model.safetensors", "README.md"}
@@ -235,10 +246,9 @@ def test_train_with_hub_push_publishes_and_never_writes_the_token(tiny_model, ch
     assert "lora.r=8 is not one of vLLM's ranks" not in result.stderr  # 8 is one
 
 
-def test_hub_push_without_a_token_fails_before_training(tiny_model, chat_data, tmp_path):
+def test_hub_push_without_a_token_fails_before_training(tiny_args, cli, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
-                     f"output_dir={out}", "hub=push", "hub.repo_id=alice/pushed", env={"HF_HUB_OFFLINE": None})
+    result = cli(*tiny_args(out, "hub=push", "hub.repo_id=alice/pushed"), env={"HF_HUB_OFFLINE": None})
     assert result.returncode == 2 and "Publishing needs a Hugging Face token" in result.stderr
     assert not out.exists()  # nothing trained, nothing written
 

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_cpu_smoke_runs_both_paths_on_the_same_math(tmp_path):

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from tests.helpers import read_wandb_log, run_cli, wandb_config, wandb_history
-
 from tests.conftest import DEMO_STEPS as STEPS
+from tests.helpers import read_wandb_log, wandb_config, wandb_history
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import pytest
 from finetune.__main__ import main
 from tests.helpers import ROOT, read_wandb_log, run_cli, wandb_config, wandb_history
 
+pytestmark = pytest.mark.slow
+
 STEPS = 8
 # Each process: micro-batch 8, accumulation 1; two processes: 16 sequences per optimizer step.
 COMMON = ["recipe=tiny_qlora", f"train.max_steps={STEPS}", "train.eval_steps=0", "train.save_steps=4",

@@ -5,14 +5,19 @@ import json
 import pytest
 import torch
 
-from finetune.config import DataConfig, LoraConfig, TrainConfig
+from finetune.config import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    TrainConfig,
+)
 from finetune.data import load_splits
 from finetune.data.templates import apply_chat_template_choice
 from finetune.data.tokenize import tokenize
 from finetune.lora import build_peft_config
 from finetune.model import Device, load_base_model
 from finetune.tokenizer import load_tokenizer
-from finetune.config import ModelConfig, QuantConfig
 from finetune.trainer import build_sft_config, build_trainer
 
 ROWS = {

@@ -113,10 +113,9 @@ def test_bad_config(capsys, tmp_path, overrides, fragments):
 
 
 @pytest.mark.parametrize("name, extra, fragments", DATA_CASES, ids=[c[0] for c in DATA_CASES])
-def test_bad_data(capsys, tmp_path, tiny_model, data_dir, name, extra, fragments):
+def test_bad_data(capsys, tmp_path, tiny_args, data_dir, name, extra, fragments):
     out = tmp_path / "run"
-    argv = [f"model.name_or_path={tiny_model}", f"data.path={data_dir / name}", "data.eval_path=null",
-            "data.max_length=128", "tracking=none", f"output_dir={out}", *extra]
+    argv = tiny_args(out, f"data.path={data_dir / name}", *extra)
     before = {p: p.read_bytes() for p in data_dir.iterdir() if p.is_file()}
     check(*run(capsys, argv), fragments)
     assert not out.exists()  # checked before anything is written
@@ -130,38 +129,35 @@ def good_data(tmp_path):
     return path
 
 
-def test_an_existing_run_is_kept(capsys, tmp_path, tiny_model, good_data):
+def test_an_existing_run_is_kept(capsys, tmp_path, tiny_args, good_data):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text('{"keep": true}')
-    code, err = run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
-                             f"output_dir={out}"])
+    code, err = run(capsys, tiny_args(out, f"data.path={good_data}"))
     check(code, err, [f"output_dir={out} already holds a run", "resume=true", "overwrite=true"])
     assert [p.name for p in out.iterdir()] == ["summary.json"] and (out / "summary.json").read_text() == '{"keep": true}'
 
 
-def test_an_output_dir_that_is_a_file(capsys, tmp_path, tiny_model, good_data):
+def test_an_output_dir_that_is_a_file(capsys, tmp_path, tiny_args, good_data):
     out = tmp_path / "run.txt"
     out.write_text("mine")
-    check(*run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
-                        f"output_dir={out}"]), [f"output_dir={out} is a file, not a folder"])
+    check(*run(capsys, tiny_args(out, f"data.path={good_data}")), [f"output_dir={out} is a file, not a folder"])
     assert out.read_text() == "mine"
 
 
-def test_an_output_dir_that_cannot_be_written(capsys, tmp_path, tiny_model, good_data):
+def test_an_output_dir_that_cannot_be_written(capsys, tmp_path, tiny_args, good_data):
     """Read-only folders cannot be simulated as root, so: a folder under a file, which no one can create."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    check(*run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
-                        "data.max_length=128", "tracking=none", f"output_dir={blocker / 'run'}"]),
+    check(*run(capsys, tiny_args(blocker / "run", f"data.path={good_data}")),
           [f"output_dir={blocker / 'run'}: cannot write there", "Choose a writable output_dir"])
 
 
-def test_resume_without_a_checkpoint(capsys, tmp_path, tiny_model, good_data):
+def test_resume_without_a_checkpoint(capsys, tmp_path, tiny_args, good_data):
     out = tmp_path / "run"
     out.mkdir()
-    check(*run(capsys, [f"model.name_or_path={tiny_model}", f"data.path={good_data}", "data.eval_path=null",
-                        f"output_dir={out}", "resume=true"]), ["resume=true but", "holds no checkpoint to resume from"])
+    check(*run(capsys, tiny_args(out, f"data.path={good_data}", "resume=true")),
+          ["resume=true but", "holds no checkpoint to resume from"])
 
 
 def test_a_bom_and_crlf_line_endings_are_read_as_the_same_rows(tmp_path):

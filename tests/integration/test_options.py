@@ -1,6 +1,4 @@
-"""The selectable optimizers train, a run resumes from its checkpoint, and W&B can be switched off."""
-
-import json
+"""The selectable optimizers train, and W&B can be switched off."""
 
 import pytest
 import torch
@@ -9,10 +7,9 @@ from finetune.data import load_splits
 from finetune.data.tokenize import tokenize
 from finetune.lora import build_peft_config
 from finetune.model import Device, load_base_model
-from finetune.tokenizer import load_tokenizer
 from finetune.registry import load_config
+from finetune.tokenizer import load_tokenizer
 from finetune.trainer import build_sft_config, build_trainer
-from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize("optim,cls,bits", [
@@ -21,9 +18,8 @@ from tests.helpers import run_cli
     ("paged_adamw_32bit", "bitsandbytes.optim.adamw.AdamW", 32),
     ("adafactor", "transformers.optimization.Adafactor", None),
 ])
-def test_each_optimizer_takes_a_step(tiny_model, chat_data, tmp_path, optim, cls, bits):
-    cfg = load_config([f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
-                       "data.max_length=128", f"train.optim={optim}", "lora.r=32"])
+def test_each_optimizer_takes_a_step(tiny_args, tmp_path, optim, cls, bits):
+    cfg = load_config(tiny_args(tmp_path / "run", f"train.optim={optim}", "lora.r=32"))
     cpu = Device("cpu", "cpu", True, "fp32", torch.float32)
     tokenizer = load_tokenizer(cfg.model)
     from finetune.data.templates import apply_chat_template_choice
@@ -46,15 +42,14 @@ def test_each_optimizer_takes_a_step(tiny_model, chat_data, tmp_path, optim, cls
     assert not torch.equal(before, lora_b.detach())
 
 
-def test_wandb_disabled_writes_no_wandb_run_and_the_environment_override_is_said(tiny_model, chat_data, tmp_path):
-    common = [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
-              "data.max_length=128", "tracking=wandb", "tracking.mode=disabled", "train.max_steps=2",
-              "train.logging_steps=1", "export=adapter"]
-    result = run_cli(*common, f"output_dir={tmp_path / 'off'}", wandb_mode=None)
+@pytest.mark.slow
+def test_wandb_disabled_writes_no_wandb_run_and_the_environment_override_is_said(tiny_args, cli, tmp_path):
+    common = ["tracking=wandb", "tracking.mode=disabled", "train.max_steps=2"]
+    result = cli(*tiny_args(tmp_path / "off", *common), wandb_mode=None)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not list((tmp_path / "off").glob("wandb/*run-*"))
     assert (tmp_path / "off" / "metrics.jsonl").read_text().count('"loss"') == 2  # metrics.jsonl regardless
-    result = run_cli(*common, f"output_dir={tmp_path / 'env'}", wandb_mode="offline")
+    result = cli(*tiny_args(tmp_path / "env", *common), wandb_mode="offline")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "W&B mode offline from WANDB_MODE (tracking.mode=disabled is overridden)" in result.stderr
     assert len(list((tmp_path / "env").glob("wandb/offline-run-*"))) == 1

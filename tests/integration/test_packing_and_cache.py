@@ -94,17 +94,13 @@ def test_a_second_run_reads_the_tokenized_rows_from_the_cache(tiny_model, tmp_pa
     assert not tokenize(train, tok, cfg, "train", False).cached and len(calls) == 6
 
 
-def test_padding_free_batches_give_the_same_losses(tiny_model, chat_data, tmp_path):
+@pytest.mark.slow
+def test_padding_free_batches_give_the_same_losses(tiny_args, cli, tmp_path):
     """data.padding_free concatenates each micro-batch's rows instead of padding them: same loss, step by step."""
-    from tests.helpers import run_cli
-
     losses = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
-        result = run_cli(f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null",
-                         "data.max_length=128", f"output_dir={out}", "train.max_steps=4", "eval.exact_match_samples=0",
-                         "train.eval_steps=0", "tracking=none", "export=adapter", "lora.r=8", "train.logging_steps=1",
-                         "train.micro_batch_size=8", "train.grad_accum=1", f"data.padding_free={flag}")
+        result = cli(*tiny_args(out, f"data.padding_free={flag}"))
         assert result.returncode == 0, result.stderr[-2000:]
         losses[flag] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                         if '"loss"' in line]

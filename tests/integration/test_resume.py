@@ -1,4 +1,7 @@
-"""Nothing lost: resume is exact, a signal stops at a checkpoint, checkpoints are atomic, bad ones are skipped."""
+"""Nothing lost: resume is exact, a signal stops at a checkpoint, checkpoints are atomic, bad ones are skipped.
+
+The uninterrupted run is the shared tiny run (tests/conftest.py: 16 steps, a checkpoint every 2); the runs
+that resume it pass the same overrides, in this process."""
 
 import json
 import shutil
@@ -11,16 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, run_cli
+from tests.conftest import TINY_RUN_SHARED
+from tests.conftest import TINY_RUN_STEPS as STEPS
+from tests.helpers import ROOT
 
-STEPS = 16  # 91 training rows / micro-batch 8 = 12 steps per epoch: steps 13-16 are in the second epoch
+pytestmark = pytest.mark.slow
 
 
-def args(tiny_model, chat_data, out, *extra):
-    return [f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null", "data.max_length=128",
-            f"output_dir={out}", f"train.max_steps={STEPS}", "eval.exact_match_samples=0", "train.eval_steps=0",
-            "tracking=none", "export=adapter", "lora.r=8", "lora.dropout=0.1", "train.logging_steps=1",
-            "train.micro_batch_size=8", "train.grad_accum=1", "train.save_steps=2", "train.save_total_limit=20", *extra]
+@pytest.fixture(scope="module")
+def args(tiny_args):
+    """The shared run's overrides for output_dir `out` (resumed runs export the adapter only)."""
+    return lambda out, *extra: tiny_args(out, *TINY_RUN_SHARED, "export=adapter", *extra)
 
 
 def losses(run):
@@ -32,10 +36,8 @@ def adapter(run):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model, chat_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "full"
-    result = run_cli(*args(tiny_model, chat_data, out))
-    assert result.returncode == 0, result.stderr[-2000:]
+def uninterrupted(tiny_run):
+    _, _, out = tiny_run
     assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")) == list(range(2, 17, 2))
     assert not (out / "checkpoints" / ".staging").exists()  # written under a staging name, then renamed
     return out
@@ -48,7 +50,8 @@ def interrupted_copy(run, tmp_path, at_step):
     for p in (copy / "checkpoints").glob("checkpoint-*"):
         if int(p.name.split("-")[1]) > at_step:
             shutil.rmtree(p)
-    shutil.rmtree(copy / "adapter")
+    for folder in ("adapter", "merged"):
+        shutil.rmtree(copy / folder)
     (copy / "summary.json").unlink()
     kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= at_step]
     (copy / "metrics.jsonl").write_text("\n".join(kept) + "\n")
@@ -56,16 +59,16 @@ def interrupted_copy(run, tmp_path, at_step):
 
 
 @pytest.mark.parametrize("at_step", [6, 14], ids=["mid-epoch", "later-epoch"])
-def test_resume_is_exact(uninterrupted, tiny_model, chat_data, tmp_path, at_step):
+def test_resume_is_exact(uninterrupted, args, cli, tmp_path, at_step):
     run = interrupted_copy(uninterrupted, tmp_path, at_step)
-    result = run_cli(*args(tiny_model, chat_data, run, "resume=true"))
+    result = cli(*args(run, "resume=true"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(run) == losses(uninterrupted)  # every step's loss, bit for bit
     a, b = adapter(uninterrupted), adapter(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_skips_incomplete_and_corrupt_checkpoints(uninterrupted, tiny_model, chat_data, tmp_path):
+def test_resume_skips_incomplete_and_corrupt_checkpoints(uninterrupted, args, cli, tmp_path):
     run = interrupted_copy(uninterrupted, tmp_path, STEPS)
     ckpts = run / "checkpoints"
     weights = ckpts / "checkpoint-16" / "adapter_model.safetensors"
@@ -73,7 +76,7 @@ def test_resume_skips_incomplete_and_corrupt_checkpoints(uninterrupted, tiny_mod
     (ckpts / "checkpoint-14" / "trainer_state.json").unlink()  # missing trainer state
     (ckpts / "checkpoint-12" / "optimizer.pt").write_bytes(b"")  # an interrupted write
     (ckpts / ".staging" / "checkpoint-18").mkdir(parents=True)  # a write that never finished
-    result = run_cli(*args(tiny_model, chat_data, run, "resume=true"))
+    result = cli(*args(run, "resume=true"))
     assert result.returncode == 0, result.stderr[-2000:]
     for name, why in (("checkpoint-16", "adapter_model.safetensors is unreadable"),
                       ("checkpoint-14", "no trainer_state.json"), ("checkpoint-12", "no optimizer.pt")):
@@ -85,9 +88,10 @@ def test_resume_skips_incomplete_and_corrupt_checkpoints(uninterrupted, tiny_mod
         uninterrupted / "checkpoints" / "checkpoint-16" / "adapter_model.safetensors").stat().st_size  # rewritten
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model, chat_data, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(args, cli, tmp_path):
+    """The signal goes to a real process; the resume runs here."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "finetune", *args(tiny_model, chat_data, out, "train.save_steps=100")]
+    cmd = [sys.executable, "-m", "finetune", *args(out, "train.save_steps=100")]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
@@ -105,14 +109,13 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model, chat_data, 
     assert "resume=true" in last and f"output_dir={out}" in last and "Traceback" not in stderr
     assert (out / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
-    result = run_cli(*args(tiny_model, chat_data, out, "train.save_steps=100", "resume=true"))
+    result = cli(*args(out, "train.save_steps=100", "resume=true"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(losses(out)) == list(range(1, STEPS + 1)) and json.loads((out / "summary.json").read_text())["steps"] == STEPS
 
 
 @pytest.mark.parametrize("error", ["ENOSPC", "EROFS"], ids=["disk full", "read-only folder"])
-def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_model, chat_data, tmp_path, monkeypatch,
-                                                                       error):
+def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(args, tmp_path, monkeypatch, error):
     """Simulated: as root, a folder cannot be made read-only for the test, so the write fails as the OS would."""
     import errno
     import os
@@ -136,7 +139,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_mode
     monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", disk_full_on_second)
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
-        pipeline.train(load_config(args(tiny_model, chat_data, out)))
+        pipeline.train(load_config(args(out)))
     assert "Could not write checkpoint-4 to" in str(e.value) and os.strerror(getattr(errno, error)) in str(e.value)
     assert "The previous checkpoint, checkpoint-2, is intact" in str(e.value)
     ckpts = out / "checkpoints"
@@ -148,7 +151,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tiny_mode
 
 
 @pytest.mark.parametrize("max_bad_steps", [0, 1])
-def test_a_non_finite_loss_stops_the_run_or_is_skipped(tiny_model, chat_data, tmp_path, monkeypatch, max_bad_steps):
+def test_a_non_finite_loss_stops_the_run_or_is_skipped(args, tmp_path, monkeypatch, max_bad_steps):
     """Step 5's loss is made NaN: with max_bad_steps=0 the run stops, naming the step and the checkpoint it
     keeps; with 1 the step's update is skipped and training goes on with finite weights."""
     import trl
@@ -167,7 +170,7 @@ def test_a_non_finite_loss_stops_the_run_or_is_skipped(tiny_model, chat_data, tm
 
     monkeypatch.setattr(trl.SFTTrainer, "compute_loss", nan_at_step_5)
     out = tmp_path / "run"
-    cfg = load_config(args(tiny_model, chat_data, out, "train.max_steps=8", f"train.max_bad_steps={max_bad_steps}"))
+    cfg = load_config(args(out, "train.max_steps=8", f"train.max_bad_steps={max_bad_steps}"))
     if max_bad_steps == 0:
         with pytest.raises(UserError) as e:
             pipeline.train(cfg)

@@ -1,58 +1,18 @@
-"""The train pipeline in-process on a tiny random Llama, holding on to the live trainer to inspect it."""
+"""The train pipeline in-process on a tiny random Llama (the shared tiny run), holding on to the live trainer
+to inspect it."""
 
 import pytest
 import torch
 
-import finetune.pipeline as pipeline
-from finetune.registry import load_config
+from tests.helpers import effective_base_weights
 
-
-@torch.no_grad()
-def effective_base_weights(model) -> dict:
-    """What each frozen weight computes with: a 4-bit layer applied to the identity gives its dequantized
-    weight whatever the storage layout (bitsandbytes repacks 4-bit weights for its CPU kernel on first use)."""
-    import bitsandbytes as bnb
-
-    out, was_training = {}, model.training
-    model.eval()  # one kernel path for both snapshots: bitsandbytes' CPU inference kernel
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            out[name] = module(torch.eye(module.in_features)).clone()
-    for name, p in model.named_parameters():
-        if "lora_" not in name and p.dtype.is_floating_point:
-            out[name] = p.detach().clone()
-    model.train(was_training)
-    return out
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, chat_data, tmp_path_factory):
-    """Run `train` on QLoRA defaults (NF4, paged 8-bit AdamW, checkpointing), capturing the trainer."""
-    run_dir = tmp_path_factory.mktemp("run") / "out"
-    cfg = load_config([
-        f"model.name_or_path={tiny_model}", f"data.path={chat_data}", "data.eval_path=null", "data.eval_fraction=0.1",
-        "data.max_length=128",
-        f"output_dir={run_dir}", "tracking=none", "export=merged", "lora.r=32", "train.max_steps=15",
-        "train.micro_batch_size=8", "train.grad_accum=1", "train.learning_rate=3e-3", "train.logging_steps=1",
-        "train.save_steps=100", "eval.exact_match_samples=0",
-    ])
-    captured = {}
-    real_build = pipeline.build_trainer
-
-    def build_and_capture(*args, **kwargs):
-        trainer = real_build(*args, **kwargs)
-        model = trainer.model
-        captured["trainer"] = trainer
-        captured["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        captured["base_before"] = effective_base_weights(model)
-        return trainer
-
-    pipeline.build_trainer = build_and_capture
-    try:
-        summary = pipeline.train(cfg)
-    finally:
-        pipeline.build_trainer = real_build
-    return captured, summary, run_dir
+def trained(tiny_run):
+    """`train` on QLoRA defaults (NF4, paged 8-bit AdamW, checkpointing), with the trainer captured."""
+    return tiny_run
 
 
 def test_the_base_is_bitsandbytes_4bit_nf4(trained):
@@ -114,3 +74,16 @@ def test_the_loss_falls_and_summary_has_every_key(trained):
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["chat_template"] == "plain"
     assert "<unk>" in (run_dir / "adapter" / "tokenizer_config.json").read_text()  # pad token distinct from EOS
+
+
+def test_the_trained_tokens_are_counted(trained):
+    """summary.json's train_tokens (and tokens/s) come from TRL's own count of the tokens it trained on: every
+    token of the sequences seen in 16 steps of 8 (an epoch of 91 rows is 12 steps, its last one of 3), padding
+    excluded."""
+    captured, summary, _ = trained
+    lengths = [len(ids) for ids in captured["trainer"].train_dataset["input_ids"]]
+    batch, per_epoch = summary["effective_batch"], -(-len(lengths) // summary["effective_batch"])
+    seen = len(lengths) * (summary["steps"] // per_epoch) + batch * (summary["steps"] % per_epoch)
+    assert isinstance(summary["train_tokens"], int)
+    assert seen * min(lengths) <= summary["train_tokens"] <= seen * max(lengths)
+    assert summary["tokens_per_second"] == pytest.approx(summary["train_tokens"] / summary["train_runtime_s"])

@@ -5,7 +5,11 @@ import site
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_the_installed_wheel_trains_from_another_directory(tmp_path):

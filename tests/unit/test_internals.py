@@ -63,7 +63,10 @@ def test_bitsandbytes_4bit_layers_have_the_cpu_repacking_switch():
 
 def test_trl_patches_known_chat_templates_for_assistant_masks():
     """finetune.data.tokenize asks TRL for a training variant of a template without {% generation %} marks."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+    )
 
     assert callable(get_training_chat_template)
     assert has_generation_markers("{% generation %}x{% endgeneration %}") and not has_generation_markers("x")

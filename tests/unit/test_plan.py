@@ -9,10 +9,9 @@ import torch
 
 from finetune.config import LoraConfig
 from finetune.errors import UserError
-from finetune.plan import (GIB, GPUS, Setting, activation_bytes_per_token, auto_fit, load_arch, make_plan, setting_of,
+from finetune.plan import (GIB, GPUS, activation_bytes_per_token, auto_fit, load_arch, make_plan, setting_of,
                            weight_bits)
 from finetune.registry import load_config, recipes
-from tests.helpers import run_cli
 
 GB = 1e9
 
@@ -148,25 +147,18 @@ def test_auto_fit_takes_the_largest_micro_batch_that_fits(monkeypatch):
             assert r["total_gib"] > 0.95 * GPUS["a10"].memory_gib
 
 
-def test_plan_cli_table_json_and_errors(capsys):
-    from finetune.__main__ import main
-
-    def cli(*argv):
-        code = main(list(argv))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    result = run_cli("plan", "recipe=qlora_llama7b", "plan.gpu=rtx3060")  # the real command line, once
+def test_plan_cli_table_json_and_errors(cli):
+    result = cli("plan", "recipe=qlora_llama7b", "plan.gpu=rtx3060")
     assert result.returncode == 0, result.stderr
     assert "fits:" in result.stdout and "tokens/s" in result.stdout and "GPU-hours" in result.stdout
-    code, out, _ = cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4")
-    plan = json.loads(out)
-    assert code == 0 and plan["model"] == "meta-llama/Llama-2-70b-hf" and plan["params"] > 68e9
-    code, _, err = cli("plan", "plan.gpu=a100")
-    assert code == 2 and "plan.gpu=a100 is not allowed" in err and "a100-40gb" in err
+    result = cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4")
+    plan = json.loads(result.stdout)
+    assert result.returncode == 0 and plan["model"] == "meta-llama/Llama-2-70b-hf" and plan["params"] > 68e9
+    result = cli("plan", "plan.gpu=a100")
+    assert result.returncode == 2 and "plan.gpu=a100 is not allowed" in result.stderr and "a100-40gb" in result.stderr
     if not torch.cuda.is_available():
-        code, _, err = cli("plan", "recipe=qlora_llama7b")
-        assert code == 2 and "plan.gpu=auto reads the local GPU, and this machine has none" in err
+        result = cli("plan", "recipe=qlora_llama7b")
+        assert result.returncode == 2 and "plan.gpu=auto reads the local GPU, and this machine has none" in result.stderr
 
 
 def test_an_unknown_hub_model_without_network_is_one_message(monkeypatch):
@@ -178,21 +170,15 @@ def test_an_unknown_hub_model_without_network_is_one_message(monkeypatch):
 
 
 def test_validate_plan_script_predicts_without_a_gpu(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
+    from tests.helpers import run_script
 
     out = tmp_path / "vp.md"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate_plan.py"), "--predict-only", "--gpu", "a10",
-                           "--workdir", str(tmp_path / "w"), "--out", str(out)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_script("validate_plan", "--predict-only", "--gpu", "a10", "--workdir", str(tmp_path / "w"),
+                      "--out", str(out)) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
     assert len(rows) >= 6 and {r["quant"] for r in rows} == {"nf4", "int8", "none"}
     assert {r["checkpointing"] for r in rows} == {True, False} and len({r["seq"] for r in rows}) >= 3
     assert all(r["predicted_gb"] > 4 and r["measured_gb"] is None for r in rows)
-
 
 
 @pytest.mark.parametrize("name, memory_gib, preset", [

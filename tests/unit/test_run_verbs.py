@@ -1,4 +1,4 @@
-"""The pieces of export / generate / publish that need no model: arguments, warnings, checks, layout."""
+"""The pieces of export / generate / eval / publish that need no model: arguments, warnings, checks, layout."""
 
 import json
 from types import SimpleNamespace

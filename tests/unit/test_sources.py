@@ -8,7 +8,6 @@ import pytest
 from finetune.config import Columns, DataConfig, SourceConfig
 from finetune.data import _read_hub, load_splits
 from finetune.errors import UserError
-from tests.helpers import run_cli
 
 
 def jsonl(path, rows):
@@ -60,19 +59,30 @@ def test_the_hub_code_path_reads_a_dataset_folder_with_splits(tmp_path):
         _read_hub("data.path", str(folder), cfg, "nope")
 
 
-def test_the_data_verb_reports_and_marks_the_trained_tokens(tmp_path):
-    result = run_cli("data", "train.seed=3")
+def test_the_data_verb_reports_and_marks_the_trained_tokens(cli):
+    result = cli("data", "train.seed=3")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "format: messages" in out and "train: 900 rows" in out and "eval: 100 rows" in out
     assert "tokens per row: p50" in out and "trained" in out
     assert out.strip().endswith("</s>]]")  # the reply and its EOS are the trained tokens, marked
+    # the trained tokens counted are exactly the replies and their EOS, counted here without the template's marks
+    from transformers import AutoTokenizer
+
+    from tests.helpers import ROOT
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "finetune" / "assets" / "tiny_llama")
+    rows = [json.loads(line) for line in (ROOT / "finetune" / "assets" / "demo_data" / "train.jsonl").read_text().splitlines()]
+    replies = sum(len(tok(m["content"] + tok.eos_token, add_special_tokens=False)["input_ids"])
+                  for r in rows for m in r["messages"] if m["role"] == "assistant")
+    line = next(line for line in out.splitlines() if line.startswith("train: 900 rows"))
+    assert line.endswith(f"tokens, {replies} of them trained")
 
 
-def test_the_data_verb_exits_2_on_bad_data(tmp_path):
+def test_the_data_verb_exits_2_on_bad_data(cli, tmp_path):
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
-    result = run_cli("data", f"data.path={bad}", "data.eval_path=null")
+    result = cli("data", f"data.path={bad}", "data.eval_path=null")
     assert result.returncode == 2 and "has no assistant message" in result.stderr and "Traceback" not in result.stderr
 
 
