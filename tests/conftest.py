@@ -9,11 +9,10 @@ import atexit
 import os
 import shutil
 import tempfile
-from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import build_tiny_model, effective_base_weights, run_cli, tiny_overrides, write_chat_data
+from tests.helpers import build_tiny_model, effective_base_weights, run_main, tiny_overrides, write_chat_data
 
 # No test sees the developer's Hub login or token. Set before any test module imports huggingface_hub, which
 # reads HF_HOME once; subprocesses inherit it.
@@ -64,28 +63,9 @@ def tiny_args(tiny_model, chat_data):
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """`python -m finetune ARGS` in this process, as run_cli runs it in a subprocess: W&B offline unless
-    wandb_mode=None, `env` set (a None value unsets), in `cwd`. Returns returncode, stdout and stderr."""
-    from finetune.__main__ import main
-
-    def run(*args, env: dict | None = None, cwd=None, wandb_mode: str | None = "offline"):
-        with monkeypatch.context() as m:
-            m.setenv("WANDB_SILENT", "true")
-            m.setenv("WANDB_CONSOLE", "off")  # W&B would wrap stdout and stderr
-            m.delenv("WANDB_MODE", raising=False)
-            if wandb_mode:
-                m.setenv("WANDB_MODE", wandb_mode)
-            for key, value in (env or {}).items():
-                m.delenv(key, raising=False) if value is None else m.setenv(key, value)
-            if cwd is not None:
-                m.chdir(cwd)
-            capsys.readouterr()
-            code = main(list(map(str, args)))
-            out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-    return run
+def cli():
+    """The CLI's main() in this process (tests/helpers.py run_main): cli(*args, env=..., cwd=..., wandb_mode=...)."""
+    return run_main
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +104,11 @@ TINY_RUN_SHARED = [f"train.max_steps={TINY_RUN_STEPS}", "lora.r=32", "lora.dropo
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The embedded tiny QLoRA recipe through the real CLI in a subprocess, shortened; exported merged, adapter
-    logged to W&B."""
+    """The embedded tiny QLoRA recipe through the CLI, shortened; exported merged, adapter logged to W&B (offline).
+    In this process: the console command itself is run in a subprocess by test_cli.py and test_wheel.py."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    result = run_cli("recipe=tiny_qlora", f"output_dir={out}", f"train.max_steps={DEMO_STEPS}", "train.save_steps=30",
-                     "eval.exact_match_samples=24", "tracking.log_model=true")
+    result = run_main("recipe=tiny_qlora", f"output_dir={out}", f"train.max_steps={DEMO_STEPS}", "train.save_steps=30",
+                      "eval.exact_match_samples=24", "tracking.log_model=true")
     assert result.returncode == 0, result.stderr[-3000:]
     (out.parent / "train.stderr").write_text(result.stderr)
     return out

@@ -80,6 +80,33 @@ def run_script(name: str, *argv: str) -> int:
         sys.argv = saved
 
 
+def run_main(*args, env: dict | None = None, cwd: Path | None = None, wandb_mode: str | None = "offline"):
+    """`python -m finetune ARGS` as run_cli runs it, but in this process (no interpreter to start, no torch to
+    import again): W&B offline unless wandb_mode=None, `env` set (a None value unsets), in `cwd`. The
+    environment and the working directory are restored afterwards, as a process ending would (W&B exports
+    WANDB_SERVICE, which a later subprocess would otherwise join). Returns returncode, stdout and stderr."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from finetune.__main__ import main
+
+    saved_env, saved_cwd, out, err = dict(os.environ), os.getcwd(), io.StringIO(), io.StringIO()
+    changes = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_MODE": wandb_mode, **(env or {})}
+    try:
+        for key, value in changes.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(map(str, args)))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
             wandb_mode: str | None = "offline", env: dict | None = None,
             launch: tuple = ()) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
-"""The real CLI runs the embedded tiny QLoRA recipe end to end in a subprocess; the run directory is then
-checked with plain transformers, peft and W&B's own offline log."""
+"""The CLI runs the embedded tiny QLoRA recipe end to end (tests/conftest.py demo_run); the run directory is
+then checked with plain transformers, peft and W&B's own offline log."""
 
 import json
 

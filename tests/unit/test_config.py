@@ -25,10 +25,19 @@ def test_every_recipe_composes_and_validates(recipe):
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "quant", "lora", "data", "train", "tracking", "export")
                                           for o in group_options(g)])
 def test_every_group_option_composes(group, option):
+    """Each option composes, validates, and its values are the ones its file sets (the schema has the rest)."""
+    import yaml
+
+    from finetune.registry import config_dir
+
     overrides = [f"{group}={option}"]
     if (group, option) == ("lora", "off"):
         overrides += ["quant=none", "export=adapter"]  # full fine-tuning: valid only with a 16-bit base
-    load_config(overrides)
+    cfg = getattr(load_config(overrides), group)
+    values = yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text()) or {}
+    for key, value in values.items():
+        if not (isinstance(value, str) and "${" in value):  # ${asset:...} resolves to a path
+            assert getattr(cfg, key) == value, (group, option, key)
 
 
 def test_qlora_llama7b_is_the_qlora_paper_setup():
@@ -149,3 +158,31 @@ def test_each_mixed_source_is_checked_like_the_rest():
                     "data.sources=[{path: a.jsonl, weight: 0}, {path: b.jsonl, format: csv}]"])
     assert "data.sources[0].weight=0.0 is out of range: it must be > 0" in text
     assert "data.sources[1].format=csv is not allowed" in text
+
+
+def test_each_default_lives_in_one_place():
+    """A group file sets only what differs from the schema's defaults, and a recipe only what differs from the
+    schema and the group options it picks: a default is never written twice."""
+    import dataclasses
+
+    import yaml
+
+    from finetune.registry import config_dir, recipes_dir
+
+    groups = {f.name: f.default_factory for f in dataclasses.fields(FinetuneConfig)
+              if dataclasses.is_dataclass(f.default_factory)}
+
+    def baseline(group: str, option: str | None = None) -> dict:
+        values = dataclasses.asdict(groups[group]())
+        return values | (yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text()) or {} if option else {})
+
+    repeated = [f"{p.parent.name}/{p.name}: {key}" for p in config_dir().glob("*/*.yaml") if p.parent.name in groups
+                for key, value in (yaml.safe_load(p.read_text()) or {}).items() if baseline(p.parent.name)[key] == value]
+    primary = {k: v for d in yaml.safe_load((config_dir() / "train.yaml").read_text())["defaults"] if isinstance(d, dict)
+               for k, v in d.items()}
+    for path in recipes_dir().glob("*.yaml"):
+        recipe = yaml.safe_load(path.read_text())
+        choice = primary | {k.removeprefix("override /"): v for d in recipe["defaults"] for k, v in d.items()}
+        repeated += [f"{path.name}: {group}.{key}" for group, values in recipe.items() if group in groups
+                     for key, value in values.items() if baseline(group, choice[group])[key] == value]
+    assert repeated == []
