@@ -166,10 +166,7 @@ def dispatch(verb: str, argv: list[str], world) -> int:
         return run_verb(verb, argv)
     if "--cfg" in argv:
         return print_config(argv)
-    unknown = [a for a in argv if a.startswith("-")]
-    if unknown:
-        raise UserError(f"Unknown option {unknown[0]}: options are --cfg job, --resolve and --help; "
-                        "everything else is key=value.")
+    refuse_options(argv)
     from finetune import registry
 
     cfg = registry.load_config(argv)
@@ -188,12 +185,19 @@ def print_config(argv: list[str]) -> int:
     if argv[i + 1:i + 2] != ["job"]:
         raise UserError("--cfg takes 'job': python -m finetune recipe=NAME --cfg job")
     rest = [a for a in argv[:i] + argv[i + 2:] if a != "--resolve"]
-    unknown = [a for a in rest if a.startswith("-")]
+    refuse_options(rest)
+    print(OmegaConf.to_yaml(registry.compose(rest), resolve="--resolve" in argv), end="")
+    return 0
+
+
+def refuse_options(args: list[str]) -> None:
+    """Everything but --cfg job, --resolve and --help is key=value: an option we do not know is an error."""
+    from finetune.errors import UserError
+
+    unknown = [a for a in args if a.startswith("-")]
     if unknown:
         raise UserError(f"Unknown option {unknown[0]}: options are --cfg job, --resolve and --help; "
                         "everything else is key=value.")
-    print(OmegaConf.to_yaml(registry.compose(rest), resolve="--resolve" in argv), end="")
-    return 0
 
 
 def data_verb(cfg, world) -> int:
