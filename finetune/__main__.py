@@ -169,8 +169,8 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     refuse_options(argv)
     from finetune import registry
 
-    cfg = registry.load_config(argv)
     setup_logging()
+    cfg = registry.load_config(argv)
     return {"data": data_verb, "eval": eval_base_verb, "plan": plan_verb}.get(verb, train_verb)(cfg, world)
 
 

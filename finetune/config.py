@@ -130,9 +130,16 @@ class DataConfig:
     max_length: int = opt(2048, "tokens per training sequence", min=8)
     too_long: str = opt("drop", "rows longer than max_length: drop them, truncate them, or stop with an error",
                         ["drop", "truncate", "error"])
-    chat_template: Optional[str] = opt(None, "null = the tokenizer's own template (plain if it has none), or a bundled one",
-                                       ["plain", "chatml", "llama2", "llama3", "mistral"])
+    chat_template: Optional[str] = opt(None, "null = the tokenizer's own template (plain if it has none); a bundled one "
+                                       "(plain, chatml, llama2, llama3, mistral); or one of the tokenizer's named "
+                                       "variants (e.g. tool_use)")
     train_on_inputs: bool = opt(False, "compute the loss on every token, not only on the assistant's replies")
+    turns: str = opt("all", "assistant turns trained: all, each in its inference context (one sequence per turn where "
+                     "the template renders history otherwise, e.g. Qwen3); or only the last", ["all", "last"])
+    system_prompt: str = opt("keep", "keep system messages, or fold them into the first user turn (for templates "
+                             "that refuse a system role)", ["keep", "fold"])
+    max_drop_fraction: float = opt(0.1, "stop when more than this share of the rows is dropped for being longer than "
+                                   "max_length (data.too_long=drop)", min=0, max=1)
     packing: bool = opt(False, "pack several rows into each sequence (best-fit; no attention across rows)")
     padding_free: bool = opt(False, "without packing: concatenate each micro-batch's rows instead of padding them "
                              "(position ids keep them apart): the same loss, no compute on padding")

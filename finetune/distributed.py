@@ -200,6 +200,6 @@ def gather_for_export(w: World, trainer, cfg, tokenizer, rows) -> dict:
 
     out = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)}
     if cfg.export.merge and cfg.lora.enabled:
-        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data.train_on_inputs)
+        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data)
         out["reference"] = logits_of(trainer.model, samples)
     return out

@@ -94,7 +94,8 @@ def measure(run: Run, variant: Variant, rows, conversational: bool, checkpoint: 
                "adapter": variant.adapter and not run.is_base, "weights_gb": model.get_memory_footprint() / 1e9}
         row.update(eval_loss(model, tokenizer, rows, cfg.data, cfg.eval.batch_size, f"{variant.label}: loss"))
         if conversational:
-            row.update(scored_answers(model, tokenizer, rows, cfg.eval, f"{variant.label}: answers"))
+            row.update(scored_answers(model, tokenizer, rows, cfg.eval, f"{variant.label}: answers",
+                                      bool(run.summary.get("reasoning"))))
         if with_harness:
             row["harness"] = harness(model, tokenizer, cfg)
         return row

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from finetune.config import FinetuneConfig, QuantConfig
+from finetune.config import DataConfig, FinetuneConfig, QuantConfig
 from finetune.errors import UserError
 from finetune.model import DTYPES, Device, attach_adapter, load_base_model, write_generation_config
 from finetune.run import Run
@@ -78,15 +78,22 @@ def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig, state
 
 # ---- the fidelity check -------------------------------------------------------------------------
 
-def check_samples(tokenizer, rows, n: int, train_on_inputs: bool) -> list[dict]:
-    """input_ids and labels (-100 where no loss) of the first n rows, formatted as in training."""
+def check_samples(tokenizer, rows, n: int, data: DataConfig) -> list[dict]:
+    """input_ids and labels (-100 where no loss) of the first n sequences of the rows, tokenized as in training
+    (the same labels), cut to CHECK_TOKENS; each has trained tokens."""
     from finetune.data.tokenize import tokenize_row
 
     out = []
-    for row in list(rows)[:n]:
-        t = tokenize_row(row, tokenizer, train_on_inputs)
-        out.append({"input_ids": torch.tensor([t["input_ids"][:CHECK_TOKENS]]),
-                    "labels": torch.tensor([t["labels"][:CHECK_TOKENS]])})
+    for row in rows:
+        for t in tokenize_row(row, tokenizer, data.train_on_inputs, data.turns):
+            labels = t["labels"][:CHECK_TOKENS]
+            if len(out) < n and any(label != -100 for label in labels[1:]):
+                out.append({"input_ids": torch.tensor([t["input_ids"][:CHECK_TOKENS]]), "labels": torch.tensor([labels])})
+        if len(out) == n:
+            break
+    if not out:
+        raise UserError(f"The merge check found no trained token in the first {CHECK_TOKENS} tokens of any row: "
+                        "export.check_samples needs rows whose replies start earlier.")
     return out
 
 
@@ -200,7 +207,7 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
     save_adapter(model, tokenizer, adapter_dir, cfg, state_dict)
     rejected = None
     if cfg.export.merge:
-        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data.train_on_inputs)
+        samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data)
         if reference is None:
             reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
         shutil.rmtree(out_dir / "merged", ignore_errors=True)  # never leave an earlier merge beside a new adapter

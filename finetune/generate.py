@@ -79,13 +79,17 @@ def generation_kwargs(args: GenerateArgs, tokenizer, source: Path, run: Run) -> 
 
 
 @torch.no_grad()
-def answer(model, tokenizer, conversation: list[dict], raw: bool, kwargs: dict, streamer=None) -> tuple[str, int, bool]:
-    """(the answer, its token count, whether it ended at an EOS token)."""
+def answer(model, tokenizer, conversation: list[dict], raw: bool, kwargs: dict, streamer=None,
+           reasoning: bool = False) -> tuple[str, int, bool]:
+    """(the answer, its token count, whether it ended at an EOS token). The prompt is formatted as training
+    conditioned replies (finetune.data.masks.inference_prompt)."""
+    from finetune.data.masks import inference_prompt
+
     if raw:
         text = "\n\n".join(m["content"] for m in conversation)
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
     else:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = inference_prompt(tokenizer, conversation, reasoning=reasoning)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device
     out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), streamer=streamer,
@@ -114,6 +118,7 @@ def generate(run: Run, args: GenerateArgs) -> list[dict]:
     loaded = load_model(run, args)
     model, tokenizer = loaded.model, loaded.tokenizer
     raw = run.summary.get("data_format") in RAW_FORMATS
+    reasoning = bool(run.summary.get("reasoning"))  # trained to think first: no empty thinking block in the prompt
     kwargs = generation_kwargs(args, tokenizer, loaded.source, run)
     results = []
     for conversation in conversations:
@@ -123,12 +128,12 @@ def generate(run: Run, args: GenerateArgs) -> list[dict]:
         print(f">>> {prompt}", flush=True)
         if args.compare:
             with model.disable_adapter():
-                base, _, _ = answer(model, tokenizer, conversation, raw, kwargs)
-            text, n, stopped = answer(model, tokenizer, conversation, raw, kwargs)
+                base, _, _ = answer(model, tokenizer, conversation, raw, kwargs, reasoning=reasoning)
+            text, n, stopped = answer(model, tokenizer, conversation, raw, kwargs, reasoning=reasoning)
             print(side_by_side(base, text))
         else:
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
-            text, n, stopped = answer(model, tokenizer, conversation, raw, kwargs, streamer)
+            text, n, stopped = answer(model, tokenizer, conversation, raw, kwargs, streamer, reasoning)
             if streamer is None:
                 print(text)
             base = None

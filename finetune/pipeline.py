@@ -23,7 +23,7 @@ import torch
 from finetune import distributed
 from finetune.config import FinetuneConfig
 from finetune.data import Splits, load_splits
-from finetune.data.templates import apply_chat_template_choice
+from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import Tokenized, tokenize
 from finetune.errors import Preempted, UserError
 from finetune.export import MergeRejected, export_artifacts
@@ -60,6 +60,7 @@ class Session:
     metrics: Optional[MetricsLog] = None
     params: tuple = (0, 0)             # (trainable, total)
     packing: Optional[float] = None    # share of the packed sequences' slots filled (data.packing)
+    reasoning: bool = False            # the training replies carry reasoning (trained to think first)
     bad_steps: list = field(default_factory=list)
 
 
@@ -131,9 +132,19 @@ def load_data(s: Session) -> None:
     if cfg.eval.exact_match_samples and not splits.conversational:  # known now, before the costly tokenization
         raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but "
                         f"the data is in the {splits.format} format: set eval.exact_match_samples=0.")
-    s.train_tok = tokenize(splits.train, s.tokenizer, cfg.data, "train", splits.conversational)
+    if splits.conversational:
+        use_end_of_turn(s.tokenizer)
+        s.reasoning = has_reasoning(splits.train)
+    s.train_tok = tokenize(splits.train, s.tokenizer, cfg.data, "train", splits.conversational, splits.train_where)
     if splits.eval is not None:
-        s.eval_tok = tokenize(splits.eval, s.tokenizer, cfg.data, "eval", splits.conversational)
+        s.eval_tok = tokenize(splits.eval, s.tokenizer, cfg.data, "eval", splits.conversational, splits.eval_where)
+
+
+def has_reasoning(rows) -> bool:
+    """Whether any assistant turn of these conversations carries reasoning (reasoning_content / thinking)."""
+    if "reasoning_content" not in str(rows.features["messages"]):
+        return False
+    return any(m.get("reasoning_content") for messages in rows["messages"] for m in messages)
 
 
 # ---- build --------------------------------------------------------------------------------------
@@ -197,7 +208,7 @@ def measure(s: Session, trainer, generate: bool = True) -> dict:
     out["eval_loss"] = done[-1] if done else trainer.evaluate()["eval_loss"]
     if cfg.eval.exact_match_samples and generate:
         rows = s.splits.eval.select(range(min(cfg.eval.exact_match_samples, len(s.splits.eval))))
-        em = exact_match(trainer.model, s.tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        em = exact_match(trainer.model, s.tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, s.reasoning)
         out["exact_match"], out["examples"] = em["exact_match"], em["examples"]
         if s.world.is_main:
             s.metrics.append({"step": trainer.state.global_step, "exact_match": em["exact_match"], "n": em["n"]})
@@ -281,8 +292,8 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
         "optimizer": describe_optimizer(trainer.optimizer),
         "gradient_checkpointing": is_checkpointing(trainer.model),
         "quantized_layers": count_quantized_layers(trainer.model),
-        "chat_template": s.template, "data_format": s.splits.format,
-        "rows_dropped": dict(s.splits.dropped) | ({"too long": tok.too_long} if cfg.data.too_long == "drop" and tok.too_long else {}),
+        "chat_template": s.template, "data_format": s.splits.format, "reasoning": s.reasoning,
+        "rows_dropped": dict(s.splits.dropped + tok.dropped) | ({"too long": tok.too_long} if cfg.data.too_long == "drop" and tok.too_long else {}),
         "rows_truncated": tok.too_long if cfg.data.too_long == "truncate" else 0,
         "packing_efficiency": s.packing,
         "exact_match_examples": after["examples"],

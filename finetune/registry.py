@@ -9,6 +9,7 @@ key, the allowed values and the closest match.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -171,12 +172,19 @@ def load_config(overrides: Optional[list[str]] = None) -> FinetuneConfig:
 
 
 def check_eval_source(cfg: FinetuneConfig, overrides: list[str]) -> None:
-    """`data.path=mine.jsonl` alone must not silently keep evaluating on the data group's eval file."""
+    """`data.path=mine.jsonl` alone: the data group's eval file belongs to the group's data, not to the user's, so
+    data.eval_fraction of the user's rows are held out instead (an explicit data.eval_path still wins)."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if "data.path" in keys and "data" not in keys and "data.eval_path" not in keys and cfg.data.eval_path:
-        raise UserError(f"data.path was changed but data.eval_path still points at {cfg.data.eval_path} "
-                        "(from the data group): set data.eval_path=YOUR_EVAL_FILE, or data.eval_path=null to hold "
-                        "out data.eval_fraction of your data.")
+    if "data.path" not in keys or "data" in keys:
+        return
+    inherited = [k for k in ("eval_path", "eval_split") if f"data.{k}" not in keys and getattr(cfg.data, k)]
+    if inherited and not {"data.eval_path", "data.eval_split"} & keys:
+        logging.getLogger("finetune").info(
+            "data.path=%s: holding out data.eval_fraction=%g of it for eval (not the data group's %s; set "
+            "data.eval_path or data.eval_split to evaluate on data of yours)", cfg.data.path, cfg.data.eval_fraction,
+            " and ".join(f"{k}={getattr(cfg.data, k)}" for k in inherited))
+        for key in inherited:
+            setattr(cfg.data, key, None)
 
 
 def to_yaml(cfg: FinetuneConfig) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -142,9 +143,9 @@ class Run:
         """summary.json of the run (or of an export under `where`): `updates` merged into what it holds
         (everything replaced with replace=true), written whole to a temporary file and renamed into place."""
         path = (where or self.dir) / "summary.json"
-        summary = (updates if replace else read_summary(path) | updates)
+        summary = finite(updates if replace else read_summary(path) | updates)
         tmp = path.with_name(".summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         os.replace(tmp, path)
         if where is None or where == self.dir:
             self.summary = summary
@@ -184,11 +185,12 @@ class Run:
         """The tokenizer as trained, chat template and EOS included: saved with the adapter, the merged model and
         every checkpoint (adapter/'s where `source` has none). A bare base: its own, with the recipe's template."""
         if self.is_base:
-            from finetune.data.templates import apply_chat_template_choice
+            from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
             from finetune.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(self.cfg.model)
             apply_chat_template_choice(tokenizer, self.cfg.data.chat_template)
+            use_end_of_turn(tokenizer)
             return tokenizer
         from transformers import AutoTokenizer
 
@@ -237,6 +239,17 @@ def read_config(path: Path, overrides: list[str], run_arg: str) -> FinetuneConfi
     assert isinstance(obj, FinetuneConfig)
     validate(obj)
     return obj
+
+
+def finite(value):
+    """NaN and infinities, which JSON cannot hold, as null: a figure that could not be measured."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def read_summary(path: Path) -> dict:

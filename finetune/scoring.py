@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from finetune.config import DataConfig, EvalConfig
+from finetune.errors import UserError
 
 # (key, name in the table and chart, name in the model card, format): what `eval` measures, as it is shown
 MEASURES = [("loss", "loss", "loss", "{:.4f}"), ("perplexity", "ppl", "perplexity", "{:.3g}"),
@@ -48,10 +49,12 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
 
 
 def mean_loss(logits: list[torch.Tensor], samples: list[dict]) -> float:
-    """Mean next-token loss over the trained tokens of all samples, from their logits."""
+    """Mean next-token loss over the trained tokens of all samples, from their logits; an error over none."""
     sums = [nll(x, s["labels"]) for x, s in zip(logits, samples)]
     count = sum(n for _, n in sums)
-    return sum(total for total, _ in sums) / count if count else float("nan")
+    if not count:
+        raise UserError("A loss over zero trained tokens is not a figure: the samples have no labelled token.")
+    return sum(total for total, _ in sums) / count
 
 
 def padded(items: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,8 +73,8 @@ def eval_loss(model, tokenizer, rows, data: DataConfig, batch_size: int, desc: s
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items = [tokenize_row(r, tokenizer, data.train_on_inputs) for r in rows]
-    items = [{k: t[k][:data.max_length] for k in ("input_ids", "labels")} for t in items]
+    items = [{k: t[k][:data.max_length] for k in ("input_ids", "labels")}
+             for r in rows for t in tokenize_row(r, tokenizer, data.train_on_inputs, data.turns)]
     total, count = 0.0, 0
     bar = progress(len(items), desc)
     for start in range(0, len(items), batch_size):
@@ -80,24 +83,34 @@ def eval_loss(model, tokenizer, rows, data: DataConfig, batch_size: int, desc: s
         total, count = total + batch_total, count + batch_count
         bar.update(len(ids))
     bar.close()
-    loss = total / max(count, 1)
+    if not count:
+        raise UserError(f"{desc}: the eval rows have no trained token within data.max_length={data.max_length}, so "
+                        "there is no loss to measure.")
+    loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": count}
 
 
 # ---- greedy answers -----------------------------------------------------------------------------
 
-def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
-    """Everything before the last assistant message, and that message's text."""
+def prompt_and_reference(row: dict) -> tuple[tuple, str]:
+    """A stored conversation's prompt, (the messages before its last assistant turn, its tools), and that turn's
+    text."""
+    from finetune.data.formats import chat
+
+    messages, tools = chat(row)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
+    return (messages[:last], tools), messages[last]["content"]
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-                     lengths: list | None = None, progress=None) -> list[str]:
-    """Greedy completions of each conversation's prompt, formatted with the tokenizer's chat template.
-    `lengths` (a list) receives each answer's generated tokens, its EOS included; `progress` (a tqdm bar)
-    is advanced by each batch."""
+def generate_answers(model, tokenizer, conversations: list[tuple], max_new_tokens: int, batch_size: int,
+                     lengths: list | None = None, progress=None, reasoning: bool = False) -> list[str]:
+    """Greedy completions of each (messages, tools) prompt, formatted as training conditioned replies
+    (finetune.data.masks.inference_prompt; `reasoning`: the model was trained to think first). `lengths` (a
+    list) receives each answer's generated tokens, its EOS included; `progress` (a tqdm bar) is advanced by
+    each batch."""
+    from finetune.data.masks import inference_prompt
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -105,8 +118,8 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     answers = []
     try:
         for start in range(0, len(conversations), batch_size):
-            prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                       for c in conversations[start:start + batch_size]]
+            prompts = [inference_prompt(tokenizer, messages, tools, reasoning)
+                       for messages, tools in conversations[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -123,8 +136,8 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     return answers
 
 
-def answers_across_processes(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
-                             batch_size: int) -> list[str]:
+def answers_across_processes(model, tokenizer, conversations: list[tuple], max_new_tokens: int,
+                             batch_size: int, reasoning: bool = False) -> list[str]:
     """generate_answers, with the conversations split between the processes of a DDP run (each holds the whole
     model) and the answers gathered in order. Every process gets as many (the last padded with repeats), so
     all make the same number of generate calls and reach the gather together."""
@@ -132,34 +145,36 @@ def answers_across_processes(model, tokenizer, conversations: list[list[dict]], 
 
     w = distributed.world()
     if not w.distributed or not conversations:
-        return generate_answers(model, tokenizer, conversations, max_new_tokens, batch_size)
+        return generate_answers(model, tokenizer, conversations, max_new_tokens, batch_size, reasoning=reasoning)
     per = -(-len(conversations) // w.size)
     mine = conversations[w.rank * per:(w.rank + 1) * per]
-    answers = generate_answers(model, tokenizer, mine + [conversations[0]] * (per - len(mine)), max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, mine + [conversations[0]] * (per - len(mine)), max_new_tokens, batch_size,
+                               reasoning=reasoning)
     everyone = distributed.gather(answers)
     return [a for r in range(w.size) for a in everyone[r * per:r * per + len(conversations[r * per:(r + 1) * per])]]
 
 
-def exact_match(model, tokenizer, rows, max_new_tokens: int, batch_size: int) -> dict:
+def exact_match(model, tokenizer, rows, max_new_tokens: int, batch_size: int, reasoning: bool = False) -> dict:
     """Share of rows whose greedy answer equals the reference exactly, and the first few examples (in training:
     the processes of a DDP run share the rows)."""
-    pairs = [prompt_and_reference(r["messages"]) for r in rows]
-    answers = answers_across_processes(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    pairs = [prompt_and_reference(r) for r in rows]
+    answers = answers_across_processes(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, reasoning)
     hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs)]
-    examples = [{"prompt": p[-1]["content"], "reference": ref, "answer": a} for a, (p, ref) in list(zip(answers, pairs))[:5]]
+    examples = [{"prompt": p[0][-1]["content"], "reference": ref, "answer": a}
+                for a, (p, ref) in list(zip(answers, pairs))[:5]]
     return {"exact_match": sum(hits) / max(1, len(hits)), "n": len(hits), "examples": examples}
 
 
-def scored_answers(model, tokenizer, rows, cfg: EvalConfig, desc: str) -> dict:
+def scored_answers(model, tokenizer, rows, cfg: EvalConfig, desc: str, reasoning: bool = False) -> dict:
     """Greedy answers to the rows' prompts, exact match, the task metric (eval.task) and generation tokens/s."""
-    pairs = [prompt_and_reference(r["messages"]) for r in rows]
+    pairs = [prompt_and_reference(r) for r in rows]
     lengths: list = []
     bar = progress(len(pairs), desc)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     answers = generate_answers(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size,
-                               lengths=lengths, progress=bar)
+                               lengths=lengths, progress=bar, reasoning=reasoning)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

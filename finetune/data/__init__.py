@@ -24,6 +24,7 @@ from finetune.tokenizer import is_local_path
 log = logging.getLogger("finetune")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_REPORTED = 5
+WHERE = "_where"  # a converted row's file and line, carried until load_splits hands it over in Splits
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Splits:
     format: str = "messages"
     dropped: Counter = field(default_factory=Counter)  # reason -> rows dropped (data.bad_rows=drop)
     sources: dict = field(default_factory=dict)         # source -> its usable training rows, before mixing
+    train_where: list = field(default_factory=list)     # each training row's file and line, for later problems
+    eval_where: list = field(default_factory=list)
 
     @property
     def conversational(self) -> bool:
@@ -150,7 +153,8 @@ def _prepare(key: str, source: Rows, cfg: DataConfig, fmt: str) -> tuple["datase
             if len(bad) < MAX_REPORTED:
                 bad.append(f"{where}: {problem[1]}" if unreadable else f"{where}: the row {problem[1]}")
         else:
-            good.append(formats.convert(formats.rename(row, cfg.columns.mapping()), fmt))
+            converted = formats.convert(formats.rename(row, cfg.columns.mapping()), fmt, cfg.system_prompt == "fold")
+            good.append(converted | {WHERE: where})
     if bad and cfg.bad_rows == "error":
         more = sum(dropped.values()) - len(bad)
         raise UserError(*bad, *([f"... and {more} more."] if more else []),
@@ -195,6 +199,9 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         splits.train = splits.train.select(range(min(cfg.max_samples, len(splits.train))))
     if splits.eval is not None and cfg.eval_max_samples:
         splits.eval = splits.eval.select(range(min(cfg.eval_max_samples, len(splits.eval))))
+    splits.train_where, splits.train = splits.train[WHERE], splits.train.remove_columns(WHERE)
+    if splits.eval is not None:
+        splits.eval_where, splits.eval = splits.eval[WHERE], splits.eval.remove_columns(WHERE)
     return splits
 
 

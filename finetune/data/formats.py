@@ -1,21 +1,26 @@
 """Row formats: detection from every row's keys, per-row checks, and conversion to what TRL trains on.
 
-    messages           {"messages": [{"role", "content"}, ...]}                -> messages (assistant-only loss)
+    messages           {"messages": [{"role", "content"}, ...], "tools"?}      -> messages (assistant-only loss)
     sharegpt           {"conversations": [{"from", "value"}, ...]}             -> messages
     instruction        {"instruction", "input" (optional), "output"}           -> messages (loss on the output)
     prompt_completion  {"prompt", "completion"}                                -> prompt/completion (loss on the completion)
     text               {"text"}                                                -> text (loss on everything)
 
-A check returns (reason, detail) for a bad row: the reason is what the counts of dropped rows are
+Conversations are read as users find them in public data: content as text or as a list of text parts
+(OpenAI's), a `reasoning_content` or `thinking` field on assistant turns, and tool calls in OpenAI's format
+(assistant `tool_calls`, role `tool` answering them, the row's `tools` schemas), which the chat template
+renders. A check returns (reason, detail) for a bad row: the reason is what the counts of dropped rows are
 grouped by, the detail names the field.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Optional
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+REASONING = ("reasoning_content", "thinking")  # the names templates read reasoning under (Qwen3 / gpt-oss)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 REQUIRED = {
     "messages": ("messages",),
@@ -80,6 +85,88 @@ def _turns(turns, field: str, role_key: str, text_key: str, roles) -> Problem:
     return None
 
 
+def text_of(content) -> Optional[str]:
+    """Message content as text: a string, or OpenAI's list of text parts joined; None if it is neither."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def _tool_calls(calls, where: str) -> Problem:
+    """OpenAI's tool calls: [{"type": "function", "function": {"name", "arguments": object or JSON text}}]."""
+    if not isinstance(calls, list) or not calls:
+        return ("wrong type", f"{where} 'tool_calls' must be a non-empty list")
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        args = fn.get("arguments") if isinstance(fn, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] and isinstance(args, dict)):
+            return ("bad tool call", f"{where} tool_calls[{j}] needs a function name and its arguments as an object")
+    return None
+
+
+def _message(messages: list, i: int) -> Problem:
+    m, where = messages[i], f"messages[{i}]"
+    if not isinstance(m, dict) or "role" not in m:
+        return ("missing field", f"{where} must be an object with 'role' and 'content'")
+    role = m["role"]
+    if role not in ROLES:
+        return ("unknown role", f"{where} has role {role!r}; allowed: {', '.join(ROLES)}")
+    reasoning = [k for k in REASONING if m.get(k) is not None]
+    if reasoning and role != "assistant":
+        return ("reasoning not on a reply", f"{where} ({role}) has '{reasoning[0]}': reasoning belongs to assistant turns")
+    if any(not isinstance(m[k], str) for k in reasoning):
+        return ("wrong type", f"{where} (assistant) has a non-text '{reasoning[0]}'")
+    if m.get("tool_calls") is not None:
+        if role != "assistant":
+            return ("tool call not on a reply", f"{where} ({role}) has 'tool_calls': only assistant turns call tools")
+        problem = _tool_calls(m["tool_calls"], f"{where} (assistant)")
+        if problem:
+            return problem
+    text = text_of(m.get("content"))
+    if text is None and not (role == "assistant" and m.get("tool_calls") and m.get("content") in (None, "")):
+        return ("empty field", f"{where} ({role}) has empty or non-text 'content' (text, or a list of text parts)")
+    if text is not None and not text.strip() and not m.get("tool_calls"):
+        return ("empty field", f"{where} ({role}) has empty or non-text 'content'")
+    if role == "tool" and not _answers_a_call(messages, i):
+        return ("tool result without a call", f"{where} (tool) answers no tool call of an earlier assistant turn")
+    return None
+
+
+def _answers_a_call(messages: list, i: int) -> bool:
+    """A tool message follows (after other tool messages) an assistant turn with tool calls, matching an id if given."""
+    j = i - 1
+    while j >= 0 and messages[j].get("role") == "tool":
+        j -= 1
+    calls = messages[j].get("tool_calls") if j >= 0 and messages[j].get("role") == "assistant" else None
+    if not calls:
+        return False
+    wanted = messages[i].get("tool_call_id")
+    return wanted is None or any(isinstance(c, dict) and c.get("id") == wanted for c in calls)
+
+
+def _conversation(row: dict) -> Problem:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return ("wrong type", "field 'messages' must be a non-empty list of {role, content} objects")
+    problem = next(filter(None, (_message(messages, i) for i in range(len(messages)))), None)
+    if problem:
+        return problem
+    if not any(m["role"] == "assistant" for m in messages):
+        return ("no assistant turn", "has no assistant message, so there is nothing to learn")
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return ("wrong type", "field 'tools' must be a list of tool schemas (objects)")
+    return None
+
+
 def check(row, fmt: str) -> Problem:
     """Why `row` cannot be trained on as `fmt`, or None."""
     if not isinstance(row, dict):
@@ -88,10 +175,7 @@ def check(row, fmt: str) -> Problem:
     if missing:
         return ("missing field", f"has no '{missing[0]}' field (it has {', '.join(map(repr, row)) or 'no fields'})")
     if fmt == "messages":
-        problem = _turns(row["messages"], "messages", "role", "content", ROLES)
-        if not problem and not any(m["role"] == "assistant" for m in row["messages"]):
-            problem = ("no assistant turn", "has no assistant message, so there is nothing to learn")
-        return problem
+        return _conversation(row)
     if fmt == "sharegpt":
         problem = _turns(row["conversations"], "conversations", "from", "value", list(SHAREGPT_ROLES))
         if not problem and not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in row["conversations"]):
@@ -104,15 +188,69 @@ def check(row, fmt: str) -> Problem:
     return _text(row, "text")
 
 
-def convert(row: dict, fmt: str) -> dict:
-    """A checked row in the form TRL trains on."""
+def convert(row: dict, fmt: str, fold_system: bool = False) -> dict:
+    """A checked row in the form it is stored and trained on. Conversations keep only the fields a template reads,
+    tool-call arguments and tool schemas as JSON text (a dataset column holds one type); `chat` undoes that.
+    fold_system: a system message goes into the first user turn (for templates that refuse a system role)."""
     if fmt == "messages":
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+        out = {"messages": fold([stored(m) for m in row["messages"]]) if fold_system else
+               [stored(m) for m in row["messages"]]}
+        return out | ({"tools": json.dumps(row["tools"])} if row.get("tools") else {})
     if fmt == "sharegpt":
-        return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
+        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]
+        return {"messages": fold(messages) if fold_system else messages}
     if fmt == "instruction":
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
     if fmt == "prompt_completion":
         return {"prompt": row["prompt"], "completion": row["completion"]}
     return {"text": row["text"]}
+
+
+def stored(m: dict) -> dict:
+    """A message as the dataset keeps it: role, content text, and the optional fields only where present."""
+    out = {"role": m["role"], "content": text_of(m.get("content")) or ""}
+    reasoning = next((m[k] for k in REASONING if m.get(k) is not None), None)
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    if m.get("tool_calls"):
+        out["tool_calls"] = [stored_call(c) for c in m["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if m.get(key) is not None:
+            out[key] = str(m[key])
+    return out
+
+
+def stored_call(call: dict) -> dict:
+    fn = call.get("function", call)
+    args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])
+    return {"type": "function", "id": str(call.get("id", "")), "function": {"name": fn["name"], "arguments": args}}
+
+
+def fold(messages: list[dict]) -> list[dict]:
+    """The system message's text put before the first user turn's (for templates without a system role)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first is None:
+        return rest
+    rest[first] = rest[first] | {"content": f"{system}\n\n{rest[first]['content']}"}
+    return rest
+
+
+def chat(row: dict) -> tuple[list[dict], Optional[list]]:
+    """(messages, tools) of a stored conversation, as chat templates read them: fields a row lacks are absent
+    (not null), tool-call arguments are objects again, reasoning is under both names templates use."""
+    messages = []
+    for m in row["messages"]:
+        m = {k: v for k, v in m.items() if v is not None and v != ""} | {"content": m.get("content") or ""}
+        if m.get("reasoning_content") is not None:
+            m["thinking"] = m["reasoning_content"]
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"type": "function", **({"id": c["id"]} if c.get("id") else {}),
+                                "function": {"name": c["function"]["name"],
+                                             "arguments": json.loads(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
+        messages.append(m)
+    return messages, json.loads(row["tools"]) if row.get("tools") else None

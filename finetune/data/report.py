@@ -6,7 +6,7 @@ import sys
 
 from finetune.config import FinetuneConfig
 from finetune.data import load_splits
-from finetune.data.templates import apply_chat_template_choice
+from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import tokenize
 from finetune.tokenizer import load_tokenizer
 
@@ -68,6 +68,8 @@ def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     splits = load_splits(cfg.data, cfg.train.seed)
+    if splits.conversational:
+        use_end_of_turn(tokenizer)
     figures = {"format": splits.format, "chat_template": template, "rows_dropped": dict(splits.dropped)}
     print(f"data: {cfg.data.path or 'mixed sources'}  format: {splits.format}  chat template: {template}")
     for source, rows in splits.sources.items():
@@ -76,24 +78,36 @@ def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
     if splits.dropped:
         print("dropped rows: " + ", ".join(f"{n} {reason}" for reason, n in splits.dropped.most_common()))
     tokenized = {}
-    for name, ds in (("train", splits.train), ("eval", splits.eval)):
-        if ds is None:
-            continue
-        tok = tokenized[name] = tokenize(ds, tokenizer, cfg.data, name, splits.conversational)
-        lengths = list(tok.dataset["length"])
-        trained = sum(tok.dataset["trained"])
-        p = percentiles(lengths)
-        figures[name] = {"rows": len(ds), "rows_kept": len(tok.dataset), "too_long": tok.too_long,
-                         "tokens": sum(lengths), "trained_tokens": trained, "length_percentiles": p,
-                         "cached": tok.cached}
-        what = {"drop": "dropped", "truncate": "truncated", "error": "refused"}[cfg.data.too_long]
-        print(f"\n{name}: {len(ds)} rows ({tok.too_long} longer than max_length={cfg.data.max_length}: {what}), "
-              f"{sum(lengths)} tokens, {trained} of them trained"
-              f"{' (tokenized before: read from the cache)' if tok.cached else ''}")
-        print("  tokens per row: " + ", ".join(f"p{q} {v}" for q, v in p.items()))
-        print("\n".join(histogram(lengths, cfg.data.max_length)))
-    example = tokenized["train"].dataset[0]
+    for name, ds, where in (("train", splits.train, splits.train_where), ("eval", splits.eval, splits.eval_where)):
+        if ds is not None:
+            tokenized[name] = figures[name] = split_report(cfg, tokenizer, name, ds, where, splits.conversational)
+    example = tokenized["train"]["dataset"][0]
     marks = "green" if color else "[[ ]]"
     print(f"\none training row as the model sees it (trained tokens in {marks}):\n")
     print(render(tokenizer, example["input_ids"], example["labels"], color))
+    for split in tokenized.values():
+        del split["dataset"]
     return figures
+
+
+def split_report(cfg: FinetuneConfig, tokenizer, name: str, ds, where, conversational: bool) -> dict:
+    """One split: every row's length (before anything is dropped), what training does with the long ones, the
+    trained tokens of the rows it keeps."""
+    tok = tokenize(ds, tokenizer, cfg.data, name, conversational, where, length_policy=False)
+    lengths, limit = tok.lengths, cfg.data.max_length
+    kept = [t for n, t in zip(lengths, tok.dataset["trained"]) if n <= limit or cfg.data.too_long == "truncate"]
+    p = percentiles(lengths)
+    what = {"drop": "dropped", "truncate": "truncated", "error": "refused"}[cfg.data.too_long]
+    print(f"\n{name}: {len(ds)} rows ({tok.too_long} longer than max_length={limit}: {what}), "
+          f"{sum(lengths)} tokens, {sum(kept)} of them trained"
+          f"{' (tokenized before: read from the cache)' if tok.cached else ''}")
+    print("  tokens per row: " + ", ".join(f"p{q} {v}" for q, v in p.items()))
+    print("\n".join(histogram(lengths, limit)))
+    stops = tok.too_long and (cfg.data.too_long == "error" or tok.too_long > cfg.data.max_drop_fraction * len(lengths))
+    if stops:
+        print(f"  training would stop here: {tok.too_long} rows over data.max_length={limit} "
+              f"(data.too_long={cfg.data.too_long}, data.max_drop_fraction={cfg.data.max_drop_fraction:g}); "
+              f"data.max_length={p[99]} keeps 99%")
+    return {"rows": len(ds), "rows_kept": len(kept), "too_long": tok.too_long, "tokens": sum(lengths),
+            "trained_tokens": sum(kept), "length_percentiles": p, "cached": tok.cached,
+            "rows_refused": sum(tok.dropped.values()), "dataset": tok.dataset}

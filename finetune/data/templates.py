@@ -110,22 +110,35 @@ TEMPLATES = {
 
 
 def apply_chat_template_choice(tokenizer, name: str | None) -> str:
-    """Set the tokenizer's chat template: a bundled one by name, else its own, else 'plain'. Returns which.
+    """Set the tokenizer's chat template: one of its own named variants, a bundled one by name, else its own, else
+    'plain'. Returns which.
 
     A bundled template with its own end-of-turn token becomes the tokenizer's EOS (so generation stops
     there); its special tokens must already be single tokens of the vocabulary: new tokens would need
     trained embeddings, which LoRA on the linear layers does not give.
     """
-    from finetune.tokenizer import ensure_pad_token
-
-    if name is None:
-        if tokenizer.chat_template:
+    own = tokenizer.chat_template
+    if isinstance(own, dict):  # named variants (Hermes-3, Command-R): one of them is the run's template
+        variant = name if name in own else ("default" if name is None else None)
+        if variant in own:
+            tokenizer.chat_template = own[variant]
+            return f"tokenizer ({variant})"
+        if name is None:
+            raise UserError(f"The tokenizer has named chat templates ({', '.join(own)}) and none is 'default': choose "
+                            "one with data.chat_template=NAME.")
+    elif name is None:
+        if own:
             return "tokenizer"
         log.info("The tokenizer has no chat template; using the bundled 'plain' one (set data.chat_template to choose).")
         name = "plain"
     if name not in TEMPLATES:
-        raise UserError(f"data.chat_template={name} is not a bundled template: choose one of "
-                        f"{', '.join(TEMPLATES)}, or null for the tokenizer's own.{closest(name, TEMPLATES)}")
+        variants = f"; the tokenizer's own: {', '.join(own)}" if isinstance(own, dict) else ""
+        raise UserError(f"data.chat_template={name} is not a bundled template: choose one of {', '.join(TEMPLATES)}"
+                        f"{variants}, or null for the tokenizer's own.{closest(name, [*TEMPLATES, *(own or [])])}")
+    return use_bundled(tokenizer, name)
+
+
+def use_bundled(tokenizer, name: str) -> str:
     template = TEMPLATES[name]
     vocab = tokenizer.get_vocab()
     missing = [t for t in template.needs if t not in vocab]
@@ -134,8 +147,28 @@ def apply_chat_template_choice(tokenizer, name: str | None) -> str:
                         "not have as single tokens (new tokens would need trained embeddings). Use plain, llama2 or "
                         "mistral, which need only BOS and EOS, or null for the tokenizer's own template.")
     tokenizer.chat_template = template.jinja
-    if template.stop and template.stop != tokenizer.eos_token:
-        tokenizer.eos_token = template.stop
+    if template.stop:
+        make_eos(tokenizer, template.stop)
+    return name
+
+
+def make_eos(tokenizer, token: str) -> None:
+    """`token` ends a reply: it becomes the EOS that generation stops at (the pad token stays distinct)."""
+    from finetune.tokenizer import ensure_pad_token
+
+    if token != tokenizer.eos_token:
+        tokenizer.eos_token = token
         if tokenizer.pad_token_id == tokenizer.eos_token_id:
             ensure_pad_token(tokenizer)
-    return name
+
+
+def use_end_of_turn(tokenizer) -> str:
+    """For conversations: the template's end-of-turn token (Llama-3's <|eot_id|>, Gemma's <end_of_turn>, Phi's
+    <|end|>) becomes the EOS, so that generation stops where training taught the reply to end. Returns it."""
+    from finetune.data import masks
+
+    token = masks.end_of_turn_token(tokenizer)
+    if token != tokenizer.eos_token:
+        log.info("chat template: replies end with %s, which becomes the EOS (was %s)", token, tokenizer.eos_token)
+        make_eos(tokenizer, token)
+    return token

@@ -1,27 +1,37 @@
 """Rows -> input_ids and labels (-100 where no loss), cached on disk, with the too-long policy applied.
 
-Tokenization matches what TRL's SFTTrainer does with the same rows: conversations through the chat
-template with its {% generation %} marks (assistant-only loss), prompt/completion and text with the EOS
-appended and the tokenizer's own special tokens. Doing it here, before the trainer, gives the lengths the
-too-long policy and the `data` verb need, and a cache: the result is stored under a key made of the
-rows, the tokenizer, the template and these settings, so a second run on the same data does not
-tokenize again. TRL then takes the tokenized rows as they are (it only truncates and packs).
+Conversations are rendered by the chat template and masked by finetune/data/masks.py: each assistant reply
+and its end-of-turn token are trained, in the context inference gives it. The same function serves training,
+`eval` and export's fidelity check, so all three measure the same labels. prompt/completion and text rows get
+the EOS appended and the tokenizer's own special tokens. Doing it here, before the trainer, gives the lengths
+the too-long policy and the `data` verb need, and a cache: the result is stored under a key made of the rows,
+the tokenizer, the template and these settings, so a second run on the same data does not tokenize again.
+TRL then takes the tokenized rows as they are (it only truncates and packs).
+
+A row the template refuses (its own raise_exception: "System role not supported", "Conversation roles must
+alternate") is a bad row under data.bad_rows, named by file and line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from finetune.config import DataConfig
+from finetune.data import formats, masks
 from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
-VERSION = "1"  # bump when the tokenization below changes, so old cache entries are not reused
+VERSION = "2"  # bump when the tokenization below changes, so old cache entries are not reused
+MAX_REPORTED = 5
 
 
 def cache_dir() -> Path:
@@ -31,8 +41,45 @@ def cache_dir() -> Path:
 @dataclass
 class Tokenized:
     dataset: "datasets.Dataset"  # noqa: F821
-    too_long: int = 0          # rows over max_length (dropped, or truncated, as data.too_long says)
+    too_long: int = 0          # sequences over max_length (dropped, or truncated, as data.too_long says)
     cached: bool = False       # read from the cache, not tokenized in this run
+    lengths: list = field(default_factory=list)      # every sequence's length, before any was dropped
+    dropped: Counter = field(default_factory=Counter)  # rows the template refused (data.bad_rows=drop)
+
+
+def tokenize_row(row: dict, tokenizer, train_on_inputs: bool, turns: str = "all") -> list[dict]:
+    """The sequences of one converted row, each {"input_ids", "labels", "length", "trained"}: one, or for a
+    conversation whose template renders history otherwise, one per assistant turn (data.turns=all)."""
+    if row.get("messages"):
+        messages, tools = formats.chat(row)
+        if train_on_inputs:
+            text = masks.render(tokenizer, messages, tools, False)
+            return [labelled(tokenizer, masks.Sequence(text, ((0, len(text)),)))]
+        return [labelled(tokenizer, s) for s in masks.sequences(tokenizer, messages, tools, turns)]
+    if row.get("prompt") is not None:
+        completion = row["completion"] if row["completion"].endswith(tokenizer.eos_token) else row["completion"] + tokenizer.eos_token
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        ids = tokenizer(row["prompt"] + completion)["input_ids"]
+        start = 0 if train_on_inputs else _common_prefix(prompt_ids, ids)
+        return [_sequence(ids, [False] * start + [True] * (len(ids) - start))]
+    text = row["text"] if row["text"].endswith(tokenizer.eos_token) else row["text"] + tokenizer.eos_token
+    ids = tokenizer(text)["input_ids"]
+    return [_sequence(ids, [True] * len(ids))]
+
+
+def labelled(tokenizer, seq: masks.Sequence) -> dict:
+    """The tokens of a rendered sequence, trained where they overlap one of its trained character spans."""
+    if not tokenizer.is_fast:
+        raise UserError("Assistant-only masks need a fast tokenizer (character offsets): load one with "
+                        "tokenizers installed, or set data.train_on_inputs=true.")
+    enc = tokenizer(seq.text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [any(s < b and e > a for a, b in seq.spans) for s, e in enc["offset_mapping"]]
+    return _sequence(list(enc["input_ids"]), trained)
+
+
+def _sequence(ids: list[int], trained: list[bool]) -> dict:
+    return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, trained)], "length": len(ids),
+            "trained": sum(trained)}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -44,34 +91,31 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_row(row: dict, tokenizer, train_on_inputs: bool) -> dict:
-    """{"input_ids", "labels"} for one converted row."""
-    if row.get("messages"):
-        out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=not train_on_inputs)
-        ids = list(out["input_ids"])
-        trained = [1] * len(ids) if train_on_inputs else list(out["assistant_masks"])
-    elif row.get("prompt") is not None:
-        completion = row["completion"] if row["completion"].endswith(tokenizer.eos_token) else row["completion"] + tokenizer.eos_token
-        prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        ids = tokenizer(row["prompt"] + completion)["input_ids"]
-        start = 0 if train_on_inputs else _common_prefix(prompt_ids, ids)
-        trained = [0] * start + [1] * (len(ids) - start)
-    else:
-        text = row["text"] if row["text"].endswith(tokenizer.eos_token) else row["text"] + tokenizer.eos_token
-        ids = tokenizer(text)["input_ids"]
-        trained = [1] * len(ids)
-    return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, trained)], "length": len(ids),
-            "trained": sum(1 for m in trained if m)}
+def _rows(batch: dict, indices: list[int], tokenizer, train_on_inputs: bool, turns: str) -> dict:
+    """datasets.map, batched: each row's sequences, or one empty entry naming why the template refused the row."""
+    out: dict = {"input_ids": [], "labels": [], "length": [], "trained": [], "row": [], "problem": []}
+    for i, values in zip(indices, zip(*batch.values())):
+        try:
+            sequences, problem = tokenize_row(dict(zip(batch, values)), tokenizer, train_on_inputs, turns), ""
+        except masks.RowProblem as e:
+            sequences, problem = [{"input_ids": [], "labels": [], "length": 0, "trained": 0}], str(e)
+        for s in sequences:
+            for key in ("input_ids", "labels", "length", "trained"):
+                out[key].append(s[key])
+            out["row"].append(i)
+            out["problem"].append(problem)
+    return out
 
 
 def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
     """The rows' Arrow data (fast and exact), the tokenizer, the template and the settings that change the result."""
     import pyarrow as pa
 
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, (str, type(None))) else json.dumps(
+        tokenizer.chat_template, sort_keys=True)
     h = hashlib.sha256()
-    for part in (VERSION, name, tokenizer.name_or_path, str(len(tokenizer)), tokenizer.chat_template or "",
-                 tokenizer.eos_token, str(tokenizer.bos_token), str(cfg.train_on_inputs)):
+    for part in (VERSION, name, tokenizer.name_or_path, str(len(tokenizer)), template or "", tokenizer.eos_token,
+                 str(tokenizer.bos_token), str(cfg.train_on_inputs), cfg.turns):
         h.update(part.encode() + b"\0")
     table = ds.with_format("arrow")[:]  # the selected rows only, whatever index mapping the dataset carries
     sink = pa.BufferOutputStream()
@@ -81,53 +125,129 @@ def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
     return h.hexdigest()[:24]
 
 
-def training_template(tokenizer) -> Optional[str]:
-    """A chat template with {% generation %} marks for assistant-only loss: the tokenizer's own, or TRL's
-    patched version of a known template; None if neither marks the assistant's turns."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+def features(tokenizer):
+    """The narrowest types that hold the token ids and labels (labels need -100): the cache stays small."""
+    import datasets
 
-    if tokenizer.chat_template and has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template
-    try:
-        return get_training_chat_template(tokenizer)
-    except Exception:  # an unknown template: TRL cannot patch it
-        return None
+    vocab = len(tokenizer)
+    ids = "uint16" if vocab <= 2**16 else "uint32"
+    labels = "int16" if vocab <= 2**15 else "int32"
+    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value(ids)),
+                              "labels": datasets.Sequence(datasets.Value(labels)), "length": datasets.Value("int32"),
+                              "trained": datasets.Value("int32"), "row": datasets.Value("int32"),
+                              "problem": datasets.Value("string")})
 
 
-def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool) -> Tokenized:
-    """Tokenize `ds` (cached), then apply data.too_long."""
-    inference_template = tokenizer.chat_template
-    if conversational and not cfg.train_on_inputs:
-        template = training_template(tokenizer)
-        if template is None:
-            raise UserError("The tokenizer's chat template does not mark the assistant's replies ({% generation %}), "
-                            "so assistant-only loss cannot be computed: set data.chat_template to a bundled one, or "
-                            "data.train_on_inputs=true.")
-        tokenizer.chat_template = template
-    try:
-        path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cached = any(path.parent.glob(path.stem + "*"))  # with num_proc the cache is split into shards
-        out = ds.map(tokenize_row, fn_kwargs={"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs},
-                     remove_columns=ds.column_names, num_proc=cfg.num_proc if len(ds) > 1000 else None,
-                     cache_file_name=str(path), load_from_cache_file=True, desc=f"Tokenizing {name}")
-    finally:
-        tokenizer.chat_template = inference_template  # what is saved with the adapter: the inference template
+def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, where: Optional[list] = None,
+             length_policy: bool = True) -> Tokenized:
+    """Tokenize `ds` (cached), then apply data.bad_rows to the rows the template refused and data.too_long to
+    sequences over max_length (length_policy=False: only count them, as the `data` verb shows them). `where`:
+    each row's file and line, to name the rows."""
+    if conversational and not cfg.train_on_inputs and len(ds):
+        cross_check(tokenizer, ds[0], cfg.turns)
+    path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cached = any(path.parent.glob(path.stem + "*"))  # with num_proc the cache is split into shards
+    out = ds.map(_rows, fn_kwargs={"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs, "turns": cfg.turns},
+                 batched=True, with_indices=True, remove_columns=ds.column_names, features=features(tokenizer),
+                 num_proc=cfg.num_proc if len(ds) > 1000 else None, cache_file_name=str(path),
+                 load_from_cache_file=True, desc=f"Tokenizing {name}")
+    keep_cache_small(path)
+    out, dropped = refused_rows(out, cfg, name, where)
+    out = out.remove_columns(["row", "problem"])
     empty = list(out["trained"]).count(0)
     if empty:
         raise UserError(f"{empty} {name} row(s) have no trained token at all: check the chat template and the data.")
     lengths = list(out["length"])
+    if length_policy:
+        out, too_long = too_long_rows(out, lengths, cfg, name)
+    else:
+        too_long = sum(n > cfg.max_length for n in lengths)
+    return Tokenized(out, too_long=too_long, cached=cached, lengths=lengths, dropped=dropped)
+
+
+def refused_rows(out, cfg: DataConfig, name: str, where: Optional[list]):
+    """The rows the template refused: an error naming them (data.bad_rows=error), or dropped and counted."""
+    problems = [(r, p) for r, p in zip(out["row"], out["problem"]) if p]
+    if not problems:
+        return out, Counter()
+    named = [f"{where[r] if where else f'{name} row {r}'}: {p}" for r, p in problems[:MAX_REPORTED]]
+    if cfg.bad_rows == "error":
+        more = len(problems) - len(named)
+        raise UserError(*named, *([f"... and {more} more."] if more else []),
+                        "Fix these rows, or pass data.bad_rows=drop to skip them"
+                        + (" (a template without a system role: data.system_prompt=fold puts the system text into "
+                           "the first user turn)." if any("ystem" in p for _, p in problems) else "."))
+    log.warning("%s: dropped %d row(s) the chat template refuses; first: %s", name, len(problems), named[0])
+    return out.filter(lambda p: not p, input_columns="problem"), Counter({"template refuses": len(problems)})
+
+
+def too_long_rows(out, lengths: list[int], cfg: DataConfig, name: str):
+    """data.too_long for sequences over data.max_length; dropping more than data.max_drop_fraction stops the run."""
     over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
-    if over and cfg.too_long == "error":
+    if not over:
+        return out, 0
+    keeps_99 = sorted(lengths)[max(0, math.ceil(0.99 * len(lengths)) - 1)]
+    if cfg.too_long == "error":
         raise UserError(f"{len(over)} {name} row(s) are longer than data.max_length={cfg.max_length} tokens (the first, "
                         f"row {over[0]}, has {lengths[over[0]]}). Raise data.max_length, or set data.too_long=drop or "
                         "truncate.")
-    if over and cfg.too_long == "drop":
+    if cfg.too_long == "drop" and len(over) > cfg.max_drop_fraction * len(lengths):
+        raise UserError(f"{len(over)} of {len(lengths)} {name} rows ({len(over) / len(lengths):.0%}) are longer than "
+                        f"data.max_length={cfg.max_length} tokens and would be dropped (data.max_drop_fraction="
+                        f"{cfg.max_drop_fraction:g}). data.max_length={keeps_99} keeps 99% of them; or set "
+                        "data.too_long=truncate, or raise data.max_drop_fraction.")
+    if cfg.too_long == "drop":
         out = out.select([i for i, n in enumerate(lengths) if n <= cfg.max_length])
         if len(out) == 0:
-            raise UserError(f"Every {name} row is longer than data.max_length={cfg.max_length} tokens: raise it, or "
-                            "set data.too_long=truncate.")
-    if over:
-        log.warning("%s: %d of %d rows are longer than data.max_length=%d tokens and were %s.", name, len(over),
-                    len(lengths), cfg.max_length, "dropped" if cfg.too_long == "drop" else "truncated")
-    return Tokenized(out, too_long=len(over), cached=cached)
+            raise UserError(f"Every {name} row is longer than data.max_length={cfg.max_length} tokens: raise it "
+                            f"(data.max_length={keeps_99} keeps 99%), or set data.too_long=truncate.")
+    log.warning("%s: %d of %d rows are longer than data.max_length=%d tokens and were %s (data.max_length=%d keeps 99%%).",
+                name, len(over), len(lengths), cfg.max_length, "dropped" if cfg.too_long == "drop" else "truncated",
+                keeps_99)
+    return out, len(over)
+
+
+def cross_check(tokenizer, row: dict, turns: str) -> None:
+    """Where the template marks replies with {% generation %}, its marks must cover every token the rendering says
+    is a reply; marks over more (markup, separators) are said once and not trained."""
+    from trl.chat_template_utils import has_generation_markers
+
+    template = tokenizer.chat_template
+    if not isinstance(template, str) or not has_generation_markers(template):
+        return
+    messages, tools = formats.chat(row)
+    (seq, *more) = masks.sequences(tokenizer, messages, tools, turns)
+    if more or turns == "last":  # per-turn sequences: the marks describe the whole conversation
+        return
+    ours = labelled(tokenizer, seq)
+    marked = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)["assistant_masks"]
+    trained = [label != -100 for label in ours["labels"]]
+    if len(marked) != len(trained) or any(t and not m for t, m in zip(trained, marked)):
+        raise masks.template_problem("its {% generation %} marks and its rendering disagree on where a reply is")
+    extra = [i for i, (t, m) in enumerate(zip(trained, marked)) if m and not t]
+    if extra:
+        log.info("The chat template's {%% generation %%} marks also cover %d token(s) that are not a reply or its "
+                 "end-of-turn token (e.g. %r): they are not trained.", len(extra),
+                 tokenizer.decode([ours["input_ids"][extra[0]]]))
+
+
+def keep_cache_small(current: Path) -> None:
+    """Evict the oldest cache entries (by last use) while the cache is over FINETUNE_CACHE_MAX_GB (default 20)."""
+    for f in current.parent.glob(current.stem + "*"):
+        os.utime(f, None)  # this entry is the one used last
+    limit = float(os.environ.get("FINETUNE_CACHE_MAX_GB", "20")) * 1e9
+    files = sorted((f for f in current.parent.glob("*.arrow") if f.is_file()), key=lambda f: f.stat().st_mtime)
+    total, evicted, last_used = sum(f.stat().st_size for f in files), 0, 0.0
+    for f in files:
+        if total <= limit:
+            break
+        if not f.name.startswith(current.stem):
+            stat = f.stat()
+            f.unlink()
+            total, evicted, last_used = total - stat.st_size, evicted + 1, stat.st_mtime
+    if evicted:
+        log.info("tokenization cache: evicted the %d oldest file(s), last used %s, to stay under "
+                 "FINETUNE_CACHE_MAX_GB (%.2f GB left)", evicted, time.strftime("%Y-%m-%d %H:%M",
+                 time.localtime(last_used)), total / 1e9)

@@ -60,16 +60,20 @@ def test_too_long_rows_are_dropped_truncated_or_refused(tiny_model, tmp_path):
     path = rows_file(tmp_path / "d.jsonl", [3, 4, 40, 50])
     cfg = DataConfig(path=str(path), eval_fraction=0, max_length=20)
     train = load_splits(cfg, 0).train
+    with pytest.raises(UserError, match=r"2 of 4 train rows \(50%\) are longer than data.max_length=20 tokens and "
+                                        r"would be dropped \(data.max_drop_fraction=0.1\). data.max_length=52 keeps 99%"):
+        tokenize(train, tok, cfg, "train", False)  # dropping half the data is not done quietly
+    cfg.max_drop_fraction = 0.5
     dropped = tokenize(train, tok, cfg, "train", False)
     assert (len(dropped.dataset), dropped.too_long) == (2, 2)
-    assert max(dropped.dataset["length"]) <= 20
+    assert max(dropped.dataset["length"]) <= 20 and len(dropped.lengths) == 4 and max(dropped.lengths) > 40  # all, before
     cfg.too_long = "truncate"
     kept = tokenize(train, tok, cfg, "train", False)
     assert (len(kept.dataset), kept.too_long) == (4, 2)  # TRL truncates them to max_length
     cfg.too_long = "error"
     with pytest.raises(UserError, match="2 train row.s. are longer than data.max_length=20 tokens"):
         tokenize(train, tok, cfg, "train", False)
-    cfg.too_long, cfg.max_length = "drop", 8
+    cfg.too_long, cfg.max_length, cfg.max_drop_fraction = "drop", 8, 1.0
     with pytest.raises(UserError, match="No training row fits|Every train row is longer"):
         tokenize(load_splits(DataConfig(path=str(rows_file(tmp_path / "e.jsonl", [30, 40])), eval_fraction=0), 0).train,
                  tok, cfg, "train", False)

@@ -137,10 +137,18 @@ def test_cpu_precision_and_kernels(monkeypatch):
     assert len(e.value.problems) == 4 and "train.compile=true is for CUDA GPUs" in str(e.value)
 
 
-def test_changing_data_path_alone_does_not_keep_the_demo_eval_file():
-    text = message(["data.path=mine.jsonl"])
-    assert "data.eval_path still points at" in text and "data.eval_path=null" in text
-    assert load_config(["data.path=mine.jsonl", "data.eval_path=null"]).data.eval_path is None
+def test_a_users_own_file_holds_out_its_eval_rows(caplog):
+    """data.path alone: the demo group's eval file is not the user's; data.eval_fraction of theirs is held out."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        cfg = load_config(["data.path=mine.jsonl"])
+    assert cfg.data.eval_path is None and cfg.data.eval_fraction == 0.05
+    assert "data.path=mine.jsonl: holding out data.eval_fraction=0.05 of it for eval" in caplog.text
+    assert load_config(["data.path=mine.jsonl", "data.eval_path=theirs.jsonl"]).data.eval_path == "theirs.jsonl"
+    ultrachat = load_config(["recipe=qlora_llama7b", "data.path=mine.jsonl"]).data  # its test split is not in mine
+    assert (ultrachat.eval_split, ultrachat.eval_path) == (None, None)
+    assert load_config(["recipe=qlora_llama7b", "data.path=org/set", "data.eval_split=dev"]).data.eval_split == "dev"
 
 
 def test_periodic_eval_needs_an_eval_split():

@@ -103,7 +103,7 @@ def test_generation_is_split_between_processes_and_gathered_in_order(monkeypatch
     """7 prompts over 3 processes: 3 each (the last padded with a repeat, so every process makes the same
     number of generate calls), gathered back as the 7 answers in order."""
     prompts = [[{"role": "user", "content": str(i)}] for i in range(7)]
-    monkeypatch.setattr(scoring, "generate_answers", lambda m, t, convs, n, b: [c[0]["content"] for c in convs])
+    monkeypatch.setattr(scoring, "generate_answers", lambda m, t, convs, n, b, **kw: [c[0]["content"] for c in convs])
     made = {}
     for rank in range(3):
         monkeypatch.setattr(distributed, "world", lambda rank=rank: World(3, rank, rank, "ddp"))
