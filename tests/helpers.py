@@ -13,8 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_tiny_model(path: Path, with_chat_template: bool = False) -> Path:
-    """A 2-layer Llama with random weights and a BPE tokenizer trained here: no download."""
+def build_tiny_model(path: Path, with_chat_template: bool = False, template: str | None = None) -> Path:
+    """A 2-layer Llama with random weights and a BPE tokenizer trained here: no download. `template`: a real
+    chat template (chat_template()), whose special tokens the tokenizer and the embeddings get."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -30,6 +31,8 @@ def build_tiny_model(path: Path, with_chat_template: bool = False) -> Path:
         from finetune.data.templates import TEMPLATES
 
         tokenizer.chat_template = TEMPLATES["plain"]
+    if template:
+        with_template(tokenizer, template)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
@@ -37,6 +40,34 @@ def build_tiny_model(path: Path, with_chat_template: bool = False) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+TEMPLATE_FIXTURES = ROOT / "tests" / "fixtures" / "chat_templates"
+
+
+def chat_template(name: str) -> str:
+    """A real chat template: TRL's copy of a model family's (trl/chat_templates/NAME.jinja), else one transcribed
+    from a model's public repository into tests/fixtures/chat_templates/ (each file names its source)."""
+    import trl
+
+    for folder in (Path(trl.__file__).parent / "chat_templates", TEMPLATE_FIXTURES):
+        if (folder / f"{name}.jinja").is_file():
+            return (folder / f"{name}.jinja").read_text()
+    raise FileNotFoundError(name)
+
+
+# The family's special tokens, as its template writes them: <|eot_id|>, <|im_start|>, <end_of_turn>, <turn|>, [INST]
+SPECIAL = r"<\|[^<>|\s]+\|>|<\|[a-z_]+>|<[a-z_]+\|>|<(?:start|end)_of_[a-z]+>|\[/?[A-Z_]+\]"
+
+
+def with_template(tokenizer, template: str):
+    """The tokenizer with a family's chat template and its special tokens (single tokens, as in the real vocabulary),
+    BOS <s> and EOS </s>."""
+    import re
+
+    tokenizer.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(SPECIAL, template)))})
+    tokenizer.chat_template = template
+    return tokenizer
 
 
 def write_chat_data(path: Path, n: int) -> Path:

@@ -48,10 +48,12 @@ def render(tokenizer, messages: list[dict], tools: Optional[list], generation_pr
         raise RowProblem(f"the chat template refuses it: {str(e).strip()}") from None
 
 
-def template_problem(why: str) -> UserError:
+def template_problem(why: str, system: bool = False) -> UserError:
+    fold = (" If it is the system message (some templates move it, or drop it once a reply follows), "
+            "data.system_prompt=fold puts it into the first user turn." if system else "")
     return UserError(f"The chat template's assistant replies cannot be located ({why}), so no correct "
-                     "assistant-only mask can be derived. Set data.chat_template to a bundled one, or train on "
-                     "every token with data.train_on_inputs=true.")
+                     f"assistant-only mask can be derived.{fold} Otherwise set data.chat_template to a bundled one, "
+                     "or train on every token with data.train_on_inputs=true.")
 
 
 def end_of_turn(tokenizer, after: str) -> str:
@@ -90,7 +92,8 @@ def turn(tokenizer, messages: list[dict], k: int, tools: Optional[list]) -> Turn
     text = render(tokenizer, messages[:k + 1], tools, False)
     placeholder = render(tokenizer, messages[:k] + [{"role": "assistant", "content": PLACEHOLDER}], tools, False)
     if not (text.startswith(prompt) and placeholder.startswith(prompt)):
-        raise template_problem("the generation prompt is not how the template begins an assistant turn")
+        raise template_problem("the conversation before a reply, with the generation prompt, is not how the template "
+                               "renders it once the reply follows", system=messages[0]["role"] == "system")
     if placeholder.count(PLACEHOLDER) != 1:
         raise template_problem("a reply's text does not appear in its rendering exactly once")
     before, after = placeholder[len(prompt):].split(PLACEHOLDER)

@@ -103,6 +103,7 @@ def test_summary_and_model_card_carry_the_figures(evaluated):
     assert "## Evaluation" in (run / "merged" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_skip_modules_really_stays_unquantized():
     cpu = Device("cpu", "cpu", True, "fp32", torch.float32)
     for method, cls in (("nf4", "Linear4bit"), ("int8", "Linear8bitLt")):
@@ -116,6 +117,7 @@ def test_skip_modules_really_stays_unquantized():
         assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # not packed
 
 
+@pytest.mark.slow
 def test_eval_of_a_bare_base_from_a_recipe(tmp_path, capsys):
     out = tmp_path / "base_eval"
     assert main(["eval", "recipe=tiny_qlora", "data.eval_max_samples=8", "eval.max_new_tokens=8",

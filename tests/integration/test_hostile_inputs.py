@@ -38,6 +38,13 @@ DATA = {
         "latin-1") + b"\n" + ("\n".join(GOOD[3:]) + "\n").encode(),
     "enormous.jsonl": lines_with(json.dumps(row("tell me " * 50000, "ok"))),
     "prompt_only.jsonl": "\n".join([json.dumps({"prompt": "a", "completion": "b"})] * 5 + [json.dumps({"prompt": "a"})]) + "\n",
+    "reasoning_on_user.jsonl": lines_with(json.dumps({"messages": [
+        {"role": "user", "content": "x", "reasoning_content": "y"}, {"role": "assistant", "content": "z"}]})),
+    "tool_without_call.jsonl": lines_with(json.dumps({"messages": [
+        {"role": "user", "content": "x"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "z"}]})),
+    "system_rows.jsonl": "\n".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."}, *row(f"q{i}")["messages"]]})
+                                   for i in range(40)) + "\n",
+    "long_rows.jsonl": "\n".join(GOOD[:30] + [json.dumps(row("tell me " * 40, "ok"))] * 10) + "\n",
     "bad.csv": "prompt,completion\na,b\n\"unclosed,c\n",
     "bad.json": '{"not": "a list of rows"',
 }
@@ -75,6 +82,10 @@ DATA_CASES = [  # (file, extra overrides, fragments: the problem and where)
     ("latin1.jsonl", [], ["latin1.jsonl:4:", "not UTF-8"]),
     ("enormous.jsonl", ["data.too_long=error"], ["data.max_length"]),
     ("prompt_only.jsonl", [], ["prompt_only.jsonl:6: the row has no 'completion' field"]),
+    ("reasoning_on_user.jsonl", [], ["reasoning_on_user.jsonl:4:", "'reasoning_content': reasoning belongs to assistant"]),
+    ("tool_without_call.jsonl", [], ["tool_without_call.jsonl:4:", "(tool) answers no tool call of an earlier assistant"]),
+    ("long_rows.jsonl", [], ["train rows", "are longer than data.max_length=128 tokens and would be dropped",
+                             "data.max_length=352 keeps 99%"]),
     ("bad.csv", [], ["bad.csv:3:"]),
     ("bad.json", [], ["bad.json"]),
     ("nonexistent.jsonl", [], ["nonexistent.jsonl: no such file or folder"]),
@@ -120,6 +131,35 @@ def test_bad_data(capsys, tmp_path, tiny_args, data_dir, name, extra, fragments)
     check(*run(capsys, argv), fragments)
     assert not out.exists()  # checked before anything is written
     assert {p: p.read_bytes() for p in data_dir.iterdir() if p.is_file()} == before  # the data is untouched
+
+
+@pytest.fixture(scope="module")
+def template_tokenizers(tiny_model, tmp_path_factory):
+    """The tiny model's tokenizer with real templates: Gemma 2's (no system role) and DeepSeek-R1-Distill's (its
+    prompt opens a thinking block its rendered replies lack: no correct mask)."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import chat_template, with_template
+
+    folders = {}
+    for family, template in (("gemma", chat_template("gemma")), ("deepseek_r1_distill", chat_template(
+            "deepseek_r1_distill").replace("<\uff5c", "<|").replace("\uff5c>", "|>"))):
+        folders[family] = tmp_path_factory.mktemp(family)
+        with_template(AutoTokenizer.from_pretrained(tiny_model), template).save_pretrained(folders[family])
+    return folders
+
+
+@pytest.mark.parametrize("family, fragments", [
+    ("gemma", ["system_rows.jsonl:", ": the chat template refuses it: System role not supported", "... and 33 more",
+               "data.system_prompt=fold"]),
+    ("deepseek_r1_distill", ["assistant replies cannot be located", "data.train_on_inputs=true"]),
+])
+def test_a_template_that_refuses_the_rows_or_cannot_be_masked(capsys, tmp_path, tiny_args, data_dir,
+                                                              template_tokenizers, family, fragments):
+    out = tmp_path / "run"
+    argv = tiny_args(out, f"data.path={data_dir / 'system_rows.jsonl'}", f"model.tokenizer={template_tokenizers[family]}")
+    check(*run(capsys, argv), fragments)
+    assert not out.exists()
 
 
 @pytest.fixture

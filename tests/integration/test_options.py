@@ -12,6 +12,7 @@ from finetune.tokenizer import load_tokenizer
 from finetune.trainer import build_sft_config, build_trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim,cls,bits", [
     ("adamw_torch", "torch.optim.adamw.AdamW", None),
     ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW", 8),

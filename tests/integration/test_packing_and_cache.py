@@ -110,3 +110,26 @@ def test_padding_free_batches_give_the_same_losses(tiny_args, cli, tmp_path):
                         if '"loss"' in line]
     assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-3)
     assert losses["true"][-1] < losses["true"][0]
+
+
+def test_the_cache_stores_narrow_types_and_evicts_the_oldest(tiny_model, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import datasets
+
+    from finetune.data.tokenize import cache_dir
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    tok = tokenizer_for(tiny_model)  # 323 tokens: ids fit 16 bits unsigned, labels (with -100) 16 bits signed
+    cfg = DataConfig(path=str(rows_file(tmp_path / "a.jsonl", [3, 4, 5])), eval_fraction=0, max_length=64)
+    first = tokenize(load_splits(cfg, 0).train, tok, cfg, "train", False)
+    (entry,) = cache_dir().glob("train-*.arrow")
+    stored = datasets.Dataset.from_file(str(entry)).features
+    assert (stored["input_ids"].feature.dtype, stored["labels"].feature.dtype) == ("uint16", "int16")
+    assert first.dataset["labels"][0][0] == first.dataset["input_ids"][0][0]  # read back as the same ids
+    monkeypatch.setenv("FINETUNE_CACHE_MAX_GB", str(entry.stat().st_size * 1.5 / 1e9))  # room for one entry
+    other = DataConfig(path=str(rows_file(tmp_path / "b.jsonl", [6, 7, 8])), eval_fraction=0, max_length=64)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        tokenize(load_splits(other, 0).train, tok, other, "train", False)
+    assert not entry.exists() and len(list(cache_dir().glob("train-*.arrow"))) == 1
+    assert "tokenization cache: evicted the 1 oldest file(s)" in caplog.text

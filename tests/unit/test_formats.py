@@ -117,3 +117,33 @@ def test_the_config_offers_exactly_the_formats_the_data_layer_reads():
     from finetune.data.formats import FORMATS
 
     assert DATA_FORMATS == ["auto", *FORMATS]
+
+
+def test_real_conversational_shapes_are_read(tmp_path):
+    """Content as a list of text parts (OpenAI's), reasoning on replies, tool calls answered by tool messages."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "now?"}]},
+                          {"role": "assistant", "content": None, "tool_calls": [
+                              {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+                          {"role": "assistant", "content": "Rain.", "thinking": "The tool said rain."}],
+             "tools": [{"type": "function", "function": {"name": "weather"}}]}] * 2
+    splits = load(jsonl(tmp_path / "d.jsonl", rows))
+    from finetune.data.formats import chat
+
+    messages, tools = chat(splits.train[0])
+    assert messages[0]["content"] == "Weather now?" and tools == [{"type": "function", "function": {"name": "weather"}}]
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": {"city": "Oslo"}}
+    assert messages[3]["reasoning_content"] == messages[3]["thinking"] == "The tool said rain."
+    assert "reasoning_content" not in messages[0] and "tool_calls" not in messages[3]  # absent, not null
+
+
+@pytest.mark.parametrize("message, problem", [
+    ({"role": "user", "content": [{"type": "image", "url": "x"}]}, "empty or non-text 'content'"),
+    ({"role": "user", "content": "hi", "reasoning_content": "hm"}, "reasoning belongs to assistant turns"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "not json"}}]},
+     "needs a function name and its arguments as an object"),
+])
+def test_conversational_shapes_that_cannot_be_trained(tmp_path, message, problem):
+    rows = [{"messages": [message, {"role": "assistant", "content": "ok"}]}] * 2
+    with pytest.raises(UserError, match=problem):
+        load(jsonl(tmp_path / "d.jsonl", rows))

@@ -162,3 +162,25 @@ def test_model_card_of_a_hub_base_and_dataset():
     assert 'PeftModel.from_pretrained(base, "me/llama7b-chat")' in card.text
     merged = render(cfg, summary, merged=True, repo_id="me/llama7b-merged").data
     assert merged.library_name == "transformers" and not any(t.startswith("base_model:adapter") for t in merged.tags)
+
+
+def test_summary_json_is_always_valid_json_and_merges(tmp_path):
+    """NaN or infinity (a figure that could not be measured) is written as null; a later write merges."""
+    from finetune.registry import to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config([])))
+    run = Run.open(str(tmp_path))
+    run.write_summary({"eval_loss": float("nan"), "figures": {"kl": float("inf")}, "steps": 3}, replace=True)
+    text = (tmp_path / "summary.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json")) == {
+        "eval_loss": None, "figures": {"kl": None}, "steps": 3}
+    run.write_summary({"eval": {"rows": 2}})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"eval_loss": None, "figures": {"kl": None},
+                                                                   "steps": 3, "eval": {"rows": 2}}
+
+
+def test_a_loss_over_zero_tokens_is_an_error_not_a_figure():
+    import torch
+
+    with pytest.raises(UserError, match="A loss over zero trained tokens is not a figure"):
+        mean_loss([torch.zeros(1, 3, 5)], [{"labels": torch.tensor([[-100, -100, -100]])}])

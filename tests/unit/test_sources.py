@@ -101,3 +101,15 @@ def test_trained_tokens_are_green_on_a_terminal_and_bracketed_otherwise(tiny_mod
     assert percentiles([1, 2, 3, 4]) == {50: 2, 90: 4, 99: 4, 100: 4}
     assert sum(int(line.split()[-1]) for line in histogram([5, 6, 7, 30], max_length=10)
                if not line.endswith("max_length")) == 3  # rows within max_length
+
+
+def test_the_data_verb_shows_every_length_before_a_drop(cli, tmp_path):
+    """Rows over data.max_length are counted in the lengths shown, and the report says training would stop."""
+    rows = [json.dumps({"text": " ".join(["fox"] * n)}) for n in [5] * 8 + [60] * 2]
+    (tmp_path / "t.jsonl").write_text("\n".join(rows) + "\n")
+    result = cli("data", f"data.path={tmp_path / 't.jsonl'}", "data.eval_fraction=0", "data.max_length=16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train: 10 rows (2 longer than max_length=16: dropped)" in result.stdout
+    p100 = int(result.stdout.split("p100 ")[1].split()[0])
+    assert p100 > 60  # the longest row, not the longest kept
+    assert "training would stop here: 2 rows over data.max_length=16" in result.stdout

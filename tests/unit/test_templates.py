@@ -102,3 +102,24 @@ def test_the_tokenizer_s_own_template_is_kept(tokenizer):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert apply_chat_template_choice(tokenizer, None) == "tokenizer"
     assert tokenizer.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_named_template_variants_are_chosen_by_name(tokenizer):
+    """Tokenizers with several named templates (Hermes-3, Command-R): 'default' unless data.chat_template names one."""
+    from finetune.data.tokenize import _key
+    from finetune.config import DataConfig
+
+    variants = {"default": TEMPLATES["plain"].jinja, "tool_use": TEMPLATES["mistral"].jinja}
+    tokenizer.chat_template = dict(variants)
+    assert apply_chat_template_choice(tokenizer, None) == "tokenizer (default)"
+    assert tokenizer.chat_template == variants["default"]
+    tokenizer.chat_template = dict(variants)
+    assert apply_chat_template_choice(tokenizer, "tool_use") == "tokenizer (tool_use)"
+    assert tokenizer.chat_template == variants["tool_use"]
+    tokenizer.chat_template = dict(variants)
+    with pytest.raises(UserError, match="not a bundled template: choose one of plain, .*; the tokenizer's own: default, "
+                                        "tool_use.*Did you mean 'tool_use'"):
+        apply_chat_template_choice(tokenizer, "tool_us")
+    import datasets
+
+    assert len(_key(datasets.Dataset.from_list([{"text": "a"}]), tokenizer, DataConfig(path="x"), "train")) == 24
