@@ -73,8 +73,9 @@ def eval_loss(model, tokenizer, rows, data: DataConfig, batch_size: int, desc: s
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items = [{k: t[k][:data.max_length] for k in ("input_ids", "labels")}
-             for r in rows for t in tokenize_row(r, tokenizer, data.train_on_inputs, data.turns)]
+    items = [{k: t[k][:data.max_length] for k in ("input_ids", "labels")}  # as training saw them: dropped or cut
+             for r in rows for t in tokenize_row(r, tokenizer, data.train_on_inputs, data.turns)
+             if t["length"] <= data.max_length or data.too_long != "drop"]
     total, count = 0.0, 0
     bar = progress(len(items), desc)
     for start in range(0, len(items), batch_size):

@@ -145,6 +145,7 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     each row's file and line, to name the rows."""
     if conversational and not cfg.train_on_inputs and len(ds):
         cross_check(tokenizer, ds[0], cfg.turns)
+        reasoning_check(tokenizer, ds, name)
     path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     cached = any(path.parent.glob(path.stem + "*"))  # with num_proc the cache is split into shards
@@ -231,6 +232,20 @@ def cross_check(tokenizer, row: dict, turns: str) -> None:
         log.info("The chat template's {%% generation %%} marks also cover %d token(s) that are not a reply or its "
                  "end-of-turn token (e.g. %r): they are not trained.", len(extra),
                  tokenizer.decode([ours["input_ids"][extra[0]]]))
+
+
+def reasoning_check(tokenizer, ds, name: str) -> None:
+    """Reasoning is trained where the template puts it; a template that does not render it is said, once."""
+    if "reasoning_content" not in str(ds.features["messages"]):
+        return
+    row = next((r for r in ds if any(m.get("reasoning_content") for m in r["messages"])), None)
+    if row is None:
+        return
+    messages, tools = formats.chat(row)
+    reasoning = next(m["reasoning_content"] for m in messages if m.get("reasoning_content"))
+    if reasoning.strip() not in masks.render(tokenizer, messages, tools, False):
+        log.warning("%s: the chat template does not render the assistant turns' reasoning (reasoning_content / "
+                    "thinking), so it is not trained; a template with reasoning (Qwen3, gpt-oss) would train it.", name)
 
 
 def keep_cache_small(current: Path) -> None:

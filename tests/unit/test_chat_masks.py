@@ -163,3 +163,20 @@ def test_the_offsets_decide_which_tokens_are_trained(base_tokenizer):
     seq = masks.Sequence("the red fox", ((4, 7),))
     out = labelled(tok, seq)
     assert tok.decode([t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]).strip() == "red"
+
+
+def test_reasoning_a_template_does_not_render_is_said(base_tokenizer, caplog):
+    import logging
+
+    import datasets
+
+    from finetune.data.tokenize import reasoning_check
+
+    rows = datasets.Dataset.from_list([formats.convert({"messages": [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}]},
+        "messages")])
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        reasoning_check(tokenizer_for(base_tokenizer, "qwen3"), rows, "train")
+        assert not caplog.records  # Qwen3 renders it
+        reasoning_check(tokenizer_for(base_tokenizer, "llama3_1"), rows, "train")
+    assert "the chat template does not render the assistant turns' reasoning" in caplog.text
