@@ -180,3 +180,34 @@ def test_reasoning_a_template_does_not_render_is_said(base_tokenizer, caplog):
         assert not caplog.records  # Qwen3 renders it
         reasoning_check(tokenizer_for(base_tokenizer, "llama3_1"), rows, "train")
     assert "the chat template does not render the assistant turns' reasoning" in caplog.text
+
+
+# TRL's templates without a correct mask, and why: each is one clear message, never a wrong mask.
+UNMASKABLE = {
+    "deepseek_r1_distill": "renders it once the reply follows",  # prompt prefills <think>, replies drop it
+    "deepseekv3": "renders it once the reply follows", "glm4moe": "starts with no special token",  # turns end unmarked
+    "nemotron_3_5_lightning": "renders it once the reply follows", "nemotron_3_nano": "renders it once the reply follows",
+    "nemotron_3_super": "renders it once the reply follows", "nemotron_3_ultra": "renders it once the reply follows",
+    "idefics3": "exactly once", "smolvlm": "exactly once",  # vision templates: text content is not a reply
+    "llava_next": "refuses it",
+    "gemma": "System role not supported",  # Gemma 2: masked exactly with data.system_prompt=fold (above)
+}
+
+
+def test_every_template_trl_bundles_is_masked_exactly_or_refused_clearly(base_tokenizer):
+    """A new template in TRL fails this test until someone looks at it."""
+    from pathlib import Path
+
+    import trl
+
+    folder = Path(trl.__file__).parent / "chat_templates"
+    for path in sorted(p for p in folder.glob("*.jinja") if not p.stem.endswith("training")):
+        template = path.read_text().replace("<\uff5c", "<|").replace("\uff5c>", "|>")  # DeepSeek's full-width bars
+        tok = with_template(base_tokenizer(), template)
+        if path.stem in UNMASKABLE:
+            with pytest.raises((UserError, masks.RowProblem), match=UNMASKABLE[path.stem]):
+                masks.sequences(tok, CONVERSATION, None)
+            continue
+        eot = masks.end_of_turn_token(tok)
+        trained = [seq.text[a:b] for seq in masks.sequences(tok, CONVERSATION, None) for a, b in seq.spans]
+        assert trained == [r + eot for r in REPLIES], path.stem
