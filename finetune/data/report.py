@@ -101,6 +101,8 @@ def split_report(cfg: FinetuneConfig, tokenizer, name: str, ds, where, conversat
     print(f"\n{name}: {len(ds)} rows ({tok.too_long} longer than max_length={limit}: {what}), "
           f"{sum(lengths)} tokens, {sum(kept)} of them trained"
           f"{' (tokenized before: read from the cache)' if tok.cached else ''}")
+    if tok.dropped:
+        print(f"  {sum(tok.dropped.values())} rows the chat template refuses: dropped (data.bad_rows=drop)")
     print("  tokens per row: " + ", ".join(f"p{q} {v}" for q, v in p.items()))
     print("\n".join(histogram(lengths, limit)))
     stops = tok.too_long and (cfg.data.too_long == "error" or tok.too_long > cfg.data.max_drop_fraction * len(lengths))

@@ -179,8 +179,11 @@ def refused_rows(out, cfg: DataConfig, name: str, where: Optional[list]):
                         "Fix these rows, or pass data.bad_rows=drop to skip them"
                         + (" (a template without a system role: data.system_prompt=fold puts the system text into "
                            "the first user turn)." if any("ystem" in p for _, p in problems) else "."))
+    kept = out.filter(lambda p: not p, input_columns="problem")
+    if len(kept) == 0:
+        raise UserError(f"{name}: the chat template refuses every row; first: {named[0]}")
     log.warning("%s: dropped %d row(s) the chat template refuses; first: %s", name, len(problems), named[0])
-    return out.filter(lambda p: not p, input_columns="problem"), Counter({"template refuses": len(problems)})
+    return kept, Counter({"template refuses": len(problems)})
 
 
 def too_long_rows(out, lengths: list[int], cfg: DataConfig, name: str):

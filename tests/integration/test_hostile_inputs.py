@@ -162,6 +162,21 @@ def test_a_template_that_refuses_the_rows_or_cannot_be_masked(capsys, tmp_path, 
     assert not out.exists()
 
 
+def test_rows_a_template_refuses_can_be_dropped_and_are_counted(capsys, tmp_path, tiny_args, data_dir,
+                                                                template_tokenizers):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text((data_dir / "system_rows.jsonl").read_text() + "\n".join(GOOD) + "\n")
+    code = main(["data", *tiny_args(tmp_path / "run", f"data.path={mixed}", "data.bad_rows=drop", "data.eval_fraction=0",
+                                    f"model.tokenizer={template_tokenizers['gemma']}")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "train: 80 rows" in out.out and "40 rows the chat template refuses: dropped" in out.out
+    assert "dropped 40 row(s) the chat template refuses; first:" in out.err and "System role not supported" in out.err
+    check(*run(capsys, ["data", *tiny_args(tmp_path / "run", f"data.path={data_dir / 'system_rows.jsonl'}",
+                                           "data.bad_rows=drop", f"model.tokenizer={template_tokenizers['gemma']}")]),
+          ["the chat template refuses every row"])
+
+
 @pytest.fixture
 def good_data(tmp_path):
     path = tmp_path / "good.jsonl"

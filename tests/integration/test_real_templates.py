@@ -40,3 +40,18 @@ def test_the_end_of_turn_token_is_the_eos_of_every_export(llama3_run):
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in (eos if isinstance(eos, list) else [eos])
     summary = json.loads((llama3_run / "summary.json").read_text())
     assert summary["chat_template"] == "tokenizer" and summary["reasoning"] is False
+
+
+def test_generate_formats_the_prompt_as_training_did(llama3_run, monkeypatch):
+    """generate builds the prompt with finetune.data.masks.inference_prompt, the context training gave replies."""
+    from finetune.data import masks
+
+    prompts = []
+    real = masks.inference_prompt
+    monkeypatch.setattr(masks, "inference_prompt", lambda *a, **k: prompts.append(real(*a, **k)) or prompts[-1])
+    result = run_main("generate", f"run={llama3_run}", "prompt=What is 3 times 7 modulo 100?", "max_new_tokens=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert prompts == ["<s><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                       f"Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                       "What is 3 times 7 modulo 100?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"]
+    assert "[4 tokens, cut at max_new_tokens=4]" in result.stdout or "stopped at EOS" in result.stdout
