@@ -52,6 +52,6 @@ def test_generate_formats_the_prompt_as_training_did(llama3_run, monkeypatch):
     result = run_main("generate", f"run={llama3_run}", "prompt=What is 3 times 7 modulo 100?", "max_new_tokens=4")
     assert result.returncode == 0, result.stderr[-2000:]
     assert prompts == ["<s><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                       f"Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                       "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
                        "What is 3 times 7 modulo 100?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"]
     assert "[4 tokens, cut at max_new_tokens=4]" in result.stdout or "stopped at EOS" in result.stdout
