@@ -80,7 +80,6 @@ def end_of_turn_token(tokenizer) -> str:
 
 @dataclass(frozen=True)
 class Turn:
-    prompt: str          # what inference feeds the model before this turn: the conversation and generation prompt
     text: str            # the conversation rendered through this turn
     start: int           # the trained span of `text`: the reply and its end-of-turn token
     end: int
@@ -102,8 +101,7 @@ def turn(tokenizer, messages: list[dict], k: int, tools: Optional[list]) -> Turn
         raise template_problem(f"the markup after a reply changes with the reply ({after[:30]!r} expected)")
     start = len(prompt) + (len(before) if reply.startswith(before) else 0)  # reasoning: the template puts it first
     eot = end_of_turn(tokenizer, after)
-    end = len(text) - len(after) + after.index(eot) + len(eot)
-    return Turn(prompt + (before if reply.startswith(before) else ""), text, start, end)
+    return Turn(text, start, len(text) - len(after) + after.index(eot) + len(eot))
 
 
 def sequences(tokenizer, messages: list[dict], tools: Optional[list], turns: str = "all") -> list[Sequence]:
