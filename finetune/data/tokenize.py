@@ -154,6 +154,10 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
                  num_proc=cfg.num_proc if len(ds) > 1000 else None, cache_file_name=str(path),
                  load_from_cache_file=True, desc=f"Tokenizing {name}")
     keep_cache_small(path)
+    if len(out) > len(ds):
+        log.info("%s: %d conversations give %d sequences: the chat template renders earlier turns otherwise than "
+                 "their own, so each reply is trained in its own context (data.turns=last trains only the last one)",
+                 name, len(ds), len(out))
     out, dropped = refused_rows(out, cfg, name, where)
     out = out.remove_columns(["row", "problem"])
     empty = list(out["trained"]).count(0)
