@@ -7,6 +7,7 @@ choices and range and the combinations across groups, and reports all problems a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -25,6 +26,7 @@ def opt(default: Any, help: str, choices: Optional[list] = None, min: Optional[f
 
 
 COMPUTE_DTYPES = ["auto", "bfloat16", "float16", "float32"]
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"]  # see finetune/data/formats.py
 OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"]
 
@@ -162,7 +164,7 @@ class TrainConfig:
     precision: str = opt("auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU", ["auto", "bf16", "fp16", "fp32"])
     liger_kernel: bool = opt(False, "use Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]')")
     compile: bool = opt(False, "torch.compile the model (CUDA; the first steps are slower while it compiles)")
-    seed: int = opt(42, "seed for adapter init, data order and dropout")
+    seed: int = opt(42, "seed for adapter init, data order and dropout", min=0, max=SEED_MAX)
     logging_steps: int = opt(10, "log loss, lr and throughput every N steps", min=1)
     eval_steps: int = opt(0, "also evaluate every N steps during training; 0 = only before and after", min=0)
     save_steps: int = opt(200, "write a resumable checkpoint every N steps", min=1)
@@ -289,6 +291,8 @@ def check_field(key: str, f: dataclasses.Field, value: Any) -> Optional[str]:
         allowed = ", ".join(str(c) for c in meta["choices"])
         null = " (or null)" if f.default is None else ""
         return f"{key}={value} is not allowed: choose one of {allowed}{null}.{closest(str(value), map(str, meta['choices']))}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key}={value} is not a number: give a finite value ({meta.get('help', '')})."
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):

@@ -12,12 +12,14 @@ take a Run; training creates one.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -220,19 +222,21 @@ class Run:
 
 def read_config(path: Path, overrides: list[str], run_arg: str) -> FinetuneConfig:
     """A run's config.yaml in the schema, with `key=value` overrides applied, validated like a training config."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.load(path))
-    except OmegaConfBaseException as e:
+        stat = path.stat()
+        cfg = copy.deepcopy(_schema_with(str(path), stat.st_mtime_ns, stat.st_size))
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().split("\n")[0]
         raise UserError(f"run={run_arg}: {path} does not fit this version of finetune ({first}).") from None
     for arg in overrides:
         key, _, raw = arg.partition("=")
         try:
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={raw}"]).v, merge=False)
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: a stray quote, & or !
             help_text = schema_keys()[key].metadata["help"]
             raise UserError(f"{arg}: {str(e).strip().splitlines()[0]} ({key}: {help_text}).") from None
     obj = OmegaConf.to_object(cfg)
@@ -250,6 +254,14 @@ def finite(value):
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+@lru_cache(maxsize=8)
+def _schema_with(path: str, mtime_ns: int, size: int):
+    """config.yaml merged into the schema, once per version of the file (a tenth of a second each)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.load(path))
 
 
 def read_summary(path: Path) -> dict:

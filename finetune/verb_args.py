@@ -14,7 +14,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from finetune.config import check_field, opt, schema_keys
+from finetune.config import SEED_MAX, check_field, opt, schema_keys
 from finetune.errors import UserError, closest
 
 
@@ -42,7 +42,7 @@ class GenerateArgs:
     top_p: float = opt(0.9, "nucleus sampling: smallest token set with this much probability", min=0, max=1,
                        min_exclusive=True)
     top_k: int = opt(50, "sample among the k likeliest tokens; 0 = no limit", min=0)
-    seed: int = opt(0, "seed for sampling")
+    seed: int = opt(0, "seed for sampling", min=0, max=SEED_MAX)
     stream: bool = opt(True, "print tokens as they are generated (one prompt at a time)")
 
 
