@@ -20,15 +20,19 @@ from typing import Optional
 
 import torch
 
-from finetune.config import DataConfig, FinetuneConfig, QuantConfig
+from finetune.config import DataConfig, FinetuneConfig, ModelConfig, QuantConfig
 from finetune.errors import UserError
 from finetune.model import DTYPES, Device, attach_adapter, load_base_model, write_generation_config
-from finetune.run import Run
+from finetune.run import Run, staged
 from finetune.scoring import mean_loss
-from finetune.tokenizer import base_model_id
+from finetune.tokenizer import base_model_id, is_local_path
 
 log = logging.getLogger("finetune")
 
+# an adapter's files copied as saved when it is exported again: its weights and config, the tokenizer as trained,
+# its card (until the new one is written, once the export is complete)
+AS_SAVED = ("adapter_model.safetensors", "adapter_config.json", "tokenizer", "special_tokens_map", "chat_template",
+            "added_tokens", "vocab.", "merges.txt", "README.md")
 CHECK_TOKENS = 256  # tokens of each check sample: enough to compare distributions, cheap on a CPU
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
@@ -39,9 +43,9 @@ def adapter_warnings(cfg: FinetuneConfig) -> list[str]:
     """What keeps the adapter from loading elsewhere (another machine, vLLM): said once, at export."""
     warnings = []
     if base_model_id(cfg.model) is None:
-        warnings.append(f"The base model is a local folder ({cfg.model.name_or_path}), so adapter_config.json records "
-                        "no base model (a local path would not resolve on another machine). Set model.hub_id=ORG/NAME "
-                        "to record the Hub id it is a copy of.")
+        warnings.append(f"The base model is a local folder ({cfg.model.name_or_path}): adapter_config.json records its "
+                        "path, which loads here; what `publish` uploads names no base model (a local path would not "
+                        "resolve on another machine). Set model.hub_id=ORG/NAME to record the Hub id it is a copy of.")
     lora = cfg.lora
     if lora.modules_to_save:
         warnings.append(f"lora.modules_to_save={list(lora.modules_to_save)}: vLLM cannot load adapters that save "
@@ -58,22 +62,34 @@ def adapter_warnings(cfg: FinetuneConfig) -> list[str]:
     return warnings
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None) -> None:
-    """adapter_config.json (the base's Hub id, never a local path), adapter_model.safetensors, the tokenizer
-    with the training chat template, and generation_config.json. `state_dict`: the model's full state dict
-    where the model itself holds only a shard (FSDP)."""
-    model.save_pretrained(str(adapter_dir), safe_serialization=True,
-                          **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(str(adapter_dir))
+def save_adapter(model, tokenizer, adapter_dir: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None,
+                 weights_from: Optional[Path] = None) -> None:
+    """adapter_config.json (naming the base as loaded: a local copy loads by itself; `publish` uploads the Hub id),
+    adapter_model.safetensors, the tokenizer with the training chat template, and generation_config.json.
+    `state_dict`: the model's full state dict where the model itself holds only a shard (FSDP). `weights_from`:
+    an adapter folder whose weights are copied as they are (re-saving a loaded adapter would write fp32)."""
+    copied = [f for f in weights_from.iterdir() if f.is_file() and f.name.startswith(AS_SAVED)] if weights_from else []
+    for f in copied:
+        shutil.copyfile(f, adapter_dir / f.name)
+    if not copied:
+        model.save_pretrained(str(adapter_dir), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+    if not any(f.name.startswith("tokenizer") for f in copied):
+        tokenizer.save_pretrained(str(adapter_dir))
     config_file = adapter_dir / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = base_model_id(cfg.model)
+    config["base_model_name_or_path"] = local_base(cfg.model)
     if cfg.model.revision:
         config["revision"] = cfg.model.revision
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_generation_config(adapter_dir, cfg.model, tokenizer)
     for warning in adapter_warnings(cfg):
         log.warning(warning)
+
+
+def local_base(model: ModelConfig) -> str:
+    """The base as this machine loads it: a local folder by its absolute path, else the Hub id."""
+    return str(Path(model.name_or_path).expanduser().resolve()) if is_local_path(model.name_or_path) else model.name_or_path
 
 
 # ---- the fidelity check -------------------------------------------------------------------------
@@ -190,32 +206,35 @@ class MergeRejected(UserError):
 
 def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: dict,
                      retry: str = "python -m finetune export run=RUN_DIR", state_dict: Optional[dict] = None,
-                     reference: Optional[list] = None) -> None:
-    """adapter/ from the PEFT `model` (the base in 4-bit as trained, with its adapter), merged/ where
-    export.merge asks, and their model cards, in out_dir (the run, or exports/checkpoint-N/). `rows` are the
-    (converted) rows the merge is checked on; `summary` is updated in place with the merge figures. A rejected
-    merge raises MergeRejected after everything else is written. Under FSDP the caller gathers `state_dict` and
-    the `reference` logits of the model as trained (finetune.distributed.gather_for_export)."""
+                     reference: Optional[list] = None, weights_from: Optional[Path] = None) -> None:
+    """adapter/ from the PEFT `model` (the base in 4-bit as trained, with its adapter; or its weights as saved in
+    `weights_from`), merged/ where export.merge asks, and their model cards, in out_dir (the run, or
+    exports/checkpoint-N/). Each folder is written whole or not at all (run.staged). `rows` are the (converted)
+    rows the merge is checked on; `summary` is updated in place with the merge figures. A rejected merge raises
+    MergeRejected after everything else is written, and an earlier merged/ stays. Under FSDP the caller gathers
+    `state_dict` and the `reference` logits of the model as trained (finetune.distributed.gather_for_export)."""
     cfg = run.cfg
     summary.update({k: None for k in ("merge_base", "merge_mean_kl", "merge_eval_loss", "merge_reference_eval_loss",
                                       "merge_fidelity")})
     if not hasattr(model, "peft_config"):  # full fine-tuning: the model itself is the result, a plain transformers model
-        save_model(model, tokenizer, out_dir / "model", cfg, state_dict)
+        with staged(out_dir / "model") as folder:
+            save_model(model, tokenizer, folder, cfg, state_dict)
         run.write_cards(summary, out_dir)
         return
-    adapter_dir = out_dir / "adapter"
-    save_adapter(model, tokenizer, adapter_dir, cfg, state_dict)
+    with staged(out_dir / "adapter") as folder:
+        save_adapter(model, tokenizer, folder, cfg, state_dict, weights_from)
     rejected = None
     if cfg.export.merge:
         samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data)
         if reference is None:
             reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
-        shutil.rmtree(out_dir / "merged", ignore_errors=True)  # never leave an earlier merge beside a new adapter
         try:
-            summary.update(export_merged(cfg, adapter_dir, out_dir / "merged", tokenizer, samples, reference, retry))
+            with staged(out_dir / "merged") as folder:
+                summary.update(export_merged(cfg, out_dir / "adapter", folder, tokenizer, samples, reference, retry))
         except MergeRejected as e:
             summary.update(e.summary)
-            rejected = e
+            rejected = e if not (out_dir / "merged").exists() else MergeRejected(e.summary, f"{e} The merged/ "
+                                                                                 "already there, from an earlier export, is kept.")
     run.write_cards(summary, out_dir)
     if rejected is not None:
         raise rejected
@@ -243,9 +262,12 @@ def export(run: Run, checkpoint: Optional[str]) -> tuple[Path, dict]:
         summary["checkpoint"] = loaded.source.name
     out_dir.mkdir(parents=True, exist_ok=True)
     retry = f"python -m finetune export run={run.dir}" + (f" checkpoint={checkpoint}" if checkpoint else "")
-    try:
+    try:  # the weights as saved: re-saving the loaded adapter would write them in fp32
         export_artifacts(run, out_dir, loaded.model, loaded.tokenizer,
-                         splits.eval if splits.eval is not None else splits.train, summary, retry)
-    finally:
-        run.write_summary(summary, out_dir)
+                         splits.eval if splits.eval is not None else splits.train, summary, retry,
+                         weights_from=loaded.source)
+    except MergeRejected:
+        run.write_summary(summary, out_dir)  # the figures of the merge that was refused
+        raise
+    run.write_summary(summary, out_dir)
     return out_dir, summary

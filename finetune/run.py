@@ -12,6 +12,7 @@ take a Run; training creates one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -218,6 +219,28 @@ class Run:
         if adapter and source is not None and not merged:
             model = attach_adapter(model, source)
         return Loaded(model.eval(), tokenizer, source, quant_cfg.method, device)
+
+
+@contextlib.contextmanager
+def staged(final: Path):
+    """A folder written whole or not at all: into a staging folder beside it, swapped in when complete, the old one
+    removed only then. An interrupted write leaves the old folder as it was (a swap cut short between its two
+    renames is finished the next time)."""
+    tmp, old = final.with_name(f".{final.name}.partial"), final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():
+        os.replace(old, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_config(path: Path, overrides: list[str], run_arg: str) -> FinetuneConfig:

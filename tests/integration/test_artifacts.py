@@ -3,6 +3,7 @@
 huggingface_hub's own client against a local stand-in of the Hub, and the adapter logged to W&B."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tests.helpers import read_wandb_log
 from tests.hub_standin import HubStandIn
 
 pytestmark = pytest.mark.slow
+DEMO_BASE = Path(__file__).resolve().parents[2] / "finetune" / "assets" / "tiny_llama"
 TOKEN = "hf_tEsTsEcReT0123456789abcdefghijklmn"
 
 
@@ -68,7 +70,7 @@ def test_export_of_a_checkpoint_with_a_chosen_base(demo_run, cli):
     assert s["merge_base"] == "original" and set(s["merge_fidelity"]) >= {"original", "reference_eval_loss"}
     assert "dequantized" not in s["merge_fidelity"] and s["checkpoint"] == "checkpoint-30" and s["eval_loss"] is None
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "demo-org/tiny-llama"
+    assert config["base_model_name_or_path"] == str(DEMO_BASE)  # the local copy names what loads here
     # the checkpoint's adapter, not the final one
     final = safe_open(str(demo_run / "adapter" / "adapter_model.safetensors"), "pt")
     early = safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt")
@@ -89,9 +91,15 @@ def test_a_merge_too_far_from_the_trained_model_is_not_written(demo_run, cli):
 
 # ---- adapters other tools load ------------------------------------------------------------------
 
-def test_adapter_config_names_no_local_path_and_warns(demo_run):
+def test_a_local_adapter_loads_by_itself_and_warns_what_publish_will_not_name(demo_run):
+    """adapter_config.json names the local base, so AutoPeftModelForCausalLM loads it; what `publish` uploads names
+    model.hub_id or nothing (test_publish_uploads_the_adapter_and_its_card_in_one_commit)."""
+    from peft import AutoPeftModelForCausalLM
+
     config = json.loads((demo_run / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] is None and not config.get("modules_to_save")
+    assert config["base_model_name_or_path"] == str(DEMO_BASE) and not config.get("modules_to_save")
+    model = AutoPeftModelForCausalLM.from_pretrained(demo_run / "adapter")
+    assert any("lora_B" in n for n, _ in model.named_parameters())
     stderr = (demo_run.parent / "train.stderr").read_text()
     assert "The base model is a local folder" in stderr and "model.hub_id=ORG/NAME" in stderr
     assert not (demo_run / "adapter" / "training_args.bin").exists()  # no pickle next to the weights
@@ -262,3 +270,42 @@ def test_the_adapter_is_logged_as_a_wandb_model_artifact(demo_run):
     assert artifact.name.endswith("-adapter") and "latest" in artifact.aliases
     files = {entry.path for entry in artifact.manifest.contents}
     assert files == {p.name for p in (demo_run / "adapter").iterdir()}
+
+
+# ---- nothing lost -------------------------------------------------------------------------------
+
+@pytest.fixture
+def run_copy(demo_run, tmp_path):
+    """A copy of the demo run that a test may export into."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("checkpoints", "wandb", "exports"))
+    return copy
+
+
+def test_a_rejected_re_merge_keeps_the_merged_model_there(run_copy, cli):
+    before = (run_copy / "merged" / "model.safetensors").read_bytes()
+    result = cli("export", f"run={run_copy}", "export.max_kl=1e-12")
+    assert result.returncode == 2 and "The merged/ already there, from an earlier export, is kept." in result.stderr
+    assert (run_copy / "merged" / "model.safetensors").read_bytes() == before
+    assert not list(run_copy.glob(".merged.*"))  # no staging left behind
+
+
+def test_an_interrupted_export_changes_nothing(run_copy, cli, monkeypatch):
+    """Ctrl-C in the middle of a merge: adapter/, merged/ and summary.json are as they were."""
+    import finetune.export as export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    files = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()}
+    monkeypatch.setattr(export, "build_merged", interrupted)
+    assert cli("export", f"run={run_copy}", "export.merge=true").returncode == 130
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == files
+
+
+def test_export_keeps_the_adapter_weights_as_trained(run_copy, cli):
+    before = (run_copy / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert cli("export", f"run={run_copy}").returncode == 0
+    assert (run_copy / "adapter" / "adapter_model.safetensors").read_bytes() == before  # bf16, not re-saved as fp32
