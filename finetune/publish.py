@@ -14,7 +14,7 @@ import os
 
 from finetune.config import HubConfig
 from finetune.errors import UserError
-from finetune.run import Run
+from finetune.run import Run, safetensors_problem
 from finetune.tokenizer import base_model_id
 
 log = logging.getLogger("finetune")
@@ -77,6 +77,7 @@ def publish(run: Run) -> str:
         hint = (f" Write it with: python -m finetune export run={run.dir} export.merge=true"
                 if hub.model == "merged" else "")
         raise UserError(f"hub.model={hub.model} but {folder} holds nothing to publish.{hint}")
+    verify(folder)
     api = _api(hub_token())
     readme = card.render(run.cfg, run.summary, merged=hub.model == "merged", repo_id=hub.repo_id, online=True)
     operations = commit_operations(run, folder, str(readme))
@@ -85,6 +86,24 @@ def publish(run: Run) -> str:
     log.info("published %s/ to %s (%s, %d files): %s", hub.model, hub.repo_id, "private" if hub.private else "public",
              len(operations), url)
     return url
+
+
+def verify(folder) -> None:
+    """Every file to upload loads: safetensors whole (header and every tensor), JSON parsed. A damaged file is one
+    message, before anything is created on the Hub."""
+    problems = []
+    for f in sorted(folder.rglob("*")):
+        if f.suffix == ".safetensors":
+            problems.append(safetensors_problem(f))
+        elif f.suffix == ".json":
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                problems.append(f"{f.name} is not valid JSON ({e})")
+    problems = [p for p in problems if p]
+    if problems:
+        raise UserError(*[f"{folder}: {p}" for p in problems],
+                        "Nothing was uploaded. Write the folder again (python -m finetune export run=RUN_DIR), then publish.")
 
 
 def commit_operations(run: Run, folder, readme: str) -> list:

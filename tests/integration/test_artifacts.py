@@ -309,3 +309,12 @@ def test_export_keeps_the_adapter_weights_as_trained(run_copy, cli):
     before = (run_copy / "adapter" / "adapter_model.safetensors").read_bytes()
     assert cli("export", f"run={run_copy}").returncode == 0
     assert (run_copy / "adapter" / "adapter_model.safetensors").read_bytes() == before  # bf16, not re-saved as fp32
+
+
+def test_publish_checks_every_file_before_creating_anything(run_copy, cli):
+    weights = run_copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with HubStandIn(tokens={TOKEN: "alice"}) as hub:
+        result = cli("publish", f"run={run_copy}", "hub.repo_id=alice/x", env=hub_env(hub))
+    assert result.returncode == 2 and "adapter_model.safetensors is unreadable" in result.stderr
+    assert "Nothing was uploaded" in result.stderr and hub.repos == {} and not hub.requests
