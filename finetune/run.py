@@ -312,13 +312,9 @@ def list_checkpoints(root: Path) -> list[Path]:
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why this checkpoint cannot be resumed from (None: it is complete). Checkpoints are renamed into place
     only when complete, so a bad one is a disk or copy accident; every file resume needs is read."""
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
-    try:
-        json.loads(state.read_text())
-    except (ValueError, OSError):
-        return "trainer_state.json is not valid JSON"
+    problem = trainer_state_problem(path / "trainer_state.json")
+    if problem:
+        return problem
     sharded = [p for p in path.glob("pytorch_model_fsdp_*") if p.is_dir()]  # FSDP's SHARDED_STATE_DICT
     weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
     if not weights and not sharded:
@@ -331,7 +327,34 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         return "no optimizer.pt"
     if not (path / "scheduler.pt").is_file() or (path / "scheduler.pt").stat().st_size == 0:
         return "no scheduler.pt"
+    saved = [*optimizer, path / "scheduler.pt", *path.glob("rng_state*.pth"), *path.glob("scaler.pt")]
+    return next(filter(None, map(torch_file_problem, saved)), None)
+
+
+def trainer_state_problem(state: Path) -> Optional[str]:
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        values = json.loads(state.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        return "trainer_state.json is not valid JSON"
+    if not (isinstance(values, dict) and isinstance(values.get("global_step"), int)
+            and isinstance(values.get("log_history"), list)):
+        return "trainer_state.json does not hold a trainer state (global_step, log_history)"
     return None
+
+
+def torch_file_problem(file: Path) -> Optional[str]:
+    """Why a file torch.save wrote cannot be read whole: it is a zip archive, each entry with its checksum, so a
+    truncated or garbled one is found without unpickling anything."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{file.name} is unreadable ({type(e).__name__})"
+    return f"{file.name} is damaged ({bad})" if bad else None
 
 
 def safetensors_problem(file: Path) -> Optional[str]:

@@ -185,3 +185,26 @@ def test_a_non_finite_loss_stops_the_run_or_is_skipped(args, tmp_path, monkeypat
         weights = adapter(out)
         assert all(torch.isfinite(t).all() for t in weights.values())
         assert summary["eval_loss"] < summary["eval_loss_base"]
+
+
+def test_resume_skips_checkpoints_with_truncated_or_garbled_files(uninterrupted, args, cli, tmp_path):
+    """Half an optimizer.pt, half an rng_state.pth, a 10-byte scheduler.pt, a trainer_state.json of the wrong
+    shape: each is found (torch's files are zip archives with checksums; nothing is unpickled) and skipped."""
+    run = interrupted_copy(uninterrupted, tmp_path, STEPS)
+    ckpts = run / "checkpoints"
+
+    def halve(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    halve(ckpts / "checkpoint-16" / "optimizer.pt")
+    halve(ckpts / "checkpoint-14" / "rng_state.pth")
+    (ckpts / "checkpoint-12" / "scheduler.pt").write_bytes(b"0123456789")
+    (ckpts / "checkpoint-10" / "trainer_state.json").write_text('["not", "a", "state"]')
+    result = cli(*args(run, "resume=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, why in (("checkpoint-16", "optimizer.pt is unreadable"), ("checkpoint-14", "rng_state.pth is unreadable"),
+                      ("checkpoint-12", "scheduler.pt is unreadable"),
+                      ("checkpoint-10", "trainer_state.json does not hold a trainer state")):
+        assert f"Skipping {name} for resume: {why}" in result.stderr
+    a, b = adapter(uninterrupted), adapter(run)  # resumed from checkpoint-8: the same adapter
+    assert all(torch.equal(a[k], b[k]) for k in a)
