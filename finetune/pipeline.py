@@ -12,6 +12,7 @@ Several processes (`accelerate launch`) run the same stages; what differs for th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,8 @@ def prepare(cfg: FinetuneConfig) -> Session:
         s.wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg) | {"processes": world.size})
     distributed.barrier()
     s.metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if resume_from and world.is_main:
+        s.metrics.keep_until(checkpoint_step(resume_from))
     return s
 
 
@@ -224,6 +227,8 @@ def measure(s: Session, trainer, generate: bool = True) -> dict:
 def fit(s: Session, trainer):
     """trainer.train(), resumed where asked. A signal stops it at a checkpoint (Preempted); a CUDA out-of-memory
     error is one message with the cheapest fix; non-finite steps are skipped up to train.max_bad_steps."""
+    if s.resume_from and finished(s.resume_from):
+        return load_finished(trainer, s.resume_from)
     guard, finite = PreemptionGuard(), NonFiniteGuard(s.cfg.train.max_bad_steps, s.run_dir / "checkpoints")
     trainer.add_callback(guard)
     trainer.add_callback(finite)
@@ -236,6 +241,32 @@ def fit(s: Session, trainer):
                         str(s.run_dir / "checkpoints" / f"checkpoint-{trainer.state.global_step}"), str(s.run_dir))
     s.bad_steps = finite.bad_steps
     return result
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
+def finished(checkpoint: str) -> bool:
+    """The checkpoint is of the last step (a run stopped during its final eval or export): nothing is left to train.
+    The Trainer would take one step more before it checks."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state["global_step"] >= state.get("max_steps", float("inf"))
+
+
+def load_finished(trainer, checkpoint: str):
+    """The finished run's adapter and state, and its training figures: the loss averaged over its logged steps
+    (each log covers the steps since the one before)."""
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = type(trainer.state).load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    logged, last, total = [r for r in trainer.state.log_history if "loss" in r], 0, 0.0
+    for record in logged:
+        total, last = total + record["loss"] * (record["step"] - last), record["step"]
+    log.info("%s is the last step: nothing is left to train; finishing the run", Path(checkpoint).name)
+    loss = total / last if last else None
+    return TrainOutput(trainer.state.global_step, loss, {"train_loss": loss, "train_runtime": 0.0})
 
 
 def out_of_memory(cfg: FinetuneConfig, run_dir: Path) -> UserError:

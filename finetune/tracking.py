@@ -78,6 +78,23 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def keep_until(self, step: int) -> None:
+        """Resume from the checkpoint of `step`: the records of later steps are redone, so they go (a line cut
+        short by a kill goes too)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.path)
+
 
 def plot_loss(records: list[dict], png: Path, title: str) -> None:
     """loss.png: training loss per step, and eval loss where it was measured."""

@@ -208,3 +208,17 @@ def test_resume_skips_checkpoints_with_truncated_or_garbled_files(uninterrupted,
         assert f"Skipping {name} for resume: {why}" in result.stderr
     a, b = adapter(uninterrupted), adapter(run)  # resumed from checkpoint-8: the same adapter
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_the_last_checkpoint_only_finishes(uninterrupted, args, cli, tmp_path):
+    """Killed during its final eval or export, a run resumes from its last checkpoint to train nothing more: the
+    same steps, the same adapter, no step logged twice."""
+    run = interrupted_copy(uninterrupted, tmp_path, STEPS)
+    result = cli(*args(run, "resume=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    a, b = adapter(uninterrupted), adapter(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)

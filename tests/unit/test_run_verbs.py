@@ -59,7 +59,7 @@ def test_vllm_warnings(kw, expected):
 def test_a_local_base_warns_unless_its_hub_id_is_given(tmp_path):
     cfg = lora()
     cfg.model.name_or_path = str(tmp_path)
-    assert "adapter_config.json records no base model" in adapter_warnings(cfg)[0]
+    assert "what `publish` uploads names no base model" in adapter_warnings(cfg)[0]
     cfg.model.hub_id = "org/base"
     assert adapter_warnings(cfg) == []
 
