@@ -27,7 +27,8 @@ import transformers.utils.logging  # noqa: E402  (after HF_HOME is set: huggingf
 
 transformers.utils.logging.get_logger("transformers")
 
-DEMO_STEPS = 60  # a shortened demo: enough for the loss to fall and the adapter to matter, ~1 min on 2 cores
+DEMO_STEPS = 40  # a shortened demo: enough for the loss to fall and the replies to end, ~45 s on 2 cores
+DEMO_SAVE = DEMO_STEPS // 2  # a checkpoint half way, and one at the end
 TINY_RUN_STEPS = 16  # the shared tiny run: 91 training rows / micro-batch 8 = 12 steps per epoch, 13-16 in the second
 
 
@@ -107,7 +108,7 @@ def demo_run(tmp_path_factory):
     """The embedded tiny QLoRA recipe through the CLI, shortened; exported merged, adapter logged to W&B (offline).
     In this process: the console command itself is run in a subprocess by test_cli.py and test_wheel.py."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    result = run_main("recipe=tiny_qlora", f"output_dir={out}", f"train.max_steps={DEMO_STEPS}", "train.save_steps=30",
+    result = run_main("recipe=tiny_qlora", f"output_dir={out}", f"train.max_steps={DEMO_STEPS}", f"train.save_steps={DEMO_SAVE}",
                       "eval.exact_match_samples=24", "tracking.log_model=true")
     assert result.returncode == 0, result.stderr[-3000:]
     (out.parent / "train.stderr").write_text(result.stderr)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.conftest import DEMO_SAVE, DEMO_STEPS
 from tests.helpers import read_wandb_log
 from tests.hub_standin import HubStandIn
 
@@ -61,14 +62,14 @@ def test_the_merged_weights_are_16_bit_never_4_bit(demo_run):
 
 
 def test_export_of_a_checkpoint_with_a_chosen_base(demo_run, cli):
-    result = cli("export", f"run={demo_run}", "checkpoint=30", "export.merge_base=original",
+    result = cli("export", f"run={demo_run}", f"checkpoint={DEMO_SAVE}", "export.merge_base=original",
                      "model.hub_id=demo-org/tiny-llama")
     assert result.returncode == 0, result.stderr[-2000:]
-    out = demo_run / "exports" / "checkpoint-30"
+    out = demo_run / "exports" / f"checkpoint-{DEMO_SAVE}"
     assert "merged into the original base" in result.stdout and str(out) in result.stdout
     s = summary_of(out)
     assert s["merge_base"] == "original" and set(s["merge_fidelity"]) >= {"original", "reference_eval_loss"}
-    assert "dequantized" not in s["merge_fidelity"] and s["checkpoint"] == "checkpoint-30" and s["eval_loss"] is None
+    assert "dequantized" not in s["merge_fidelity"] and s["checkpoint"] == f"checkpoint-{DEMO_SAVE}" and s["eval_loss"] is None
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(DEMO_BASE)  # the local copy names what loads here
     # the checkpoint's adapter, not the final one
@@ -84,7 +85,7 @@ def test_a_merge_too_far_from_the_trained_model_is_not_written(demo_run, cli):
     assert "error: The merged model is further from the model as trained than export.max_kl=1e-12" in result.stderr
     assert f"export run={demo_run} checkpoint=last export.merge_dtype=float32" in result.stderr
     assert "Traceback" not in result.stderr
-    out = demo_run / "exports" / "checkpoint-60"
+    out = demo_run / "exports" / f"checkpoint-{DEMO_STEPS}"
     assert not (out / "merged").exists() and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert summary_of(out)["merge_mean_kl"] > 1e-12  # the figures are kept
 

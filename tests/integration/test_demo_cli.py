@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import DEMO_SAVE
 from tests.conftest import DEMO_STEPS as STEPS
 from tests.helpers import read_wandb_log, wandb_config, wandb_history
 
@@ -25,7 +26,7 @@ def test_the_run_directory_holds_what_design_md_lists(run):
     for name in ("config.yaml", "summary.json", "metrics.jsonl", "loss.png"):
         assert (run / name).is_file(), name
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-30", "checkpoint-60"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == [f"checkpoint-{DEMO_SAVE}", f"checkpoint-{STEPS}"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md"):
         assert (run / "adapter" / name).is_file(), name
     assert (run / "merged" / "model.safetensors").is_file() and (run / "merged" / "generation_config.json").is_file()

@@ -4,6 +4,7 @@ the training command line (Hydra composes it: a quarter of a second each) and a 
 (`export run=... key=value`: the run's config.yaml read back)."""
 
 import math
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +15,8 @@ from finetune.errors import UserError
 from finetune.registry import load_config
 
 KEYS = sorted(schema_keys())
+# the slow tier's runs; FUZZ_SCALE=10 python -m pytest tests/unit/test_config_fuzz.py fuzzes ten times as long
+AT_LENGTH = float(os.environ.get("FUZZ_SCALE", "1"))
 VALUES = st.one_of(
     st.text(max_size=30),
     st.integers(min_value=-2**70, max_value=2**70).map(str),
@@ -72,14 +75,14 @@ def test_any_value_on_a_run_is_a_config_or_one_message(run_config, key, value):
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(20 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_the_command_line_at_length(tmp_path_factory, key, value):
     on_the_command_line(key, value, tmp_path_factory.mktemp("fuzz"))
 
 
 @pytest.mark.slow
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(400 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_a_run_at_length(run_config, key, value):
     on_a_run(key, value, run_config)
