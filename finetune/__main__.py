@@ -47,22 +47,24 @@ def run_verb(verb: str, argv: list[str]) -> int:
 
     args, overrides = parse_verb_args(verb, argv)
     run = Run.open(args.run, overrides)
-    if verb == "generate":
+    if verb == "generate":  # it only reads: it may sample a run that is still training
         from finetune.generate import generate
 
         generate(run, args)
-    elif verb == "eval":
-        from finetune.eval import eval_run
+        return 0
+    with run.locked():  # the others write into the run, or upload it: not while another process writes it
+        if verb == "eval":
+            from finetune.eval import eval_run
 
-        print_eval(*eval_run(run, args.checkpoint))
-    elif verb == "export":
-        from finetune.export import export
+            print_eval(*eval_run(run, args.checkpoint))
+        elif verb == "export":
+            from finetune.export import export
 
-        print_export(*export(run, args.checkpoint))
-    else:
-        from finetune.publish import publish
+            print_export(*export(run, args.checkpoint))
+        else:
+            from finetune.publish import publish
 
-        print(f"published: {publish(run)}")
+            print(f"published: {publish(run)}")
     return 0
 
 

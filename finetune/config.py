@@ -302,15 +302,21 @@ def check_field(key: str, f: dataclasses.Field, value: Any) -> Optional[str]:
     return None
 
 
-def field_problems(obj, prefix: str = "") -> list[Optional[str]]:
-    """The choice and range check of every leaf field of the dataclass instance `obj`."""
-    out = []
-    for key, f in schema_keys(type(obj)).items():
+def leaf_values(obj) -> dict[str, Any]:
+    """{dotted key: value} of every leaf field of the dataclass instance `obj`."""
+    values = {}
+    for key in schema_keys(type(obj)):
         value = obj
         for part in key.split("."):
             value = getattr(value, part)
-        out.append(check_field(prefix + key, f, value))
-    return out
+        values[key] = value
+    return values
+
+
+def field_problems(obj, prefix: str = "") -> list[Optional[str]]:
+    """The choice and range check of every leaf field of the dataclass instance `obj`."""
+    fields = schema_keys(type(obj))
+    return [check_field(prefix + key, fields[key], value) for key, value in leaf_values(obj).items()]
 
 
 def validate(cfg: FinetuneConfig) -> None:

@@ -12,7 +12,6 @@ Several processes (`accelerate launch`) run the same stages; what differs for th
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
 from finetune.model import Device, detect_device, load_base_model
 from finetune.registry import to_dict
-from finetune.run import Run, last_good_checkpoint
+from finetune.checkpoints import checkpoint_step, finished, last_good_checkpoint
+from finetune.run import Run
 from finetune.scoring import exact_match
 from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
@@ -67,11 +67,15 @@ class Session:
 
 def train(cfg: FinetuneConfig) -> dict:
     s = prepare(cfg)
-    trainer = build(s)
-    before = measure_base(s, trainer)
-    result = fit(s, trainer)
-    after = measure(s, trainer, generate=not s.world.sharded)
-    return finish(s, trainer, summarize(s, trainer, result, before, after))
+    try:
+        trainer = build(s)
+        before = measure_base(s, trainer)
+        result = fit(s, trainer)
+        after = measure(s, trainer, generate=not s.world.sharded)
+        return finish(s, trainer, summarize(s, trainer, result, before, after))
+    finally:
+        if s.run:
+            s.run.unlock()  # however the run ends; after a kill -9 the next start takes the stale lock over
 
 
 # ---- prepare ------------------------------------------------------------------------------------
@@ -99,7 +103,11 @@ def prepare(cfg: FinetuneConfig) -> Session:
     distributed.barrier()  # every process has checked the run directory before rank 0 writes into it
     if world.is_main:
         s.run = Run.create(cfg, run_dir)
-        s.wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg) | {"processes": world.size})
+        try:
+            s.wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg) | {"processes": world.size})
+        except BaseException:
+            s.run.unlock()
+            raise
     distributed.barrier()
     s.metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume_from and world.is_main:
@@ -227,7 +235,7 @@ def measure(s: Session, trainer, generate: bool = True) -> dict:
 def fit(s: Session, trainer):
     """trainer.train(), resumed where asked. A signal stops it at a checkpoint (Preempted); a CUDA out-of-memory
     error is one message with the cheapest fix; non-finite steps are skipped up to train.max_bad_steps."""
-    if s.resume_from and finished(s.resume_from):
+    if s.resume_from and finished(s.resume_from, s.cfg.train.epochs, s.cfg.train.max_steps):
         return load_finished(trainer, s.resume_from)
     guard, finite = PreemptionGuard(), NonFiniteGuard(s.cfg.train.max_bad_steps, s.run_dir / "checkpoints")
     trainer.add_callback(guard)
@@ -241,17 +249,6 @@ def fit(s: Session, trainer):
                         str(s.run_dir / "checkpoints" / f"checkpoint-{trainer.state.global_step}"), str(s.run_dir))
     s.bad_steps = finite.bad_steps
     return result
-
-
-def checkpoint_step(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.split("-")[-1])
-
-
-def finished(checkpoint: str) -> bool:
-    """The checkpoint is of the last step (a run stopped during its final eval or export): nothing is left to train.
-    The Trainer would take one step more before it checks."""
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state["global_step"] >= state.get("max_steps", float("inf"))
 
 
 def load_finished(trainer, checkpoint: str):

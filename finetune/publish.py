@@ -14,7 +14,8 @@ import os
 
 from finetune.config import HubConfig
 from finetune.errors import UserError
-from finetune.run import Run, safetensors_problem
+from finetune.checkpoints import safetensors_problem
+from finetune.run import Run
 from finetune.tokenizer import base_model_id
 
 log = logging.getLogger("finetune")

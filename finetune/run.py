@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+from finetune.checkpoints import list_checkpoints, resume_changes, resume_checkpoint
 from finetune.config import FinetuneConfig, ModelConfig, QuantConfig, schema_keys, validate
 from finetune.errors import UserError
 
@@ -97,12 +98,21 @@ class Run:
     @staticmethod
     def check_new(cfg: FinetuneConfig, processes: int = 1) -> tuple[Path, Optional[str]]:
         """output_dir for a training run and the checkpoint to resume from; writes nothing. An existing run is
-        never overwritten unless overwrite=true; a checkpoint resumes with as many processes as wrote it."""
+        never overwritten unless overwrite=true; a checkpoint resumes with as many processes as wrote it. A run
+        another process is writing is refused; one that stopped before it saved anything is started over."""
         run_dir = Path(cfg.output_dir).expanduser()
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"output_dir={run_dir} is a file, not a folder: choose another output_dir.")
+        check_unlocked(run_dir)
+        if failed_start(run_dir):
+            log.warning("output_dir=%s holds a run that stopped before its first checkpoint (nothing in it to keep "
+                        "or resume): starting it over.", run_dir)
+            return run_dir, None
         if cfg.resume:
-            return run_dir, resume_checkpoint(run_dir / "checkpoints", processes)
+            resume_from = resume_checkpoint(run_dir / "checkpoints", processes)
+            if (run_dir / "config.yaml").is_file():
+                resume_changes(read_config(run_dir / "config.yaml", [], str(run_dir)), cfg)
+            return run_dir, resume_from
         if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
             raise UserError(f"output_dir={run_dir} already holds a run and is never overwritten by default: pass "
                             "resume=true to continue it, overwrite=true to replace it, or choose another output_dir=...")
@@ -110,18 +120,35 @@ class Run:
 
     @classmethod
     def create(cls, cfg: FinetuneConfig, run_dir: Path) -> "Run":
-        """The run directory (emptied first with overwrite=true), with config.yaml."""
+        """The run directory, locked by this process, with config.yaml. Emptied first with overwrite=true, or
+        when it holds only a failed start."""
         from finetune.registry import to_yaml
 
         try:
-            if cfg.overwrite and run_dir.is_dir():
-                shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run(run_dir)
+            if (cfg.overwrite and not cfg.resume) or failed_start(run_dir):
+                for entry in run_dir.iterdir():
+                    if entry != lock:
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         except OSError as e:
             raise UserError(f"output_dir={run_dir}: cannot write there ({e.strerror}). Choose a writable "
                             "output_dir.") from None
         return cls(run_dir, cfg)
+
+    def unlock(self) -> None:
+        """The run is no longer written by this process."""
+        unlock_run(self.dir)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """This process writes the run (export, eval, publish) while the block runs."""
+        lock_run(self.dir)
+        try:
+            yield self
+        finally:
+            self.unlock()
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -299,104 +326,99 @@ def read_summary(path: Path) -> dict:
         return {}
 
 
-# ---- checkpoints: what the trainer writes, read back --------------------------------------------
+# ---- who writes a run directory -----------------------------------------------------------------
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """The checkpoint-N folders in root, oldest (lowest N) first; none if root does not exist."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
+LOCK = ".lock"
+FAILED_START = {"config.yaml", "metrics.jsonl", "loss.png", "wandb", "checkpoints", LOCK}  # what a start writes first
 
 
-def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why this checkpoint cannot be resumed from (None: it is complete). Checkpoints are renamed into place
-    only when complete, so a bad one is a disk or copy accident; every file resume needs is read."""
-    problem = trainer_state_problem(path / "trainer_state.json")
-    if problem:
-        return problem
-    sharded = [p for p in path.glob("pytorch_model_fsdp_*") if p.is_dir()]  # FSDP's SHARDED_STATE_DICT
-    weights = [p for p in (path / "adapter_model.safetensors", path / "model.safetensors") if p.is_file()]
-    if not weights and not sharded:
-        return "no adapter_model.safetensors or model.safetensors"
-    unreadable = weights and safetensors_problem(weights[0])
-    if unreadable:
-        return unreadable
-    optimizer = [p for p in (path / "optimizer.pt", path / "optimizer.bin") if p.is_file() and p.stat().st_size]
-    if not optimizer and not any(p.is_dir() for p in path.glob("optimizer_*")):  # optimizer_0/: FSDP, sharded
-        return "no optimizer.pt"
-    if not (path / "scheduler.pt").is_file() or (path / "scheduler.pt").stat().st_size == 0:
-        return "no scheduler.pt"
-    saved = [*optimizer, path / "scheduler.pt", *path.glob("rng_state*.pth"), *path.glob("scaler.pt")]
-    return next(filter(None, map(torch_file_problem, saved)), None)
+def failed_start(run_dir: Path) -> bool:
+    """run_dir holds only what a run writes before its first checkpoint: it stopped (an error, a signal, a kill)
+    with nothing to keep or resume, so the same command may start it over."""
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    entries = {p.name for p in run_dir.iterdir()}
+    ckpts = run_dir / "checkpoints"
+    return entries <= FAILED_START and not (ckpts.is_dir() and any(p.name.startswith("checkpoint-")
+                                                                       for p in ckpts.iterdir()))
 
 
-def trainer_state_problem(state: Path) -> Optional[str]:
-    if not state.is_file():
-        return "no trainer_state.json"
+def process_start(pid: int) -> Optional[str]:
+    """When a process started (Linux: /proc/PID/stat's start time), so a PID reused by another process is not
+    taken for the lock's owner; None where that cannot be read."""
     try:
-        values = json.loads(state.read_text())
-    except (ValueError, OSError, UnicodeDecodeError):
-        return "trainer_state.json is not valid JSON"
-    if not (isinstance(values, dict) and isinstance(values.get("global_step"), int)
-            and isinstance(values.get("log_history"), list)):
-        return "trainer_state.json does not hold a trainer state (global_step, log_history)"
-    return None
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
-def torch_file_problem(file: Path) -> Optional[str]:
-    """Why a file torch.save wrote cannot be read whole: it is a zip archive, each entry with its checksum, so a
-    truncated or garbled one is found without unpickling anything."""
-    import zipfile
+def lock_owner(run_dir: Path) -> Optional[dict]:
+    """The process that holds run_dir's lock while it is still running; None when free, when its owner is gone
+    (a kill -9, a power cut: a stale lock) or when it is this process."""
+    import socket
 
+    owner = read_lock(run_dir / LOCK)
     try:
-        with zipfile.ZipFile(file) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        return f"{file.name} is unreadable ({type(e).__name__})"
-    return f"{file.name} is damaged ({bad})" if bad else None
-
-
-def safetensors_problem(file: Path) -> Optional[str]:
-    """Why a safetensors file cannot be read whole (truncated or garbled: safetensors checks the header against
-    the file size), or None."""
-    from safetensors import safe_open
-
+        pid = int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if owner.get("host") != socket.gethostname():
+        return owner  # another machine's process (a shared disk): it cannot be checked from here
+    if pid == os.getpid():
+        return None
     try:
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as e:
-        return f"{file.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-    return None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # another user's process
+    return owner if owner.get("start") in (None, process_start(pid)) else None
 
 
-def checkpoint_processes(checkpoint) -> int:
-    """How many processes wrote a Trainer checkpoint: each saves its RNG state (rng_state_N.pth), a single
-    process rng_state.pth."""
-    return len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1
+def check_unlocked(run_dir: Path) -> None:
+    owner = lock_owner(run_dir)
+    if owner:
+        raise UserError(f"{run_dir} is being written by another process (PID {owner.get('pid')} on "
+                        f"{owner.get('host')}, since {owner.get('since')}): wait for it to finish, stop it, or "
+                        f"choose another output_dir. If no such process is running, delete {run_dir / LOCK}.")
 
 
-def last_good_checkpoint(ckpts: Path) -> Optional[str]:
-    """The newest complete checkpoint in ckpts; each newer one that is not is named in a warning."""
-    for path in reversed(list_checkpoints(ckpts)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        log.warning("Skipping %s for resume: %s. Using an earlier checkpoint.", path.name, problem)
-    return None
+def lock_run(run_dir: Path) -> Path:
+    """Take run_dir's lock (.lock: this process's PID, host and start), or say who holds it. A stale lock is
+    taken over, with a line saying whose it was."""
+    import socket
+    import time
+
+    path, tmp = run_dir / LOCK, run_dir / f"{LOCK}.{os.getpid()}"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        tmp.write_text(json.dumps(me) + "\n")
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot write there ({e.strerror}).") from None
+    try:
+        os.link(tmp, path)  # fails if a lock is there: of two processes starting at once, one gets it
+    except FileExistsError:
+        check_unlocked(run_dir)
+        if read_lock(path).get("pid") != os.getpid():
+            log.warning("Taking over %s: the process that held it (%s) is no longer running.", path,
+                        path.read_text(errors="replace").strip()[:200])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
-def resume_checkpoint(ckpts: Path, processes: int) -> str:
-    """resume=true: the last good checkpoint, written by as many processes as this launch has."""
-    resume_from = last_good_checkpoint(ckpts)
-    if resume_from is None:
-        raise UserError(f"resume=true but {ckpts} holds no checkpoint to resume from: drop resume=true to start a "
-                        "new run.")
-    wrote = checkpoint_processes(resume_from)
-    if wrote != processes:  # the data order and each process's random state depend on the count
-        raise UserError(f"{Path(resume_from).name} was written by {wrote} process(es) and this launch has "
-                        f"{processes}: resume with the same number, "
-                        + ("python -m finetune ... resume=true" if wrote == 1 else
-                           f"accelerate launch --num_processes {wrote} ... -m finetune ... resume=true") + ".")
-    return resume_from
+def unlock_run(run_dir: Path) -> None:
+    """Let go of run_dir's lock, if this process holds it."""
+    if read_lock(run_dir / LOCK).get("pid") == os.getpid():
+        (run_dir / LOCK).unlink(missing_ok=True)
+
+
+def read_lock(path: Path) -> dict:
+    """A lock file's contents; {} when there is none or it is not one (a lock cut short is stale)."""
+    try:
+        owner = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}

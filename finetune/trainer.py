@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from finetune.config import DataConfig, TrainConfig
 from finetune.model import Device
-from finetune.run import last_good_checkpoint, list_checkpoints
+from finetune.checkpoints import last_good_checkpoint, list_checkpoints
 from finetune.tracking import MetricsLog, peak_memory_gb
 
 
