@@ -23,6 +23,7 @@ import torch
 
 from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
+from finetune.model import check_module_names
 from finetune.run import Run
 from finetune.scoring import eval_loss, measures_of, scored_answers
 
@@ -119,14 +120,16 @@ def task_manager(include: Optional[str], tasks: tuple):
     return TaskManager(include_path=include)
 
 
-def harness(model, tokenizer, cfg: FinetuneConfig) -> dict:
-    """EleutherAI's lm-evaluation-harness on the model as loaded: {task: {metric: value}}."""
+def check_harness(cfg: FinetuneConfig):
+    """eval.harness_tasks: lm-eval installed, every task known, and its data reachable (lm-eval downloads it),
+    before anything is evaluated. Returns lm-eval's task index."""
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        import lm_eval  # noqa: F401
     except ImportError:
         raise UserError("eval.harness_tasks needs lm-evaluation-harness: pip install 'finetune[harness]' "
                         "(or pip install lm-eval).") from None
+    from lm_eval.tasks import get_task_dict
+
     include = cfg.eval.harness_include
     if include and not Path(include).expanduser().is_dir():
         raise UserError(f"eval.harness_include={include}: no such folder (it should hold lm-eval task YAML files).")
@@ -136,6 +139,24 @@ def harness(model, tokenizer, cfg: FinetuneConfig) -> dict:
         raise UserError(f"eval.harness_tasks: unknown task(s) {', '.join(unknown)}"
                         + (f" (not in lm-eval, nor in {include})" if include else
                            " (lm-eval's own task names, or set eval.harness_include to a folder of task YAMLs)") + ".")
+    for task in cfg.eval.harness_tasks:
+        try:
+            get_task_dict([task], manager)  # loads the task's data set (from the datasets cache when there)
+        except Exception as e:  # datasets and the Hub raise many types for a missing network or file
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"eval.harness_tasks: the data of {task} could not be loaded ({type(e).__name__}: {first}). "
+                            "lm-eval downloads each task's data from the Hugging Face Hub: connect once (it is then "
+                            "cached), or drop the task.") from None
+    return manager
+
+
+def harness(model, tokenizer, cfg: FinetuneConfig) -> dict:
+    """EleutherAI's lm-evaluation-harness on the model as loaded: {task: {metric: value}}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    include = cfg.eval.harness_include  # checked by check_harness before anything was evaluated
+    manager = task_manager(str(Path(include).expanduser()) if include else None, tuple(cfg.eval.harness_tasks))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.eval.harness_tasks), task_manager=manager,
                                       limit=cfg.eval.harness_limit, log_samples=False)
@@ -155,6 +176,9 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
     from finetune.data import load_splits
 
     cfg = run.cfg
+    check_module_names(cfg.model, cfg.quant, cfg.lora)
+    if cfg.eval.harness_tasks:
+        check_harness(cfg)
     splits = load_splits(cfg.data, cfg.train.seed)
     if splits.eval is None:
         raise UserError("`eval` runs on the recipe's eval split and it has none: set data.eval_path, data.eval_split "

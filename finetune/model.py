@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from finetune.config import ModelConfig, QuantConfig, TrainConfig
-from finetune.errors import UserError
+from finetune.errors import UserError, closest
 from finetune.tokenizer import check_model_path, hub_load_error, is_local_path, warn_remote_code
 
 log = logging.getLogger("finetune")
@@ -105,7 +105,8 @@ def device_map_for(device: Device, world=None) -> Optional[dict]:
 
 def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype: Optional[torch.dtype] = None,
                     world=None):
-    """The base model on `device`, quantized as `quant` says (16/32-bit in `dtype` when quant.method=none).
+    """The base model on `device`, quantized as `quant` says (16/32-bit in `dtype` when quant.method=none; the
+    names in quant.skip_modules are checked before, by check_module_names).
     `world` (finetune.distributed.World): under DDP each process loads it whole on its own GPU; under FSDP it
     is loaded without a device map and accelerate places each process's shard."""
     from transformers import AutoModelForCausalLM
@@ -133,11 +134,34 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
         if is_local_path(cfg.name_or_path) and not isinstance(e, OSError):
             raise
         raise hub_load_error("model.name_or_path", cfg.name_or_path, e) from None
-    if quant.skip_modules and quant.method != "none":
-        check_skip_modules(model, quant.skip_modules)
     if device.type == "cpu":
         keep_4bit_cpu_layers_differentiable(model)
     return model
+
+
+def check_module_names(model_cfg: ModelConfig, quant: QuantConfig, lora) -> None:
+    """lora.target_modules, lora.modules_to_save and quant.skip_modules name modules of the model: checked on its
+    skeleton (config.json, built on the meta device) before a weight is loaded or anything written. Where
+    config.json cannot be read, loading the model says why, later."""
+    from finetune.plan import meta_model
+
+    try:
+        _, net = meta_model(model_cfg)
+    except UserError:
+        return
+    names = [n for n, _ in net.named_modules() if n]
+    if lora.enabled:
+        head = net.get_output_embeddings()
+        linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in net.named_modules()
+                                if isinstance(m, torch.nn.Linear) and m is not head)
+        for key, wanted in (("lora.target_modules", [t for t in lora.target_modules if t != "all-linear"]),
+                            ("lora.modules_to_save", list(lora.modules_to_save))):
+            missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+            if missing:
+                raise UserError(f"{key}: {', '.join(missing)} names no module of {model_cfg.name_or_path}. Its linear "
+                                f"layers: {', '.join(linears)} (or all-linear).{closest(missing[0], linears)}")
+    if quant.skip_modules and quant.method != "none":
+        check_skip_modules(net, quant.skip_modules)
 
 
 def check_skip_modules(model, patterns: list[str]) -> None:

@@ -22,13 +22,13 @@ import torch
 
 from finetune import distributed
 from finetune.config import FinetuneConfig
-from finetune.data import Splits, load_splits
+from finetune.data import Splits, check_paths, load_splits
 from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import Tokenized, tokenize
 from finetune.errors import Preempted, UserError
 from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
-from finetune.model import Device, detect_device, load_base_model
+from finetune.model import Device, check_module_names, detect_device, load_base_model
 from finetune.registry import to_dict
 from finetune.checkpoints import checkpoint_step, finished, last_good_checkpoint
 from finetune.run import Run
@@ -81,7 +81,8 @@ def train(cfg: FinetuneConfig) -> dict:
 # ---- prepare ------------------------------------------------------------------------------------
 
 def prepare(cfg: FinetuneConfig) -> Session:
-    # Device first: a setting the machine cannot run (bf16 on a T4, fp16 on a CPU) fails before any download.
+    # Cheap checks first: local files, then the device (bf16 on a T4, fp16 on a CPU), before any download.
+    check_paths(cfg.data)
     device = detect_device(cfg.train, cfg.quant, cfg.model)
     # Under `accelerate launch`, one process per GPU: they share rank 0's run directory (a ${now:...} name
     # differs by the second between processes), and only rank 0 writes files, W&B and the Hub.
@@ -89,6 +90,7 @@ def prepare(cfg: FinetuneConfig) -> Session:
     cfg.output_dir = distributed.broadcast(cfg.output_dir)
     # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
     run_dir, resume_from = distributed.on_main(lambda: check_start(cfg, world, device.type))
+    check_module_names(cfg.model, cfg.quant, cfg.lora)  # a typo is said before any weight is loaded
     log.info("device: %s, precision %s", device.describe(), device.precision)
     s = Session(cfg, device, world, run_dir, resume_from, fit_to_gpu(cfg, world))
     if cfg.hub.push:  # a missing or rejected token fails now, not after hours of training

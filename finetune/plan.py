@@ -140,14 +140,22 @@ def arch_config(model):
                         f"preset: {presets}.") from None
 
 
-def load_arch(model) -> Arch:
-    """Weight shapes from the model built on the meta device: no memory, no download of weights."""
+def meta_model(model):
+    """(config, the model built on PyTorch's meta device): every module and weight shape, no memory used and no
+    weight downloaded."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = arch_config(model)
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+def load_arch(model) -> Arch:
+    """Weight shapes from the model built on the meta device: no memory, no download of weights."""
+    import torch
+
+    config, net = meta_model(model)
     head = net.get_output_embeddings()
     quantized, linears = 0, {}
     for name, module in net.named_modules():

@@ -74,6 +74,10 @@ def _read_jsonl(path: Path, out: Rows) -> None:
             out.unreadable[len(out.rows)] = ("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno}); "
                                              "each line of a .jsonl file is one JSON object")
             out.rows.append(None)
+        except RecursionError:
+            out.unreadable[len(out.rows)] = ("nested too deeply", "JSON nested too deeply to read (thousands of "
+                                             "levels); a row is one object of messages or fields")
+            out.rows.append(None)
 
 
 def _read_file(path: Path, out: Rows) -> None:
@@ -108,18 +112,37 @@ def _read_file(path: Path, out: Rows) -> None:
     out.where.extend(where)
 
 
+def missing(key: str, path) -> UserError:
+    return UserError(f"{key}={path}: no such file or folder. Give a {', '.join(SUFFIXES)} file, a folder of them, or "
+                     "a Hugging Face Hub dataset id.")
+
+
+def check_paths(cfg: DataConfig) -> None:
+    """Each local data file or folder is there: said first, before a model or tokenizer is fetched."""
+    paths = [("data.path", cfg.path), ("data.eval_path", cfg.eval_path),
+             *((f"data.sources[{i}].path", src.path) for i, src in enumerate(cfg.sources))]
+    for key, path in paths:
+        if path and _is_file(path) and not Path(path).expanduser().exists():
+            raise missing(key, path)
+
+
 def _read_local(key: str, path: Path) -> Rows:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        named = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        files = [p for p in named if p.is_file()]  # a folder, FIFO, socket or broken link named *.jsonl is not read
+        for p in sorted(set(named) - set(files)):
+            log.warning("%s=%s: skipping %s, which is not a regular file.", key, path, p.name)
         if not files:
             raise UserError(f"{key}={path}: the folder holds no {', '.join(SUFFIXES)} files.")
+    elif path.exists() and not path.is_file():
+        raise UserError(f"{key}={path}: not a regular file or folder (a FIFO, socket or device): give a "
+                        f"{', '.join(SUFFIXES)} file or a folder of them.")
     elif path.is_file():
         if path.suffix not in SUFFIXES:
             raise UserError(f"{key}={path}: unsupported file type; use {', '.join(SUFFIXES)} (or a folder of them).")
         files = [path]
     else:
-        raise UserError(f"{key}={path}: no such file or folder. Give a {', '.join(SUFFIXES)} file, a folder of "
-                        "them, or a Hugging Face Hub dataset id.")
+        raise missing(key, path)
     out = Rows()
     for f in files:
         _read_file(f, out)
@@ -185,8 +208,18 @@ def _format_of(key: str, source: Rows, cfg: DataConfig) -> str:
     return fmt
 
 
+def _check_columns(key: str, path: str, source: Rows, cfg: DataConfig) -> None:
+    """Each data.columns entry names a column the rows have: a typo would otherwise be ignored."""
+    seen = {k for r in source.rows if isinstance(r, dict) for k in r}
+    missing = [f"data.columns.{ours}={theirs}" for ours, theirs in cfg.columns.mapping().items() if theirs not in seen]
+    if missing:
+        raise UserError(f"{', '.join(missing)}: no row of {key}={path} has such a column (its columns: "
+                        f"{', '.join(sorted(seen)) or 'none'}). Name one of them, or leave the key out.")
+
+
 def _load(key: str, path: str, cfg: DataConfig, split: str, fmt: Optional[str] = None):
     source = _read_local(key, Path(path).expanduser()) if _is_file(path) else _read_hub(key, path, cfg, split)
+    _check_columns(key, path, source, cfg)
     fmt = fmt or _format_of(key, source, cfg)
     ds, dropped = _prepare(key, source, cfg, fmt)
     return ds, fmt, dropped

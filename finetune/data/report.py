@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from finetune.config import FinetuneConfig
-from finetune.data import load_splits
+from finetune.data import check_paths, load_splits
 from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import tokenize
 from finetune.tokenizer import load_tokenizer
@@ -65,6 +65,7 @@ def render(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
 def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
     """Print the data report; return its figures."""
     color = sys.stdout.isatty() if color is None else color
+    check_paths(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     splits = load_splits(cfg.data, cfg.train.seed)

@@ -91,12 +91,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _rows(batch: dict, indices: list[int], tokenizer, train_on_inputs: bool, turns: str) -> dict:
-    """datasets.map, batched: each row's sequences, or one empty entry naming why the template refused the row."""
+def _rows(batch: dict, indices: list[int], tokenizer, train_on_inputs: bool, turns: str, longest: int,
+          max_length: int, truncate: bool) -> dict:
+    """datasets.map, batched: each row's sequences, or one empty entry naming why the template refused the row.
+    A row with text for over twice max_length tokens of `longest` characters is not tokenized whole (a 50 MB
+    row would take gigabytes): each text is cut to that many characters for truncation, which keeps less;
+    otherwise it is one empty entry whose length (the fewest tokens its text can be) says it is too long."""
     out: dict = {"input_ids": [], "labels": [], "length": [], "trained": [], "row": [], "problem": []}
+    limit = 2 * max_length * longest
     for i, values in zip(indices, zip(*batch.values())):
+        row = dict(zip(batch, values))
+        chars = text_chars(row)
         try:
-            sequences, problem = tokenize_row(dict(zip(batch, values)), tokenizer, train_on_inputs, turns), ""
+            if chars > limit and not truncate:
+                sequences, problem = [{"input_ids": [], "labels": [], "length": chars // longest, "trained": 1}], ""
+            else:
+                row = cut_text(row, limit) if chars > limit else row
+                sequences, problem = tokenize_row(row, tokenizer, train_on_inputs, turns), ""
         except masks.RowProblem as e:
             sequences, problem = [{"input_ids": [], "labels": [], "length": 0, "trained": 0}], str(e)
         for s in sequences:
@@ -107,6 +118,33 @@ def _rows(batch: dict, indices: list[int], tokenizer, train_on_inputs: bool, tur
     return out
 
 
+def text_chars(value) -> int:
+    """Characters of all the text in a row (its strings, however nested)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(map(text_chars, value.values()))
+    if isinstance(value, (list, tuple)):
+        return sum(map(text_chars, value))
+    return 0
+
+
+def cut_text(value, limit: int):
+    """The row with each of its strings cut to `limit` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, dict):
+        return {k: cut_text(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [cut_text(v, limit) for v in value]
+    return value
+
+
+def longest_token(tokenizer) -> int:
+    """The most characters one token stands for (its written form is at least as long)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
 def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
     """The rows' Arrow data (fast and exact), the tokenizer, the template and the settings that change the result."""
     import pyarrow as pa
@@ -115,7 +153,8 @@ def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
         tokenizer.chat_template, sort_keys=True)
     h = hashlib.sha256()
     for part in (VERSION, name, tokenizer.name_or_path, str(len(tokenizer)), template or "", tokenizer.eos_token,
-                 str(tokenizer.bos_token), str(cfg.train_on_inputs), cfg.turns):
+                 str(tokenizer.bos_token), str(cfg.train_on_inputs), cfg.turns,
+                 f"{cfg.max_length} {cfg.too_long == 'truncate'}"):  # rows too long to tokenize whole: see _rows
         h.update(part.encode() + b"\0")
     table = ds.with_format("arrow")[:]  # the selected rows only, whatever index mapping the dataset carries
     sink = pa.BufferOutputStream()
@@ -143,13 +182,17 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     """Tokenize `ds` (cached), then apply data.bad_rows to the rows the template refused and data.too_long to
     sequences over max_length (length_policy=False: only count them, as the `data` verb shows them). `where`:
     each row's file and line, to name the rows."""
+    limit = 2 * cfg.max_length * longest_token(tokenizer)  # see _rows
     if conversational and not cfg.train_on_inputs and len(ds):
-        cross_check(tokenizer, ds[0], cfg.turns)
-        reasoning_check(tokenizer, ds, name)
+        cross_check(tokenizer, cut_text(ds[0], limit), cfg.turns)
+        reasoning_check(tokenizer, ds, name, limit)
     path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     cached = any(path.parent.glob(path.stem + "*"))  # with num_proc the cache is split into shards
-    out = ds.map(_rows, fn_kwargs={"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs, "turns": cfg.turns},
+    kwargs = {"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs, "turns": cfg.turns,
+              "longest": limit // (2 * cfg.max_length), "max_length": cfg.max_length,
+              "truncate": cfg.too_long == "truncate"}
+    out = ds.map(_rows, fn_kwargs=kwargs,
                  batched=True, with_indices=True, remove_columns=ds.column_names, features=features(tokenizer),
                  num_proc=cfg.num_proc if len(ds) > 1000 else None, cache_file_name=str(path),
                  load_from_cache_file=True, desc=f"Tokenizing {name}")
@@ -241,14 +284,14 @@ def cross_check(tokenizer, row: dict, turns: str) -> None:
                  tokenizer.decode([ours["input_ids"][extra[0]]]))
 
 
-def reasoning_check(tokenizer, ds, name: str) -> None:
+def reasoning_check(tokenizer, ds, name: str, limit: int) -> None:
     """Reasoning is trained where the template puts it; a template that does not render it is said, once."""
     if "reasoning_content" not in str(ds.features["messages"]):
         return
     row = next((r for r in ds if any(m.get("reasoning_content") for m in r["messages"])), None)
     if row is None:
         return
-    messages, tools = formats.chat(row)
+    messages, tools = formats.chat(cut_text(row, limit))
     reasoning = next(m["reasoning_content"] for m in messages if m.get("reasoning_content"))
     if reasoning.strip() not in masks.render(tokenizer, messages, tools, False):
         log.warning("%s: the chat template does not render the assistant turns' reasoning (reasoning_content / "

@@ -138,3 +138,22 @@ def test_eval_of_a_bare_base_from_a_recipe(tmp_path, capsys):
 def test_eval_user_errors(demo_run, args, message, capsys):
     assert main(["eval", f"run={demo_run}", "data.eval_max_samples=2", "eval.max_new_tokens=2", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_harness_data_out_of_reach_is_said_before_anything_is_evaluated(demo_run, tmp_path, capsys, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    import finetune.eval as eval_module
+
+    (tmp_path / "far.yaml").write_text(
+        "task: far_task\ndataset_path: nonexistent-org/no-such-data\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n')
+    for module in (datasets.config, huggingface_hub.constants):  # offline, as the audit ran it
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    measured = []
+    monkeypatch.setattr(eval_module, "measure", lambda *a, **k: measured.append(a))
+    code = main(["eval", f"run={demo_run}", "eval.harness_tasks=[far_task]", f"eval.harness_include={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.harness_tasks: the data of far_task could not be loaded" in err, err
+    assert "Traceback" not in err and measured == []

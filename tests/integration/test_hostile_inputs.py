@@ -3,6 +3,7 @@ no traceback (main() runs in-process here, so any escaping exception fails the t
 overwritten. Then property-based fuzzing of the data validator."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ DATA = {
     "long_rows.jsonl": "\n".join(GOOD[:30] + [json.dumps(row("tell me " * 40, "ok"))] * 10) + "\n",
     "bad.csv": "prompt,completion\na,b\n\"unclosed,c\n",
     "bad.json": '{"not": "a list of rows"',
+    "nested.jsonl": lines_with("[" * 100000 + "]" * 100000),
 }
 
 CONFIG_CASES = [  # (id, overrides, what the message must say)
@@ -66,6 +68,14 @@ CONFIG_CASES = [  # (id, overrides, what the message must say)
     ("missing model path", ["model.name_or_path=/nonexistent/model"], ["model.name_or_path=/nonexistent/model: no such folder"]),
     ("unknown verb", None, ["Unknown verb 'trian'", "Did you mean 'train'"]),
     ("bad option", ["--cfg", "yaml"], ["--cfg takes 'job'"]),
+    ("lora target typo", ["lora.target_modules=[q_prj]"], ["lora.target_modules: q_prj names no module of",
+                                                          "Did you mean 'q_proj'"]),
+    ("modules_to_save typo", ["lora.modules_to_save=[nope]"], ["lora.modules_to_save: nope names no module of"]),
+    ("skip_modules typo", ["quant.skip_modules=[model.layer.0]"], ["quant.skip_modules: model.layer.0 matches no"]),
+    ("column typo", ["data.columns.messages=nope"], ["data.columns.messages=nope: no row of data.path=",
+                                                    "(its columns: messages)"]),
+    ("missing data on a Hub recipe", ["recipe=qlora_llama7b", "data.path=/nonexistent/rows.jsonl"],
+     ["data.path=/nonexistent/rows.jsonl: no such file or folder"]),
 ]
 
 DATA_CASES = [  # (file, extra overrides, fragments: the problem and where)
@@ -90,6 +100,8 @@ DATA_CASES = [  # (file, extra overrides, fragments: the problem and where)
     ("bad.json", [], ["bad.json"]),
     ("nonexistent.jsonl", [], ["nonexistent.jsonl: no such file or folder"]),
     ("empty_folder", [], ["the folder holds no .jsonl, .json, .csv, .parquet files"]),
+    ("nested.jsonl", [], ["nested.jsonl:4: JSON nested too deeply"]),
+    ("fifo.jsonl", [], ["fifo.jsonl: not a regular file or folder (a FIFO"]),
 ]
 
 
@@ -99,6 +111,7 @@ def data_dir(tmp_path_factory):
     for name, content in DATA.items():
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     (folder / "empty_folder").mkdir()
+    os.mkfifo(folder / "fifo.jsonl")  # opened, it would wait for a writer forever
     return folder
 
 
@@ -213,6 +226,51 @@ def test_resume_without_a_checkpoint(capsys, tmp_path, tiny_args, good_data):
     out.mkdir()
     check(*run(capsys, tiny_args(out, f"data.path={good_data}", "resume=true")),
           ["resume=true but", "holds no checkpoint to resume from"])
+
+
+def test_a_folder_reads_its_files_and_skips_what_is_not_one(tmp_path, caplog):
+    from finetune.config import DataConfig
+    from finetune.data import load_splits
+
+    (tmp_path / "good.jsonl").write_text("\n".join(GOOD) + "\n")
+    (tmp_path / "sub.jsonl").mkdir()
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    assert len(load_splits(DataConfig(path=str(tmp_path), eval_fraction=0.0), 42).train) == 40
+    for name in ("sub.jsonl", "pipe.jsonl", "loop.jsonl"):
+        assert f"skipping {name}, which is not a regular file" in caplog.text
+
+
+@pytest.mark.parametrize("too_long", ["drop", "truncate"])
+def test_a_huge_row_is_never_tokenized_whole(tiny_model, tmp_path, monkeypatch, too_long):
+    """A row of 20 MB: tokenized whole it would take gigabytes. Dropped unread; or cut to what truncation keeps,
+    giving the same first max_length tokens as the whole row."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    import finetune.data.tokenize as tok
+    from finetune.config import DataConfig
+
+    from finetune.data.templates import apply_chat_template_choice
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    apply_chat_template_choice(tokenizer, "plain")
+    huge = {"messages": [{"role": "user", "content": "tell me " * 2_500_000}, {"role": "assistant", "content": "ok"}]}
+    ds = datasets.Dataset.from_list([row(f"q{i}", f"a{i}") for i in range(39)] + [huge])
+    seen = []
+    real = tok.tokenize_row
+    monkeypatch.setattr(tok, "tokenize_row", lambda r, *a, **k: seen.append(tok.text_chars(r)) or real(r, *a, **k))
+    cfg = DataConfig(max_length=64, too_long=too_long, max_drop_fraction=0.5)
+    out = tok.tokenize(ds, tokenizer, cfg, f"huge-{too_long}", conversational=True)
+    limit = 2 * cfg.max_length * tok.longest_token(tokenizer)
+    assert max(seen) <= limit + 100 and out.too_long == 1
+    if too_long == "drop":
+        assert len(out.dataset) == 39 and len(seen) == 39
+    else:
+        cut = real(tok.cut_text(huge, limit), tokenizer, False)[0]
+        whole = real({"messages": [{"role": "user", "content": "tell me " * 2000}, huge["messages"][1]]}, tokenizer,
+                     False)[0]
+        assert cut["input_ids"][:64] == whole["input_ids"][:64]
 
 
 def test_a_bom_and_crlf_line_endings_are_read_as_the_same_rows(tmp_path):

@@ -176,9 +176,9 @@ def test_reasoning_a_template_does_not_render_is_said(base_tokenizer, caplog):
         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}]},
         "messages")])
     with caplog.at_level(logging.WARNING, logger="finetune"):
-        reasoning_check(tokenizer_for(base_tokenizer, "qwen3"), rows, "train")
+        reasoning_check(tokenizer_for(base_tokenizer, "qwen3"), rows, "train", 10**6)
         assert not caplog.records  # Qwen3 renders it
-        reasoning_check(tokenizer_for(base_tokenizer, "llama3_1"), rows, "train")
+        reasoning_check(tokenizer_for(base_tokenizer, "llama3_1"), rows, "train", 10**6)
     assert "the chat template does not render the assistant turns' reasoning" in caplog.text
 
 
