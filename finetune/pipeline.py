@@ -392,7 +392,9 @@ def describe_optimizer(optimizer) -> dict:
     args = getattr(inner, "args", None)
     if args is not None:
         desc["optim_bits"] = getattr(args, "optim_bits", None)
-        desc["is_paged"] = bool(getattr(inner, "is_paged", False))
+        # bitsandbytes pages state through CUDA unified memory only; on a CPU it falls back to unpaged
+        on_cuda = any(p.is_cuda for group in inner.param_groups for p in group["params"])
+        desc["is_paged"] = bool(getattr(inner, "is_paged", False)) and on_cuda
     return desc
 
 

@@ -50,7 +50,7 @@ def hub_load_error(key: str, name: str, e: Exception) -> UserError:
     first = str(e).strip().split("\n")[0]
     return UserError(f"{key}={name}: could not be loaded ({type(e).__name__}: {first}). Check the Hub id and your "
                      "network; for gated models (Llama, Mistral) accept the licence on huggingface.co and run "
-                     "`huggingface-cli login`; or give a local folder.")
+                     "`hf auth login`; or give a local folder.")
 
 
 _warned_remote_code: set = set()
