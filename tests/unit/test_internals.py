@@ -81,3 +81,19 @@ def test_installed_versions_are_within_the_pinned_range(package):
 
     (pin,) = [r for r in map(Requirement, requires("finetune")) if r.name == package and not r.marker]
     assert pin.specifier.contains(version(package), prereleases=True), (package, version(package), str(pin))
+
+
+def test_the_login_command_we_recommend_is_the_installed_one():
+    """huggingface_hub 1.x ships `hf` (`hf auth login`) and no longer `huggingface-cli`: every message and the
+    README name the command a user has."""
+    import re
+    from importlib.metadata import entry_points
+
+    from finetune.tokenizer import hub_load_error
+    from tests.helpers import ROOT
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("hf", "").startswith("huggingface_hub.cli")
+    assert "`hf auth login`" in str(hub_load_error("model.name_or_path", "org/x", OSError("gated")))
+    texts = [ROOT / "README.md", *sorted((ROOT / "finetune").rglob("*.py"))]
+    assert not [p for p in texts if re.search(r"huggingface-cli", p.read_text())]
