@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import errno
+import os
+import re
+from typing import Iterable, Optional
 
 
 class UserError(Exception):
@@ -20,6 +23,20 @@ class UserError(Exception):
         if len(self.problems) == 1:
             return self.problems[0]
         return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+# The writes that fail for a reason the user can fix: a full disk or quota, a read-only or forbidden folder.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_error(e: BaseException) -> Optional[str]:
+    """Why a write failed, where it is one of WRITE_ERRNOS, as an OSError or as safetensors' own error type
+    (which carries only the OS error's text); None for any other exception."""
+    code = e.errno if isinstance(e, OSError) else None
+    if type(e).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    return os.strerror(code) if code in WRITE_ERRNOS else None
 
 
 # Names users bring from transformers / TRL / other toolkits, and ours for the same thing.

@@ -25,7 +25,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import Splits, check_paths, load_splits
 from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import Tokenized, tokenize
-from finetune.errors import Preempted, UserError
+from finetune.errors import Preempted, UserError, write_error
 from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
 from finetune.model import Device, check_module_names, detect_device, load_base_model
@@ -73,6 +73,11 @@ def train(cfg: FinetuneConfig) -> dict:
         result = fit(s, trainer)
         after = measure(s, trainer, generate=not s.world.sharded)
         return finish(s, trainer, summarize(s, trainer, result, before, after))
+    except Exception as e:  # metrics.jsonl, loss.png, summary.json: a full disk or a read-only folder mid-run
+        if write_error(e) is None:
+            raise
+        raise UserError(f"Could not write to {s.run_dir} ({write_error(e)}): free space or fix the folder's "
+                        "permissions, then continue with resume=true from the last checkpoint.") from None
     finally:
         if s.run:
             s.run.unlock()  # however the run ends; after a kill -9 the next start takes the stale lock over

@@ -26,7 +26,7 @@ from typing import Optional
 
 from finetune.checkpoints import list_checkpoints, resume_changes, resume_checkpoint
 from finetune.config import FinetuneConfig, ModelConfig, QuantConfig, schema_keys, validate
-from finetune.errors import UserError
+from finetune.errors import UserError, write_error
 
 log = logging.getLogger("finetune")
 
@@ -260,9 +260,13 @@ def staged(final: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if write_error(e) is None:
+            raise
+        kept = f" The {final.name}/ already there is kept." if final.exists() else ""
+        raise UserError(f"Could not write {final} ({write_error(e)}): free space or fix the folder's permissions, "
+                        f"then run the same command again.{kept}") from None
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)

@@ -12,6 +12,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from finetune.config import DataConfig, TrainConfig
+from finetune.errors import write_error
 from finetune.model import Device
 from finetune.checkpoints import last_good_checkpoint, list_checkpoints
 from finetune.tracking import MetricsLog, peak_memory_gb
@@ -144,10 +145,12 @@ def save_atomically(trainer, root: str, write) -> None:
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
             shutil.rmtree(staging, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
-        raise checkpoint_write_failed(name, root, e) from None
+        if write_error(e) is None:
+            raise
+        raise checkpoint_write_failed(name, root, write_error(e)) from None
     finally:
         trainer._staging = None
     if main:
@@ -157,11 +160,11 @@ def save_atomically(trainer, root: str, write) -> None:
                            best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
 
 
-def checkpoint_write_failed(name: str, root: str, e: OSError):
+def checkpoint_write_failed(name: str, root: str, reason: str):
     from finetune.errors import UserError
 
     kept = [p.name for p in list_checkpoints(Path(root))]
-    return UserError(f"Could not write {name} to {root} ({e.strerror or e}). "
+    return UserError(f"Could not write {name} to {root} ({reason}). "
                      + (f"The previous checkpoint, {kept[-1]}, is intact: free space or fix the folder's permissions, "
                         "then resume with resume=true." if kept else
                         "No checkpoint was written yet: free space or fix the folder's permissions."))

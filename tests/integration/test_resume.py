@@ -112,9 +112,13 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(args, cli, tmp_path):
     assert sorted(losses(out)) == list(range(1, STEPS + 1)) and json.loads((out / "summary.json").read_text())["steps"] == STEPS
 
 
-@pytest.mark.parametrize("error", ["ENOSPC", "EROFS"], ids=["disk full", "read-only folder"])
-def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(args, tmp_path, monkeypatch, error):
-    """Simulated: as root, a folder cannot be made read-only for the test, so the write fails as the OS would."""
+@pytest.mark.parametrize("error, safetensors", [("ENOSPC", False), ("EROFS", False), ("ENOSPC", True)],
+                         ids=["disk full", "read-only folder", "disk full in safetensors"])
+def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(args, tmp_path, monkeypatch, error, safetensors):
+    """Simulated: as root, a folder cannot be made read-only for the test, so the write fails as the OS would, or as
+    safetensors reports it (its own error type, carrying the OS error's text)."""
+    from safetensors import SafetensorError
+
     import errno
     import os
 
@@ -131,6 +135,8 @@ def test_a_failed_checkpoint_write_is_one_error_and_keeps_the_previous(args, tmp
         calls.append(self.state.global_step)
         if len(calls) == 2:
             code = getattr(errno, error)
+            if safetensors:
+                raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
             raise OSError(code, os.strerror(code))
         return real(self, model, trial)
 
