@@ -70,14 +70,14 @@ def torch_file_problem(file: Path) -> Optional[str]:
     return f"{file.name} is damaged ({bad})" if bad else None
 
 
-def safetensors_problem(file: Path) -> Optional[str]:
-    """Why a safetensors file cannot be read whole (truncated or garbled: safetensors checks the header against
-    the file size), or None."""
+def safetensors_problem(file: Path, whole: bool = True) -> Optional[str]:
+    """Why a safetensors file cannot be read (truncated or garbled: safetensors checks the header against the file
+    size; `whole`: every tensor is read too), or None."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(file), "pt") as f:
-            for key in f.keys():
+            for key in f.keys() if whole else ():
                 f.get_tensor(key)
     except Exception as e:
         return f"{file.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"

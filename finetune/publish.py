@@ -14,8 +14,7 @@ import os
 
 from finetune.config import HubConfig
 from finetune.errors import UserError
-from finetune.checkpoints import safetensors_problem
-from finetune.run import Run
+from finetune.run import Run, folder_problems
 from finetune.tokenizer import base_model_id
 
 log = logging.getLogger("finetune")
@@ -90,21 +89,12 @@ def publish(run: Run) -> str:
 
 
 def verify(folder) -> None:
-    """Every file to upload loads: safetensors whole (header and every tensor), JSON parsed. A damaged file is one
-    message, before anything is created on the Hub."""
-    problems = []
-    for f in sorted(folder.rglob("*")):
-        if f.suffix == ".safetensors":
-            problems.append(safetensors_problem(f))
-        elif f.suffix == ".json":
-            try:
-                json.loads(f.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                problems.append(f"{f.name} is not valid JSON ({e})")
-    problems = [p for p in problems if p]
+    """Every file to upload loads (run.folder_problems): a damaged file is one message, before anything is created
+    on the Hub."""
+    problems = folder_problems(folder)
     if problems:
-        raise UserError(*[f"{folder}: {p}" for p in problems],
-                        "Nothing was uploaded. Write the folder again (python -m finetune export run=RUN_DIR), then publish.")
+        raise UserError(f"{folder} is damaged: {'; '.join(problems)}. Nothing was uploaded: write the folder again "
+                        "(python -m finetune export run=RUN_DIR), then publish.")
 
 
 def commit_operations(run: Run, folder, readme: str) -> list:

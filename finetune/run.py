@@ -200,15 +200,17 @@ class Run:
             why = (f"this run trained every weight (lora.enabled=false): its model is {self.model_dir}"
                    if not self.cfg.lora.enabled else "pass checkpoint=N to use one of its checkpoints")
             raise UserError(f"{source} holds no adapter (adapter_config.json): {why}.")
+        check_folder(source, "pass checkpoint=N to use one of the run's checkpoints, or train again")
         return source
 
     def merged_source(self, checkpoint: Optional[str] = None) -> Path:
         if checkpoint:
             raise UserError("checkpoint= picks an adapter; a checkpoint's merged model is in exports/checkpoint-N/merged, "
                             "written by `python -m finetune export run=RUN checkpoint=N export.merge=true`.")
+        again = f"python -m finetune export run={self.dir} export.merge=true"
         if not (self.merged_dir / "config.json").is_file():
-            raise UserError(f"{self.merged_dir} holds no merged model: write it with "
-                            f"python -m finetune export run={self.dir} export.merge=true")
+            raise UserError(f"{self.merged_dir} holds no merged model: write it with {again}")
+        check_folder(self.merged_dir, f"write it again with {again}", whole=False)
         return self.merged_dir
 
     def tokenizer(self, source: Optional[Path] = None):
@@ -246,6 +248,47 @@ class Run:
         if adapter and source is not None and not merged:
             model = attach_adapter(model, source)
         return Loaded(model.eval(), tokenizer, source, quant_cfg.method, device)
+
+
+def folder_problems(folder: Path, whole: bool = True) -> list[str]:
+    """What keeps a written folder (an adapter, a merged model) from loading: a safetensors file cut short or
+    garbled (`whole`: every tensor read; else its header checked against the file's size), a JSON file that does not
+    parse, an adapter_config.json without the settings PEFT needs, an adapter without its weights."""
+    from finetune.checkpoints import safetensors_problem
+
+    problems = []
+    for f in sorted(folder.rglob("*")):
+        if f.suffix == ".safetensors":
+            problems.append(safetensors_problem(f, whole))
+        elif f.suffix == ".json":
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                problems.append(f"{f.name} is not valid JSON ({str(e)[:80]})")
+    config = folder / "adapter_config.json"
+    if config.is_file() and not any(problems):
+        problems.append(adapter_config_problem(json.loads(config.read_text())))
+        if not any((folder / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+            problems.append("adapter_config.json is there but adapter_model.safetensors is not")
+    return [p for p in problems if p]
+
+
+def adapter_config_problem(config) -> Optional[str]:
+    """adapter_config.json holds what PEFT reads, with the right types."""
+    if not isinstance(config, dict):
+        return "adapter_config.json does not hold an object of settings"
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if not (isinstance(config.get("peft_type"), str) and isinstance(r, int) and r > 0
+            and isinstance(alpha, (int, float)) and isinstance(targets, (list, str))):
+        return "adapter_config.json lacks peft_type, r, lora_alpha or target_modules, or holds them with wrong types"
+    return None
+
+
+def check_folder(folder: Path, remedy: str, whole: bool = True) -> None:
+    """One message for a damaged folder, before anything loads it."""
+    problems = folder_problems(folder, whole)
+    if problems:
+        raise UserError(f"{folder} is damaged: {'; '.join(problems)}. Nothing was loaded: {remedy}.")
 
 
 @contextlib.contextmanager
@@ -293,7 +336,11 @@ def read_config(path: Path, overrides: list[str], run_arg: str) -> FinetuneConfi
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: a stray quote, & or !
             help_text = schema_keys()[key].metadata["help"]
             raise UserError(f"{arg}: {str(e).strip().splitlines()[0]} ({key}: {help_text}).") from None
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # an empty or cut-short config.yaml: the schema's own ${now:...} is left
+        raise UserError(f"run={run_arg}: {path} is incomplete ({str(e).strip().splitlines()[0]}): it is not the "
+                        "config.yaml training wrote.") from None
     assert isinstance(obj, FinetuneConfig)
     validate(obj)
     return obj
