@@ -125,18 +125,35 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        if not cfg.allow_pickle and "safetensors" in str(e).lower() and is_local_path(cfg.name_or_path) and any(
-                Path(cfg.name_or_path).expanduser().glob("*.bin")):
-            raise UserError(f"model.name_or_path={cfg.name_or_path} has only pickle (.bin) weights, which can run code "
-                            "when loaded: convert them to safetensors, or set model.allow_pickle=true if you trust "
-                            "their source.") from None
-        if is_local_path(cfg.name_or_path) and not isinstance(e, OSError):
+    except Exception as e:
+        error = model_load_error(cfg, e)
+        if error is None:
             raise
-        raise hub_load_error("model.name_or_path", cfg.name_or_path, e) from None
+        raise error from None
     if device.type == "cpu":
         keep_4bit_cpu_layers_differentiable(model)
     return model
+
+
+def model_load_error(cfg: ModelConfig, e: Exception) -> Optional[UserError]:
+    """What from_pretrained's exception means to the user (None: a bug, not theirs): code the model needs that
+    model.trust_remote_code does not allow, pickle weights not allowed or unreadable, weights cut short."""
+    key, first = f"model.name_or_path={cfg.name_or_path}", (str(e).strip().splitlines() or [""])[0][:200]
+    local = is_local_path(cfg.name_or_path)
+    if "trust_remote_code" in str(e):
+        return UserError(f"{key} ships its own modelling code (auto_map in its config.json), which runs only with "
+                         "model.trust_remote_code=true: set it if you trust that code, or use a model transformers "
+                         "supports natively.")
+    if not cfg.allow_pickle and "safetensors" in str(e).lower() and local and any(
+            Path(cfg.name_or_path).expanduser().glob("*.bin")):
+        return UserError(f"{key} has only pickle (.bin) weights, which can run code when loaded: convert them to "
+                         "safetensors, or set model.allow_pickle=true if you trust their source.")
+    if type(e).__name__ in ("SafetensorError", "UnpicklingError") or "weights_only" in str(e):
+        return UserError(f"{key}: its weights cannot be read ({type(e).__name__}: {first}): a file is cut short or "
+                         "damaged (an interrupted download or copy). Download or copy the model again.")
+    if local and not isinstance(e, OSError):
+        return None
+    return hub_load_error("model.name_or_path", cfg.name_or_path, e) if isinstance(e, (OSError, ValueError)) else None
 
 
 def check_module_names(model_cfg: ModelConfig, quant: QuantConfig, lora) -> None:

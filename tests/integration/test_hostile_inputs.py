@@ -321,3 +321,36 @@ def test_any_file_is_loaded_or_rejected_with_a_message(tmp_path_factory, lines, 
         assert str(e).strip()
     else:
         assert len(splits.train) >= 1
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_model, tmp_path_factory):
+    """The tiny model with its weights cut short; with code of its own (which must never run); with a pickle that
+    is not one."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("models")
+    folders = {name: shutil.copytree(tiny_model, root / name) for name in ("cut", "remote", "pickle")}
+    weights = folders["cut"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((folders["remote"] / "config.json").read_text())
+    config.update(model_type="xmodel", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                 "AutoModelForCausalLM": "modeling_x.XModel"})
+    (folders["remote"] / "config.json").write_text(json.dumps(config))
+    (folders["remote"] / "configuration_x.py").write_text("raise SystemExit('the repository code ran')\n")
+    (folders["pickle"] / "model.safetensors").unlink()
+    (folders["pickle"] / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle")
+    return folders
+
+
+@pytest.mark.parametrize("name, extra, fragments", [
+    ("cut", [], ["its weights cannot be read (SafetensorError", "Download or copy the model again"]),
+    ("remote", [], ["ships its own modelling code", "model.trust_remote_code=true"]),
+    ("pickle", ["model.allow_pickle=true"], ["its weights cannot be read (UnpicklingError"]),
+    ("pickle", [], ["has only pickle (.bin) weights", "model.allow_pickle=true"]),
+])
+def test_a_model_that_cannot_load_is_one_message(capsys, tmp_path, tiny_args, tiny_model, broken_models, name, extra,
+                                                 fragments):
+    out = tmp_path / "run"
+    argv = tiny_args(out, f"model.name_or_path={broken_models[name]}", f"model.tokenizer={tiny_model}", *extra)
+    check(*run(capsys, argv), [f"model.name_or_path={broken_models[name]}", *fragments])
