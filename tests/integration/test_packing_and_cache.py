@@ -133,3 +133,21 @@ def test_the_cache_stores_narrow_types_and_evicts_the_oldest(tiny_model, tmp_pat
         tokenize(load_splits(other, 0).train, tok, other, "train", False)
     assert not entry.exists() and len(list(cache_dir().glob("train-*.arrow"))) == 1
     assert "tokenization cache: evicted the 1 oldest file(s)" in caplog.text
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:100], lambda b: b"x" * 1000, lambda b: b""],
+                         ids=["cut short", "garbage", "empty"])
+def test_a_damaged_cache_entry_is_tokenized_again(tiny_model, tmp_path, monkeypatch, caplog, damage):
+    from finetune.data.tokenize import cache_dir
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    tok = tokenizer_for(tiny_model)
+    cfg = DataConfig(path=str(rows_file(tmp_path / "a.jsonl", [3, 4, 5])), eval_fraction=0, max_length=64)
+    rows = load_splits(cfg, 0).train
+    ids = list(tokenize(rows, tok, cfg, "train", False).dataset["input_ids"])  # read before its file is damaged
+    (entry,) = cache_dir().glob("train-*.arrow")
+    entry.write_bytes(damage(entry.read_bytes()))
+    again = tokenize(rows, tok, cfg, "train", False)
+    assert "The tokenization cache entry" in caplog.text and "is damaged" in caplog.text
+    assert not again.cached and list(again.dataset["input_ids"]) == ids
+    assert tokenize(rows, tok, cfg, "train", False).cached  # the entry is whole again
