@@ -171,6 +171,8 @@ class TrainConfig:
     save_total_limit: int = opt(2, "checkpoints kept", min=1)
     eval_batch_size: int = opt(8, "sequences per eval forward pass", min=1)
     max_bad_steps: int = opt(0, "optimizer steps with a NaN/inf loss or gradient to skip before the run stops", min=0)
+    allow_cpu: bool = opt(False, "train on the CPU even when no GPU is found and `plan` estimates over an hour of "
+                          "training there (small models train on a CPU without it)")
     auto_fit: bool = opt(False, "before training, pick the largest micro-batch that fits the local GPU (and checkpointing "
                          "off where it fits); the effective batch stays the same (see the plan verb)")
 

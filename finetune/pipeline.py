@@ -89,6 +89,8 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # Cheap checks first: local files, then the device (bf16 on a T4, fp16 on a CPU), before any download.
     check_paths(cfg.data)
     device = detect_device(cfg.train, cfg.quant, cfg.model)
+    if device.type == "cpu" and not cfg.train.allow_cpu:
+        check_cpu_time(cfg)
     # Under `accelerate launch`, one process per GPU: they share rank 0's run directory (a ${now:...} name
     # differs by the second between processes), and only rank 0 writes files, W&B and the Hub.
     world = distributed.init(cpu=device.type == "cpu")
@@ -120,6 +122,23 @@ def prepare(cfg: FinetuneConfig) -> Session:
     if resume_from and world.is_main:
         s.metrics.keep_until(checkpoint_step(resume_from))
     return s
+
+
+CPU_HOURS_MAX = 1.0  # more than this on a CPU, and training needs train.allow_cpu=true
+
+
+def check_cpu_time(cfg: FinetuneConfig) -> None:
+    """No GPU here: a recipe that would train for hours on this CPU (a 7B model: days) is refused, with plan's
+    estimate, unless train.allow_cpu=true says it is meant."""
+    from finetune.plan import cpu_estimate
+
+    estimate = cpu_estimate(cfg)
+    if estimate and estimate["hours"] > CPU_HOURS_MAX:
+        raise UserError(f"No CUDA GPU was found, and {cfg.model.name_or_path} ({estimate['params'] / 1e9:.2g}B "
+                        f"parameters) would train here for at least {estimate['hours']:,.0f} hours ({estimate['steps']} "
+                        f"steps, from {estimate['steps_from']}; the CPU's measured peak). Train on a GPU "
+                        f"(python -m finetune plan recipe={cfg.recipe} plan.gpu=rtx3060 says whether one fits), or set "
+                        "train.allow_cpu=true to train on this CPU anyway.")
 
 
 def check_start(cfg: FinetuneConfig, world: distributed.World, device_type: str) -> tuple[Path, Optional[str]]:

@@ -488,6 +488,37 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
     return out
 
 
+def cpu_flops() -> float:
+    """This CPU's fp32 matmul FLOP/s with torch's threads, measured (a tenth of a second): an upper bound on what
+    training reaches here."""
+    import time
+
+    import torch
+
+    a = torch.randn(1024, 1024)
+    a @ a  # warm up the threads
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.1:
+        a @ a
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - start)
+
+
+def cpu_estimate(cfg: FinetuneConfig) -> Optional[dict]:
+    """The fewest hours this recipe's training takes on this CPU: its FLOPs at the CPU's measured matmul peak (for
+    a recipe whose row count is unknown, 100 steps). None where the model's config.json cannot be read."""
+    try:
+        arch = load_arch(cfg.model)
+    except UserError:
+        return None
+    s = setting_of(cfg)
+    steps, how = dataset_steps(cfg)
+    tokens_per_step = s.micro_batch * s.grad_accum * s.max_length
+    seconds_per_step = tokens_per_step * flops_per_token(arch, s) / cpu_flops()
+    return {"params": arch.params, "steps": steps or 100, "steps_from": how if steps else "100 steps (rows unknown)",
+            "hours": seconds_per_step * (steps or 100) / 3600}
+
+
 def render(plan: dict) -> str:
     s = plan["setting"]
     gpus = plan.get("gpus", 1)

@@ -95,3 +95,29 @@ def test_a_folder_with_files_of_its_own_is_never_started_over(cli, tmp_path, tin
     result = cli(*tiny_args(out))
     assert result.returncode == 2 and f"output_dir={out} already holds a run" in result.stderr
     assert sorted(os.listdir(out)) == ["config.yaml", "notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_gpu_recipe_on_a_cpu_is_refused_with_the_plans_hours(cli, tmp_path):
+    from tests.helpers import ROOT
+
+    out = tmp_path / "run"
+    result = cli("recipe=qlora_llama7b", f"data.path={ROOT / 'finetune/assets/demo_data/train.jsonl'}",
+                 f"output_dir={out}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    said = result.stderr.split("error: ", 1)[1]
+    assert said.startswith("No CUDA GPU was found, and meta-llama/Llama-2-7b-hf (6.7B parameters) would train here "
+                           "for at least ") and "train.allow_cpu=true" in said and "plan.gpu=rtx3060" in said
+    assert float(said.split("at least ")[1].split(" hours")[0].replace(",", "")) > 100
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_allow_cpu_trains_what_the_estimate_would_refuse(cli, tmp_path, tiny_args, monkeypatch):
+    import finetune.plan
+
+    monkeypatch.setattr(finetune.plan, "cpu_flops", lambda: 1e3)  # a CPU so slow that even the tiny run takes hours
+    refused = cli(*tiny_args(tmp_path / "a"))
+    assert refused.returncode == 2 and "would train here for at least" in refused.stderr
+    result = cli(*tiny_args(tmp_path / "b", "train.allow_cpu=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").is_file()
