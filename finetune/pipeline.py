@@ -36,8 +36,8 @@ from finetune.scoring import exact_match
 from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
-from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, build_sft_config, build_trainer,
-                              packing_efficiency, unmark_prepared)
+from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_sft_config,
+                              build_trainer, packing_efficiency, unmark_prepared)
 
 log = logging.getLogger("finetune")
 
@@ -63,6 +63,7 @@ class Session:
     packing: Optional[float] = None    # share of the packed sequences' slots filled (data.packing)
     reasoning: bool = False            # the training replies carry reasoning (trained to think first)
     bad_steps: list = field(default_factory=list)
+    totals: Optional[RunTotals] = None  # tokens and seconds of training over the whole run, across resumes
 
 
 def train(cfg: FinetuneConfig) -> dict:
@@ -228,9 +229,23 @@ def measure_base(s: Session, trainer) -> dict:
     whole only once sharded), and summarize() reads that figure."""
     if s.world.sharded:
         return {"eval_loss": None, "exact_match": None, "examples": []}
+    logged = s.resume_from and distributed.broadcast(logged_base(s.metrics) if s.world.is_main else None)
+    if logged:
+        log.info("resume: the base's figures are those measured when the run started (metrics.jsonl, step 0)")
+        return logged
     before = measure(s, trainer)
     unmark_prepared(trainer)
     return before
+
+
+def logged_base(metrics: MetricsLog) -> Optional[dict]:
+    """The base's eval loss and exact match as the run measured them at step 0, or None if it did not get there."""
+    base = [r for r in metrics.read() if r.get("step") == 0]
+    loss = next((r["eval_loss"] for r in base if "eval_loss" in r), None)
+    if loss is None:
+        return None
+    return {"eval_loss": loss, "exact_match": next((r["exact_match"] for r in base if "exact_match" in r), None),
+            "examples": []}
 
 
 def measure(s: Session, trainer, generate: bool = True) -> dict:
@@ -261,8 +276,11 @@ def measure(s: Session, trainer, generate: bool = True) -> dict:
 def fit(s: Session, trainer):
     """trainer.train(), resumed where asked. A signal stops it at a checkpoint (Preempted); a CUDA out-of-memory
     error is one message with the cheapest fix; non-finite steps are skipped up to train.max_bad_steps."""
+    s.totals = RunTotals.resumed(s.resume_from)
+    s.totals.trainer = trainer
     if s.resume_from and finished(s.resume_from, s.cfg.train.epochs, s.cfg.train.max_steps):
         return load_finished(trainer, s.resume_from)
+    trainer.add_callback(s.totals)
     guard, finite = PreemptionGuard(), NonFiniteGuard(s.cfg.train.max_bad_steps, s.run_dir / "checkpoints")
     trainer.add_callback(guard)
     trainer.add_callback(finite)
@@ -323,8 +341,9 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
     cfg, device, world, tok = s.cfg, s.device, s.world, s.train_tok
     if trainer.args.eval_on_start:
         before["eval_loss"] = distributed.base_eval_loss(trainer)
-    runtime = result.metrics["train_runtime"]
-    tokens = int(getattr(trainer, "_total_train_tokens", 0)) or None  # counted by TRL (non-padding tokens)
+    # the whole run's, across resumes; each segment's tokens counted by TRL (non-padding tokens)
+    runtime = s.totals.seconds_before + result.metrics["train_runtime"]
+    tokens = s.totals.tokens() or None
     return {
         "recipe": cfg.recipe, "base_model": cfg.model.name_or_path, "quantization": cfg.quant.method,
         "train_loss": result.metrics.get("train_loss"),

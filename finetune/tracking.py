@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,8 @@ from finetune.config import TrackingConfig
 
 
 def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
-    """Start the W&B run (the Trainer's W&B callback then logs into it); None when tracking is off."""
+    """Start the W&B run (the Trainer's W&B callback then logs into it); None when tracking is off. A resumed run
+    continues the W&B run it started (its id is kept in run_dir/wandb/)."""
     if cfg.backend != "wandb":
         return None
     import wandb
@@ -20,7 +22,13 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
     mode = os.environ.get("WANDB_MODE") or cfg.mode  # the environment wins, so CI can force offline
     if mode != cfg.mode:
         logging.getLogger("finetune").info("W&B mode %s from WANDB_MODE (tracking.mode=%s is overridden)", mode, cfg.mode)
+    id_file = run_dir / "wandb" / "finetune_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B ids: [a-z0-9]
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
     return wandb.init(
+        id=run_id,
+        resume="allow",
         project=cfg.project,
         entity=cfg.entity,
         name=cfg.name or run_dir.name,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from finetune.config import DataConfig, TrainConfig
 from finetune.errors import write_error
@@ -219,6 +220,36 @@ class MetricsCallback(TrainerCallback):
             self._last_step = state.global_step
         record["memory_gb"] = peak_memory_gb(self.device_type)
         self.log.append(record)
+
+
+class RunTotals(TrainerCallback, ExportableState):
+    """Tokens trained and seconds spent training over the whole run, across resumes. The Trainer saves what
+    state() returns in each checkpoint's trainer_state.json; a resumed run starts from the checkpoint's totals
+    (resumed()), and this segment adds TRL's own count of its non-padding tokens and its runtime."""
+
+    def __init__(self, tokens: int = 0, seconds: float = 0.0):
+        self.tokens_before, self.seconds_before = tokens, seconds
+        self.trainer, self._start = None, None
+
+    @classmethod
+    def resumed(cls, checkpoint: Optional[str]) -> "RunTotals":
+        import json
+
+        if checkpoint is None:
+            return cls()
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        args = saved.get(cls.__name__, {}).get("args", {})
+        return cls(int(args.get("tokens", 0)), float(args.get("seconds", 0.0)))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def tokens(self) -> int:
+        return self.tokens_before + int(getattr(self.trainer, "_total_train_tokens", 0))
+
+    def state(self) -> dict:
+        seconds = self.seconds_before + (time.perf_counter() - self._start if self._start else 0.0)
+        return {"args": {"tokens": self.tokens(), "seconds": seconds}, "attributes": {}}
 
 
 class PreemptionGuard(TrainerCallback):

@@ -64,6 +64,25 @@ def test_resume_is_exact(uninterrupted, args, cli, tmp_path, at_step):
     assert losses(run) == losses(uninterrupted)  # every step's loss, bit for bit
     a, b = adapter(uninterrupted), adapter(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the records describe the whole run: tokens and time of both parts, the base measured once, at the start
+    s, u = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
+    assert s["train_tokens"] == u["train_tokens"] and s["eval_loss_base"] == u["eval_loss_base"]
+    before = json.loads((run / "checkpoints" / f"checkpoint-{at_step}" / "trainer_state.json").read_text())
+    assert s["train_runtime_s"] > before["stateful_callbacks"]["RunTotals"]["args"]["seconds"] > 0
+    assert "resume: the base's figures are those measured when the run started" in result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r].count(0) == 1
+
+
+def test_a_resumed_run_continues_its_wandb_run(tiny_args, cli, tmp_path):
+    out = tmp_path / "run"
+    run = [*tiny_args(out, "tracking=wandb", "train.save_steps=2"), "tracking.mode=offline"]
+    assert cli(*run).returncode == 0
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")  # as if killed after checkpoint-2
+    result = cli(*run, "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1  # one W&B run id, resumed
 
 
 def test_resume_skips_incomplete_and_corrupt_checkpoints(uninterrupted, args, cli, tmp_path):
