@@ -105,12 +105,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def quiet_optional_kernel_notice() -> None:
-    """bitsandbytes warns on every CPU import with AVX512-BF16 that it could not fetch an optional faster
-    CPU kernel from the Hub (`pip install kernels`). It changes nothing for GPU users and runs fine
-    without it; only that notice is dropped, every other warning stays."""
+def quiet_library_notices() -> None:
+    """Notices a user cannot act on are dropped; every other warning stays:
+    - bitsandbytes, on every CPU import with AVX512-BF16: it could not fetch an optional faster CPU kernel;
+    - bitsandbytes: paged optimizers fall back to unpaged on a CPU (summary.json's optimizer.is_paged says so);
+    - transformers: is_gradient_checkpointing is deprecated (PEFT and TRL read it, not us)."""
+    import warnings
+
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "kernels-community" not in record.getMessage())
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 def setup_logging() -> None:
@@ -127,7 +132,7 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_optional_kernel_notice()
+    quiet_library_notices()
     verb = argv.pop(0) if argv and "=" not in argv[0] and not argv[0].startswith("-") else "train"
     if "-h" in argv or "--help" in argv:
         print(verb_usage(verb) if verb in RUN_VERBS else usage())
@@ -235,7 +240,10 @@ def train_verb(cfg, world) -> int:
         return 0
     keys = ("eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "train_runtime_s", "peak_memory_gb")
     print("\n".join(f"{k:>18}: {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))))
-    print(f"run directory: {os.path.abspath(cfg.output_dir)}")
+    run_dir = shlex.quote(os.path.abspath(cfg.output_dir))
+    print(f"run directory: {run_dir}")
+    print(f"next: python -m finetune generate run={run_dir} prompt='...'   (answers with the tuned model)\n"
+          f"      python -m finetune eval run={run_dir}   (base against tuned, at each precision)")
     return 0
 
 

@@ -22,13 +22,15 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
     mode = os.environ.get("WANDB_MODE") or cfg.mode  # the environment wins, so CI can force offline
     if mode != cfg.mode:
         logging.getLogger("finetune").info("W&B mode %s from WANDB_MODE (tracking.mode=%s is overridden)", mode, cfg.mode)
+    wandb.setup(settings=wandb.Settings(silent=True))  # its banner, its offline warnings, its history table
     id_file = run_dir / "wandb" / "finetune_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B ids: [a-z0-9]
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id + "\n")
-    return wandb.init(
+    run = wandb.init(
         id=run_id,
         resume="allow",
+        settings=wandb.Settings(silent=True),  # where the run is: said below
         project=cfg.project,
         entity=cfg.entity,
         name=cfg.name or run_dir.name,
@@ -39,6 +41,9 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
         # Nested: the Trainer's callback adds its TrainingArguments at the top level (output_dir, seed, ...).
         config={"finetune": config},
     )
+    where = run.url if not run.offline else f"{run.dir} (offline; upload it with: wandb sync {Path(run.dir).parent})"
+    logging.getLogger("finetune").info("W&B run %s: %s", run.id, where)
+    return run
 
 
 def wandb_link(run) -> dict:

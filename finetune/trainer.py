@@ -18,6 +18,8 @@ from finetune.model import Device
 from finetune.checkpoints import last_good_checkpoint, list_checkpoints
 from finetune.tracking import MetricsLog, peak_memory_gb
 
+log = logging.getLogger("finetune")
+
 
 def packing_efficiency(dataset, max_length: int) -> float:
     """Share of the packed sequences' token slots that hold real tokens."""
@@ -72,6 +74,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         # Logging, evaluation, checkpoints
         logging_steps=train.logging_steps,
         logging_first_step=True,
+        disable_tqdm=True,  # ProgressLine says where training is, one line per log
         eval_strategy="steps" if train.eval_steps and has_eval else "no",
         eval_on_start=eval_on_start,  # the base's eval loss, once the model is ready (FSDP: sharded)
         eval_steps=train.eval_steps or None,
@@ -183,15 +186,28 @@ def unmark_prepared(trainer) -> None:
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks):
-    return trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    """The trainer, printing one progress line per log (ProgressLine) instead of its dicts (PrinterCallback, which
+    it adds when its bars are off)."""
+    import datasets
+    from transformers.trainer_callback import PrinterCallback
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # TRL's passes over rows we tokenized and checked: quick, and said by us
+    try:
+        trainer = trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[*callbacks, ProgressLine()],
+        )
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 class MetricsCallback(TrainerCallback):
@@ -250,6 +266,32 @@ class RunTotals(TrainerCallback, ExportableState):
     def state(self) -> dict:
         seconds = self.seconds_before + (time.perf_counter() - self._start if self._start else 0.0)
         return {"args": {"tokens": self.tokens(), "seconds": seconds}, "attributes": {}}
+
+
+class ProgressLine(TrainerCallback):
+    """One line per logged step on stderr, instead of the Trainer's raw dicts and bars: the step, loss, learning
+    rate, speed and time left; and each evaluation's loss."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start, self._first = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if not state.is_world_process_zero:
+            return
+        if "loss" in logs:
+            done, elapsed = state.global_step - self._first, time.perf_counter() - self._start
+            left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
+            log.info(
+                "step %d/%d  loss %.4g  lr %.3g  %.3g s/step  %s left", state.global_step, state.max_steps,
+                logs["loss"], logs.get("learning_rate", 0.0), elapsed / max(done, 1), clock(left))
+        elif "eval_loss" in logs:
+            log.info("eval at step %d: loss %.4g", state.global_step, logs["eval_loss"])
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 class PreemptionGuard(TrainerCallback):

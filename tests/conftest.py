@@ -112,4 +112,5 @@ def demo_run(tmp_path_factory):
                       "eval.exact_match_samples=24", "tracking.log_model=true")
     assert result.returncode == 0, result.stderr[-3000:]
     (out.parent / "train.stderr").write_text(result.stderr)
+    (out.parent / "train.stdout").write_text(result.stdout)
     return out

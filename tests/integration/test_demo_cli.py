@@ -2,6 +2,7 @@
 then checked with plain transformers, peft and W&B's own offline log."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -49,6 +50,20 @@ def test_the_loss_falls(run):
     s = summary_of(run)
     assert s["eval_loss"] < 0.5 * s["eval_loss_base"]
     assert all("tokens_per_second" in r and "memory_gb" in r for r in records if "loss" in r and r["step"] > 1)
+
+
+def test_the_output_is_a_line_per_log_the_warnings_that_need_action_and_what_to_try_next(run):
+    out, err = (run.parent / "train.stdout").read_text(), (run.parent / "train.stderr").read_text()
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    lines = [line for line in err.splitlines() if line.startswith("[finetune] step ")]
+    assert [int(line.split()[2].split("/")[0]) for line in lines] == logged
+    assert all(f"/{STEPS}  loss " in line and " left" in line for line in lines)
+    assert "{'loss'" not in out + err and "{'eval_loss'" not in out + err  # no raw Trainer dicts
+    for noise in ("FutureWarning", "wandb: WARNING", "Paged optimizers are not supported"):
+        assert noise not in err, noise
+    assert not re.search(r"(^|[\r\n])\s*\d+%\|", err)  # every progress bar says what it counts
+    assert "[finetune] W&B run " in err and "wandb sync" in err
+    assert f"next: python -m finetune generate run={run} prompt=" in out
 
 
 def test_qlora_machinery_was_really_used(run):
