@@ -7,6 +7,7 @@ quantization and 16-bit compute, so every field is set here explicitly.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,6 +68,44 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
         raise UserError(*problems)
     compute = precision if quant.compute_dtype == "auto" else quant.compute_dtype
     return Device(kind, name, bf16, precision, DTYPES[compute])
+
+
+def others_busy_cpus(window: float = 0.3) -> Optional[float]:
+    """How many CPUs other processes keep busy, measured over `window` seconds (Linux: /proc/stat, less this
+    process's own time); None where that cannot be read."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:8]]
+        times = os.times()
+        return sum(values) - values[3] - values[4], times.user + times.system  # busy ticks (all), this process (s)
+
+    try:
+        (busy0, own0), start = sample(), time.perf_counter()
+        time.sleep(window)
+        (busy1, own1), elapsed = sample(), time.perf_counter() - start
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((busy1 - busy0) / ticks - (own1 - own0)) / elapsed)
+
+
+def fit_cpu_threads() -> None:
+    """On a CPU another process keeps busy, torch's default of a thread per core makes training several times
+    slower (its threads wait on each other): one thread per core left free, at least one. Measured by
+    scripts/bench_threads.py (2 busy processes on 2 cores: 163 s with torch's 2 threads, 24 s with 1; idle, 13.5 s
+    with 2). OMP_NUM_THREADS, when set, decides instead."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores, busy = os.cpu_count() or 1, others_busy_cpus()
+    if busy is None or busy < 0.5:
+        return
+    threads = max(1, cores - round(busy))
+    if threads < torch.get_num_threads():
+        log.info("the CPU is busy (other processes use %.1f of its %d cores): training with %d thread(s); set "
+                 "OMP_NUM_THREADS to choose", busy, cores, threads)
+        torch.set_num_threads(threads)
 
 
 DEFAULT_SKIP = ["lm_head", "embed_out"]  # output heads (Llama-likes, GPT-NeoX): never quantized by bitsandbytes

@@ -28,7 +28,7 @@ from finetune.data.tokenize import Tokenized, tokenize
 from finetune.errors import Preempted, UserError, write_error
 from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
-from finetune.model import Device, check_module_names, detect_device, load_base_model
+from finetune.model import Device, check_module_names, detect_device, fit_cpu_threads, load_base_model
 from finetune.registry import to_dict
 from finetune.checkpoints import checkpoint_step, finished, last_good_checkpoint
 from finetune.run import Run
@@ -90,8 +90,10 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # Cheap checks first: local files, then the device (bf16 on a T4, fp16 on a CPU), before any download.
     check_paths(cfg.data)
     device = detect_device(cfg.train, cfg.quant, cfg.model)
-    if device.type == "cpu" and not cfg.train.allow_cpu:
-        check_cpu_time(cfg)
+    if device.type == "cpu":
+        fit_cpu_threads()
+        if not cfg.train.allow_cpu:
+            check_cpu_time(cfg)
     # Under `accelerate launch`, one process per GPU: they share rank 0's run directory (a ${now:...} name
     # differs by the second between processes), and only rank 0 writes files, W&B and the Hub.
     world = distributed.init(cpu=device.type == "cpu")

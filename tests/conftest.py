@@ -8,11 +8,12 @@ is not the point of the test (importing torch, transformers, peft and TRL costs 
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 
-from tests.helpers import build_tiny_model, effective_base_weights, run_main, tiny_overrides, write_chat_data
+from tests.helpers import build_tiny_model, effective_base_weights, run_main, tiny_overrides, too_slow, write_chat_data
 
 # No test sees the developer's Hub login or token. Set before any test module imports huggingface_hub, which
 # reads HF_HOME once; subprocesses inherit it.
@@ -30,6 +31,14 @@ transformers.utils.logging.get_logger("transformers")
 DEMO_STEPS = 40  # a shortened demo: enough for the loss to fall and the replies to end, ~45 s on 2 cores
 DEMO_SAVE = DEMO_STEPS // 2  # a checkpoint half way, and one at the end
 TINY_RUN_STEPS = 16  # the shared tiny run: 91 training rows / micro-batch 8 = 12 steps per epoch, 13-16 in the second
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A subprocess that ran past its timeout is one line saying so, not a traceback (tests/helpers.py too_slow)."""
+    outcome = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(subprocess.TimeoutExpired):
+        outcome.get_result().longrepr = too_slow(call.excinfo.value)
 
 
 def pytest_collection_modifyitems(items):

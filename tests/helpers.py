@@ -138,6 +138,14 @@ def run_main(*args, env: dict | None = None, cwd: Path | None = None, wandb_mode
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+def too_slow(e: subprocess.TimeoutExpired) -> str:
+    """What a test's subprocess running past its timeout most likely means on a 2-core machine."""
+    command = " ".join(map(str, e.cmd[:4] if isinstance(e.cmd, list) else [e.cmd]))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"too slow: machine busy? `{command} ...` ran past its {e.timeout:.3g} s timeout (load average {load:.1f} "
+            f"on {os.cpu_count()} CPUs). Run the tests alone; scripts/bench_threads.py measures what a busy CPU costs.")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
             wandb_mode: str | None = "offline", env: dict | None = None,
             launch: tuple = ()) -> subprocess.CompletedProcess:
