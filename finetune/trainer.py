@@ -171,7 +171,8 @@ def checkpoint_write_failed(name: str, root: str, reason: str):
     return UserError(f"Could not write {name} to {root} ({reason}). "
                      + (f"The previous checkpoint, {kept[-1]}, is intact: free space or fix the folder's permissions, "
                         "then resume with resume=true." if kept else
-                        "No checkpoint was written yet: free space or fix the folder's permissions."))
+                        "No checkpoint was written yet: free space or fix the folder's permissions, then run the "
+                        "same command again (it starts over)."))
 
 
 def unmark_prepared(trainer) -> None:
