@@ -354,3 +354,43 @@ def test_a_model_that_cannot_load_is_one_message(capsys, tmp_path, tiny_args, ti
     out = tmp_path / "run"
     argv = tiny_args(out, f"model.name_or_path={broken_models[name]}", f"model.tokenizer={tiny_model}", *extra)
     check(*run(capsys, argv), [f"model.name_or_path={broken_models[name]}", *fragments])
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from finetune.data.templates import apply_chat_template_choice
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    apply_chat_template_choice(tokenizer, "plain")
+    return tokenizer
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(line_strategy, min_size=1, max_size=12), bad_rows=st.sampled_from(["error", "drop"]),
+       too_long=st.sampled_from(["drop", "truncate", "error"]), max_length=st.sampled_from([8, 16, 64]))
+def test_any_file_is_tokenized_or_rejected_with_a_message(tmp_path_factory, plain_tokenizer, lines, bad_rows, too_long,
+                                                          max_length):
+    """The data-file fuzzer, through tokenization: every row that loads is tokenized with its labels, or the whole
+    file is one UserError (bad rows, rows too long, nothing left to train)."""
+    from finetune.config import DataConfig
+    from finetune.data import load_splits
+    from finetune.data.tokenize import tokenize
+    from finetune.errors import UserError
+
+    path = Path(tmp_path_factory.mktemp("fuzz")) / "rows.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))
+    cfg = DataConfig(path=str(path), bad_rows=bad_rows, eval_fraction=0.0, too_long=too_long, max_length=max_length,
+                     max_drop_fraction=0.5)
+    try:
+        splits = load_splits(cfg, 42)
+        out = tokenize(splits.train, plain_tokenizer, cfg, "train", splits.conversational)
+    except UserError as e:
+        assert str(e).strip()
+        return
+    assert len(out.dataset) >= 1
+    for ids, labels in zip(out.dataset["input_ids"], out.dataset["labels"]):
+        assert len(ids) == len(labels) and any(label != -100 for label in labels)
+        assert too_long != "drop" or len(ids) <= max_length
