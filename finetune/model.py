@@ -70,7 +70,7 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
     return Device(kind, name, bf16, precision, DTYPES[compute])
 
 
-def others_busy_cpus(window: float = 0.3) -> Optional[float]:
+def others_busy_cpus(window: float = 0.2) -> Optional[float]:
     """How many CPUs other processes keep busy, measured over `window` seconds (Linux: /proc/stat, less this
     process's own time); None where that cannot be read."""
     import time

@@ -90,10 +90,8 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # Cheap checks first: local files, then the device (bf16 on a T4, fp16 on a CPU), before any download.
     check_paths(cfg.data)
     device = detect_device(cfg.train, cfg.quant, cfg.model)
-    if device.type == "cpu":
-        fit_cpu_threads()
-        if not cfg.train.allow_cpu:
-            check_cpu_time(cfg)
+    if device.type == "cpu" and not cfg.train.allow_cpu:
+        check_cpu_time(cfg)
     # Under `accelerate launch`, one process per GPU: they share rank 0's run directory (a ${now:...} name
     # differs by the second between processes), and only rank 0 writes files, W&B and the Hub.
     world = distributed.init(cpu=device.type == "cpu")
@@ -135,7 +133,7 @@ def check_cpu_time(cfg: FinetuneConfig) -> None:
     estimate, unless train.allow_cpu=true says it is meant."""
     from finetune.plan import cpu_estimate
 
-    estimate = cpu_estimate(cfg)
+    estimate = cpu_estimate(cfg, CPU_HOURS_MAX)
     if estimate and estimate["hours"] > CPU_HOURS_MAX:
         raise UserError(f"No CUDA GPU was found, and {cfg.model.name_or_path} ({estimate['params'] / 1e9:.2g}B "
                         f"parameters) would train here for at least {estimate['hours']:,.0f} hours ({estimate['steps']} "
@@ -283,6 +281,8 @@ def fit(s: Session, trainer):
     if s.resume_from and finished(s.resume_from, s.cfg.train.epochs, s.cfg.train.max_steps):
         return load_finished(trainer, s.resume_from)
     trainer.add_callback(s.totals)
+    if s.device.type == "cpu":
+        fit_cpu_threads()
     guard, finite = PreemptionGuard(), NonFiniteGuard(s.cfg.train.max_bad_steps, s.run_dir / "checkpoints")
     trainer.add_callback(guard)
     trainer.add_callback(finite)

@@ -23,6 +23,7 @@ is added up per component, the way our pipeline really stores it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -142,13 +143,20 @@ def arch_config(model):
 
 def meta_model(model):
     """(config, the model built on PyTorch's meta device): every module and weight shape, no memory used and no
-    weight downloaded."""
+    weight downloaded. Built once per model in a process (read it, never change it)."""
+    return _meta_model(model.name_or_path, model.revision, model.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(name_or_path: str, revision: Optional[str], trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = arch_config(model)
+    from finetune.config import ModelConfig
+
+    config = arch_config(ModelConfig(name_or_path=name_or_path, revision=revision, trust_remote_code=trust_remote_code))
     with torch.device("meta"):
-        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_arch(model) -> Arch:
@@ -504,19 +512,23 @@ def cpu_flops() -> float:
     return n * 2 * 1024**3 / (time.perf_counter() - start)
 
 
-def cpu_estimate(cfg: FinetuneConfig) -> Optional[dict]:
+FASTEST_CPU_FLOPS = 2e13  # above any CPU's fp32 matmul peak: what surely trains within the hour is not measured
+
+
+def cpu_estimate(cfg: FinetuneConfig, hours_of_interest: float = 0.0) -> Optional[dict]:
     """The fewest hours this recipe's training takes on this CPU: its FLOPs at the CPU's measured matmul peak (for
-    a recipe whose row count is unknown, 100 steps). None where the model's config.json cannot be read."""
+    a recipe whose row count is unknown, 100 steps); the CPU is measured only when even the fastest CPU would take
+    over `hours_of_interest`. None where the model's config.json cannot be read."""
     try:
         arch = load_arch(cfg.model)
     except UserError:
         return None
     s = setting_of(cfg)
     steps, how = dataset_steps(cfg)
-    tokens_per_step = s.micro_batch * s.grad_accum * s.max_length
-    seconds_per_step = tokens_per_step * flops_per_token(arch, s) / cpu_flops()
+    flops = s.micro_batch * s.grad_accum * s.max_length * flops_per_token(arch, s) * (steps or 100)
+    at_best = flops / FASTEST_CPU_FLOPS / 3600
     return {"params": arch.params, "steps": steps or 100, "steps_from": how if steps else "100 steps (rows unknown)",
-            "hours": seconds_per_step * (steps or 100) / 3600}
+            "hours": at_best if at_best <= hours_of_interest else flops / cpu_flops() / 3600}
 
 
 def render(plan: dict) -> str:

@@ -8,7 +8,8 @@
 Both paths train the same model (the architecture built from its config with random weights: nothing is
 downloaded), on the same synthetic text rows (lengths spread up to --seq tokens), with the same LoRA
 (r=16, alpha 32, dropout 0.05, all linear layers), learning rate, seed and effective batch, each in a
-fresh process so that its peak memory is its own.
+fresh process so that its peak memory is its own (--cpu-smoke, which only checks that the script works, runs
+both in its own process).
 
 - vanilla: what the usual guides assemble: transformers + peft + bitsandbytes + TRL's SFTTrainer, NF4 +
   double quant, prepare_model_for_kbit_training, gradient checkpointing, paged 8-bit AdamW, SDPA,
@@ -177,7 +178,12 @@ def ours(args, cuda: bool) -> dict:
     run_dir = args.workdir / f"ours-{int(time.time())}"
     cmd = [sys.executable, "-m", "finetune", *ours_overrides(args, cuda, run_dir)]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if args.cpu_smoke:
+        from finetune.__main__ import main as cli
+
+        assert cli(cmd[3:]) == 0
+    else:
+        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "step_time_s" in r]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -287,10 +293,13 @@ def main() -> int:
     args.data = args.workdir / f"rows-{args.seq}.jsonl"
     mean_words = write_rows(args.data, args.seq, rows=max(64, 2 * args.steps * args.micro_batch * args.grad_accum))
 
-    child = [sys.executable, __file__, "--child", "vanilla", "--model", str(args.model), "--data", str(args.data),
-             "--workdir", str(args.workdir), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
-             str(args.warmup), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum)]
-    subprocess.run(child, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if args.cpu_smoke:  # it checks that the script works: both paths in this process (no memory is measured)
+        (args.workdir / "vanilla.json").write_text(json.dumps(vanilla(args)))
+    else:
+        child = [sys.executable, __file__, "--child", "vanilla", "--model", str(args.model), "--data", str(args.data),
+                 "--workdir", str(args.workdir), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
+                 str(args.warmup), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum)]
+        subprocess.run(child, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     results = {"vanilla": json.loads((args.workdir / "vanilla.json").read_text()), "ours": ours(args, cuda)}
 
     from finetune.plan import local_gpu

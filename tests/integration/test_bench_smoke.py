@@ -1,5 +1,5 @@
-"""scripts/bench.py --cpu-smoke keeps the GPU benchmark working: both paths run on the same rows (each in a fresh
-process, as on a GPU; the script itself runs here). No timing is asserted (CPU figures mean nothing); the same
+"""scripts/bench.py --cpu-smoke keeps the GPU benchmark working: both paths run on the same rows (in this process;
+on a GPU each gets a fresh one). No timing is asserted (CPU figures mean nothing); the same
 math is: padding-free batches change no loss."""
 
 import json

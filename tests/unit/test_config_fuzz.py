@@ -75,14 +75,14 @@ def test_any_value_on_a_run_is_a_config_or_one_message(run_config, key, value):
 
 
 @pytest.mark.slow
-@settings(max_examples=int(20 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(10 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_the_command_line_at_length(tmp_path_factory, key, value):
     on_the_command_line(key, value, tmp_path_factory.mktemp("fuzz"))
 
 
 @pytest.mark.slow
-@settings(max_examples=int(400 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(200 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_a_run_at_length(run_config, key, value):
     on_a_run(key, value, run_config)
