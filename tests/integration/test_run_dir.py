@@ -41,6 +41,7 @@ def written_run(out, tiny_args):
     return out
 
 
+@pytest.mark.slow  # starts a process
 def test_a_run_another_process_writes_is_refused_by_every_writer(other_process, cli, tmp_path, tiny_args):
     out = written_run(tmp_path / "run", tiny_args)
     (out / LOCK).write_text(lock_of(other_process))

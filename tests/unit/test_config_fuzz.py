@@ -62,7 +62,7 @@ def run_config(tmp_path_factory):
     return path
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_the_command_line_is_a_config_or_one_message(tmp_path_factory, key, value):
     on_the_command_line(key, value, tmp_path_factory.mktemp("fuzz"))

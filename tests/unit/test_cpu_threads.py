@@ -37,6 +37,7 @@ def test_an_idle_cpu_keeps_torchs_threads(threads, monkeypatch):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # starts a process per core
 def test_a_busy_cpu_is_measured_and_trains_with_the_cores_left(threads, busy_cores, monkeypatch, caplog):
     import logging
 
@@ -56,6 +57,7 @@ def test_omp_num_threads_decides_when_set(threads, monkeypatch):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # starts a process
 def test_a_test_subprocess_past_its_timeout_says_the_machine_may_be_busy():
     from tests.helpers import too_slow
 

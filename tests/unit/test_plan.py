@@ -169,6 +169,7 @@ def test_an_unknown_hub_model_without_network_is_one_message(monkeypatch):
         plan_of("model.name_or_path=someone/not-a-preset")
 
 
+@pytest.mark.slow  # the whole script, every setting
 def test_validate_plan_script_predicts_without_a_gpu(tmp_path):
     from tests.helpers import run_script
 
