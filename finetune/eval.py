@@ -24,7 +24,7 @@ import torch
 from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
 from finetune.model import check_module_names
-from finetune.run import Run
+from finetune.run import Run, write_whole
 from finetune.scoring import eval_loss, measures_of, scored_answers
 
 log = logging.getLogger("finetune")
@@ -202,7 +202,7 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
               "trained": trained.label if trained else None, "reference": reference["label"] if reference else None,
               "eval_rows": len(rows), "eval_source": splits.eval_source, "task": cfg.eval.task, "rows": rows_out}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_whole(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     plot(result, out_dir / "eval.png")
     return result
 
@@ -241,7 +241,7 @@ def plot(result: dict, png: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{Path(result['model']).name}: {result['eval_rows']} eval rows")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    write_whole(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

@@ -131,7 +131,7 @@ class Run:
                 for entry in run_dir.iterdir():
                     if entry != lock:
                         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_whole(run_dir / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
         except OSError as e:
             raise UserError(f"output_dir={run_dir}: cannot write there ({e.strerror}). Choose a writable "
                             "output_dir.") from None
@@ -174,9 +174,7 @@ class Run:
         (everything replaced with replace=true), written whole to a temporary file and renamed into place."""
         path = (where or self.dir) / "summary.json"
         summary = finite(updates if replace else read_summary(path) | updates)
-        tmp = path.with_name(".summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+        write_whole(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n"))
         if where is None or where == self.dir:
             self.summary = summary
         return summary
@@ -291,6 +289,16 @@ def check_folder(folder: Path, remedy: str, whole: bool = True) -> None:
         raise UserError(f"{folder} is damaged: {'; '.join(problems)}. Nothing was loaded: {remedy}.")
 
 
+def write_whole(path: Path, write) -> None:
+    """A file written whole or not at all: `write(tmp)` fills a temporary file beside it, renamed into place."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staged(final: Path):
     """A folder written whole or not at all: into a staging folder beside it, swapped in when complete, the old one
@@ -388,7 +396,7 @@ def failed_start(run_dir: Path) -> bool:
     with nothing to keep or resume, so the same command may start it over."""
     if not (run_dir / "config.yaml").is_file():
         return False
-    entries = {p.name for p in run_dir.iterdir()}
+    entries = {p.name for p in run_dir.iterdir() if not (p.name.endswith(".partial") or p.name.startswith(LOCK))}
     ckpts = run_dir / "checkpoints"
     return entries <= FAILED_START and not (ckpts.is_dir() and any(p.name.startswith("checkpoint-")
                                                                        for p in ckpts.iterdir()))

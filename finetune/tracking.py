@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.config import TrackingConfig
+from finetune.run import write_whole
 
 
 def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
@@ -26,7 +27,7 @@ def start_wandb(cfg: TrackingConfig, run_dir: Path, config: dict):
     id_file = run_dir / "wandb" / "finetune_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B ids: [a-z0-9]
     id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id + "\n")
+    write_whole(id_file, lambda tmp: tmp.write_text(run_id + "\n"))
     run = wandb.init(
         id=run_id,
         resume="allow",
@@ -104,9 +105,7 @@ class MetricsLog:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_whole(self.path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
 
 
 def plot_loss(records: list[dict], png: Path, title: str) -> None:
@@ -129,7 +128,7 @@ def plot_loss(records: list[dict], png: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    write_whole(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

@@ -60,3 +60,20 @@ def test_a_swap_cut_short_between_its_renames_is_finished_next_time(tmp_path):
         (tmp / "model.safetensors").write_text("new")
     assert (final / "model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_file_written_whole_or_not_at_all(tmp_path):
+    from finetune.run import write_whole
+
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def cut_short(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError):
+        write_whole(path, cut_short)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    write_whole(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
