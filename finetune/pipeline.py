@@ -112,17 +112,22 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
     distributed.barrier()  # every process has checked the run directory before rank 0 writes into it
     if world.is_main:
-        s.run = Run.create(cfg, run_dir)
-        try:
-            s.wandb_run = start_wandb(cfg.tracking, run_dir, to_dict(cfg) | {"processes": world.size})
-        except BaseException:
-            s.run.unlock()
-            raise
+        start_run(s)
     distributed.barrier()
     s.metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume_from and world.is_main:
         s.metrics.keep_until(checkpoint_step(resume_from))
     return s
+
+
+def start_run(s: Session) -> None:
+    """The run directory, locked by this process, and its W&B run (the lock goes if W&B cannot start)."""
+    s.run = Run.create(s.cfg, s.run_dir)
+    try:
+        s.wandb_run = start_wandb(s.cfg.tracking, s.run_dir, to_dict(s.cfg) | {"processes": s.world.size})
+    except BaseException:
+        s.run.unlock()
+        raise
 
 
 CPU_HOURS_MAX = 1.0  # more than this on a CPU, and training needs train.allow_cpu=true

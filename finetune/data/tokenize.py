@@ -192,19 +192,9 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     kwargs = {"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs, "turns": cfg.turns,
               "longest": limit // (2 * cfg.max_length), "max_length": cfg.max_length,
               "truncate": cfg.too_long == "truncate"}
-    settings = dict(function=_rows, fn_kwargs=kwargs, batched=True, with_indices=True, remove_columns=ds.column_names,
-                    features=features(tokenizer), num_proc=cfg.num_proc if len(ds) > 1000 else None,
-                    cache_file_name=str(path), load_from_cache_file=True, desc=f"Tokenizing {name}")
-    try:
-        out = ds.map(**settings)
-    except Exception as e:  # a damaged cache entry (a disk error, a copy cut short): pyarrow's own error types
-        if not cached:
-            raise
-        log.warning("The tokenization cache entry %s is damaged (%s: %s): it is deleted and the rows tokenized "
-                    "again.", path.name, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:120])
-        for f in path.parent.glob(path.stem + "*"):
-            f.unlink()
-        out, cached = ds.map(**settings), False
+    out, cached = map_cached(ds, path, cached, function=_rows, fn_kwargs=kwargs, batched=True, with_indices=True,
+                             remove_columns=ds.column_names, features=features(tokenizer),
+                             num_proc=cfg.num_proc if len(ds) > 1000 else None, desc=f"Tokenizing {name}")
     keep_cache_small(path)
     if len(out) > len(ds):
         log.info("%s: %d conversations give %d sequences: the chat template renders earlier turns otherwise than "
@@ -221,6 +211,21 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     else:
         too_long = sum(n > cfg.max_length for n in lengths)
     return Tokenized(out, too_long=too_long, cached=cached, lengths=lengths, dropped=dropped)
+
+
+def map_cached(ds, path: Path, cached: bool, **settings):
+    """ds.map(**settings) into the cache entry `path`, read back when it is there. A damaged entry (a disk error, a
+    copy cut short: pyarrow's own error types) is said, deleted and made again. Returns (rows, read from cache)."""
+    try:
+        return ds.map(cache_file_name=str(path), load_from_cache_file=True, **settings), cached
+    except Exception as e:
+        if not cached:
+            raise
+        log.warning("The tokenization cache entry %s is damaged (%s: %s): it is deleted and the rows tokenized "
+                    "again.", path.name, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:120])
+        for f in path.parent.glob(path.stem + "*"):
+            f.unlink()
+        return ds.map(cache_file_name=str(path), load_from_cache_file=True, **settings), False
 
 
 def refused_rows(out, cfg: DataConfig, name: str, where: Optional[list]):
