@@ -309,12 +309,18 @@ def load_finished(trainer, checkpoint: str):
 
     trainer._load_from_checkpoint(checkpoint)
     trainer.state = type(trainer.state).load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    logged, last, total = [r for r in trainer.state.log_history if "loss" in r], 0, 0.0
-    for record in logged:
-        total, last = total + record["loss"] * (record["step"] - last), record["step"]
     log.info("%s is the last step: nothing is left to train; finishing the run", Path(checkpoint).name)
-    loss = total / last if last else None
+    loss = logged_train_loss(trainer.state.log_history)
     return TrainOutput(trainer.state.global_step, loss, {"train_loss": loss, "train_runtime": 0.0})
+
+
+def logged_train_loss(log_history: list) -> Optional[float]:
+    """The training loss over a run's logged steps, each log weighted by the steps it covers. After a resume the
+    Trainer's own train_loss divides the resumed part's losses by every step of the run; this is the whole run's."""
+    total, last = 0.0, 0
+    for record in (r for r in log_history if "loss" in r):
+        total, last = total + record["loss"] * (record["step"] - last), record["step"]
+    return total / last if last else None
 
 
 def out_of_memory(cfg: FinetuneConfig, run_dir: Path) -> UserError:
@@ -353,7 +359,7 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
     tokens = s.totals.tokens() or None
     return {
         "recipe": cfg.recipe, "base_model": cfg.model.name_or_path, "quantization": cfg.quant.method,
-        "train_loss": result.metrics.get("train_loss"),
+        "train_loss": logged_train_loss(trainer.state.log_history) if s.resume_from else result.metrics.get("train_loss"),
         "eval_loss_base": before["eval_loss"], "eval_loss": after["eval_loss"],
         "exact_match_base": before["exact_match"], "exact_match": after["exact_match"],
         "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_second": tokens / runtime if tokens else None,

@@ -63,6 +63,7 @@ def test_resume_is_exact(uninterrupted, args, cli, tmp_path, at_step):
     # the records describe the whole run: tokens and time of both parts, the base measured once, at the start
     s, u = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
     assert s["train_tokens"] == u["train_tokens"] and s["eval_loss_base"] == u["eval_loss_base"]
+    assert s["train_loss"] == pytest.approx(u["train_loss"], rel=1e-3)  # every step is logged (4 decimals)
     before = json.loads((run / "checkpoints" / f"checkpoint-{at_step}" / "trainer_state.json").read_text())
     assert s["train_runtime_s"] > before["stateful_callbacks"]["RunTotals"]["args"]["seconds"] > 0
     assert "resume: the base's figures are those measured when the run started" in result.stderr
