@@ -203,7 +203,7 @@ def check_module_names(model_cfg: ModelConfig, quant: QuantConfig, lora) -> None
 
     try:
         _, net = meta_model(model_cfg)
-    except UserError:
+    except Exception:  # no config.json here, or an architecture the meta device cannot build: loading says why
         return
     names = [n for n, _ in net.named_modules() if n]
     if lora.enabled:

@@ -521,7 +521,7 @@ def cpu_estimate(cfg: FinetuneConfig, hours_of_interest: float = 0.0) -> Optiona
     over `hours_of_interest`. None where the model's config.json cannot be read."""
     try:
         arch = load_arch(cfg.model)
-    except UserError:
+    except Exception:  # no config.json here, or an architecture the meta device cannot build: loading says why
         return None
     s = setting_of(cfg)
     steps, how = dataset_steps(cfg)
