@@ -22,7 +22,10 @@ def busy_cores():
     """As many spinning processes as there are cores."""
     import os
 
+    import time
+
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    time.sleep(0.5)  # started and spinning
     yield len(hogs)
     for h in hogs:
         h.kill()
