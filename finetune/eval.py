@@ -120,6 +120,11 @@ def task_manager(include: Optional[str], tasks: tuple):
     return TaskManager(include_path=include)
 
 
+def harness_index(cfg: FinetuneConfig):
+    include = cfg.eval.harness_include
+    return task_manager(str(Path(include).expanduser()) if include else None, tuple(cfg.eval.harness_tasks))
+
+
 def check_harness(cfg: FinetuneConfig):
     """eval.harness_tasks: lm-eval installed, every task known, and its data reachable (lm-eval downloads it),
     before anything is evaluated. Returns lm-eval's task index."""
@@ -133,7 +138,7 @@ def check_harness(cfg: FinetuneConfig):
     include = cfg.eval.harness_include
     if include and not Path(include).expanduser().is_dir():
         raise UserError(f"eval.harness_include={include}: no such folder (it should hold lm-eval task YAML files).")
-    manager = task_manager(str(Path(include).expanduser()) if include else None, tuple(cfg.eval.harness_tasks))
+    manager = harness_index(cfg)
     unknown = [t for t in cfg.eval.harness_tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"eval.harness_tasks: unknown task(s) {', '.join(unknown)}"
@@ -155,8 +160,7 @@ def harness(model, tokenizer, cfg: FinetuneConfig) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    include = cfg.eval.harness_include  # checked by check_harness before anything was evaluated
-    manager = task_manager(str(Path(include).expanduser()) if include else None, tuple(cfg.eval.harness_tasks))
+    manager = harness_index(cfg)  # checked by check_harness before anything was evaluated
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.eval.harness_tasks), task_manager=manager,
                                       limit=cfg.eval.harness_limit, log_samples=False)

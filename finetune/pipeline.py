@@ -75,9 +75,10 @@ def train(cfg: FinetuneConfig) -> dict:
         after = measure(s, trainer, generate=not s.world.sharded)
         return finish(s, trainer, summarize(s, trainer, result, before, after))
     except Exception as e:  # metrics.jsonl, loss.png, summary.json: a full disk or a read-only folder mid-run
-        if write_error(e) is None:
+        reason = write_error(e)
+        if reason is None:
             raise
-        raise UserError(f"Could not write to {s.run_dir} ({write_error(e)}): free space or fix the folder's "
+        raise UserError(f"Could not write to {s.run_dir} ({reason}): free space or fix the folder's "
                         "permissions, then continue with resume=true from the last checkpoint.") from None
     finally:
         if s.run:

@@ -14,7 +14,7 @@ import os
 
 from finetune.config import HubConfig
 from finetune.errors import UserError
-from finetune.run import Run, folder_problems
+from finetune.run import Run, check_folder
 from finetune.tokenizer import base_model_id
 
 log = logging.getLogger("finetune")
@@ -77,7 +77,8 @@ def publish(run: Run) -> str:
         hint = (f" Write it with: python -m finetune export run={run.dir} export.merge=true"
                 if hub.model == "merged" else "")
         raise UserError(f"hub.model={hub.model} but {folder} holds nothing to publish.{hint}")
-    verify(folder)
+    check_folder(folder, "Nothing was uploaded: write the folder again (python -m finetune export run=RUN_DIR), then "
+                         "publish")  # every file loads: nothing damaged reaches the Hub
     api = _api(hub_token())
     readme = card.render(run.cfg, run.summary, merged=hub.model == "merged", repo_id=hub.repo_id, online=True)
     operations = commit_operations(run, folder, str(readme))
@@ -86,15 +87,6 @@ def publish(run: Run) -> str:
     log.info("published %s/ to %s (%s, %d files): %s", hub.model, hub.repo_id, "private" if hub.private else "public",
              len(operations), url)
     return url
-
-
-def verify(folder) -> None:
-    """Every file to upload loads (run.folder_problems): a damaged file is one message, before anything is created
-    on the Hub."""
-    problems = folder_problems(folder)
-    if problems:
-        raise UserError(f"{folder} is damaged: {'; '.join(problems)}. Nothing was uploaded: write the folder again "
-                        "(python -m finetune export run=RUN_DIR), then publish.")
 
 
 def commit_operations(run: Run, folder, readme: str) -> list:

@@ -198,7 +198,7 @@ class Run:
             why = (f"this run trained every weight (lora.enabled=false): its model is {self.model_dir}"
                    if not self.cfg.lora.enabled else "pass checkpoint=N to use one of its checkpoints")
             raise UserError(f"{source} holds no adapter (adapter_config.json): {why}.")
-        check_folder(source, "pass checkpoint=N to use one of the run's checkpoints, or train again")
+        check_folder(source, "Nothing was loaded: pass checkpoint=N to use one of the run's checkpoints, or train again")
         return source
 
     def merged_source(self, checkpoint: Optional[str] = None) -> Path:
@@ -208,7 +208,7 @@ class Run:
         again = f"python -m finetune export run={self.dir} export.merge=true"
         if not (self.merged_dir / "config.json").is_file():
             raise UserError(f"{self.merged_dir} holds no merged model: write it with {again}")
-        check_folder(self.merged_dir, f"write it again with {again}", whole=False)
+        check_folder(self.merged_dir, f"Nothing was loaded: write it again with {again}", whole=False)
         return self.merged_dir
 
     def tokenizer(self, source: Optional[Path] = None):
@@ -282,11 +282,12 @@ def adapter_config_problem(config) -> Optional[str]:
     return None
 
 
-def check_folder(folder: Path, remedy: str, whole: bool = True) -> None:
-    """One message for a damaged folder, before anything loads it."""
+def check_folder(folder: Path, then: str, whole: bool = True) -> None:
+    """One message for a damaged folder, before anything loads or uploads it: its problems, then `then` (what was
+    not done, and what to do)."""
     problems = folder_problems(folder, whole)
     if problems:
-        raise UserError(f"{folder} is damaged: {'; '.join(problems)}. Nothing was loaded: {remedy}.")
+        raise UserError(f"{folder} is damaged: {'; '.join(problems)}. {then}.")
 
 
 def write_whole(path: Path, write) -> None:
@@ -313,10 +314,11 @@ def staged(final: Path):
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if write_error(e) is None:
+        reason = write_error(e)
+        if reason is None:
             raise
         kept = f" The {final.name}/ already there is kept." if final.exists() else ""
-        raise UserError(f"Could not write {final} ({write_error(e)}): free space or fix the folder's permissions, "
+        raise UserError(f"Could not write {final} ({reason}): free space or fix the folder's permissions, "
                         f"then run the same command again.{kept}") from None
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

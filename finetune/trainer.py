@@ -152,9 +152,10 @@ def save_atomically(trainer, root: str, write) -> None:
     except Exception as e:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
-        if write_error(e) is None:
+        reason = write_error(e)
+        if reason is None:
             raise
-        raise checkpoint_write_failed(name, root, write_error(e)) from None
+        raise checkpoint_write_failed(name, root, reason) from None
     finally:
         trainer._staging = None
     if main:

@@ -92,13 +92,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _rows(batch: dict, indices: list[int], tokenizer, train_on_inputs: bool, turns: str, longest: int,
-          max_length: int, truncate: bool) -> dict:
+          limit: int, truncate: bool) -> dict:
     """datasets.map, batched: each row's sequences, or one empty entry naming why the template refused the row.
-    A row with text for over twice max_length tokens of `longest` characters is not tokenized whole (a 50 MB
-    row would take gigabytes): each text is cut to that many characters for truncation, which keeps less;
-    otherwise it is one empty entry whose length (the fewest tokens its text can be) says it is too long."""
+    A row with more than `limit` characters of text (char_limit) is not tokenized whole (a 50 MB row would take
+    gigabytes): each text is cut to `limit` characters for truncation, which keeps less; otherwise it is one
+    empty entry whose length (the fewest tokens of at most `longest` characters its text can be) says it is too
+    long."""
     out: dict = {"input_ids": [], "labels": [], "length": [], "trained": [], "row": [], "problem": []}
-    limit = 2 * max_length * longest
     for i, values in zip(indices, zip(*batch.values())):
         row = dict(zip(batch, values))
         chars = text_chars(row)
@@ -145,6 +145,12 @@ def longest_token(tokenizer) -> int:
     return max(map(len, tokenizer.get_vocab()), default=1)
 
 
+def char_limit(max_length: int, longest: int) -> int:
+    """Characters of text that surely make more than twice max_length tokens: beyond it a row is not tokenized
+    whole (see _rows)."""
+    return 2 * max_length * longest
+
+
 def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
     """The rows' Arrow data (fast and exact), the tokenizer, the template and the settings that change the result."""
     import pyarrow as pa
@@ -182,17 +188,16 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     """Tokenize `ds` (cached), then apply data.bad_rows to the rows the template refused and data.too_long to
     sequences over max_length (length_policy=False: only count them, as the `data` verb shows them). `where`:
     each row's file and line, to name the rows."""
-    limit = 2 * cfg.max_length * longest_token(tokenizer)  # see _rows
+    longest = longest_token(tokenizer)
+    limit = char_limit(cfg.max_length, longest)
     if conversational and not cfg.train_on_inputs and len(ds):
         cross_check(tokenizer, cut_text(ds[0], limit), cfg.turns)
         reasoning_check(tokenizer, ds, name, limit)
     path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
-    cached = any(path.parent.glob(path.stem + "*"))  # with num_proc the cache is split into shards
     kwargs = {"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs, "turns": cfg.turns,
-              "longest": limit // (2 * cfg.max_length), "max_length": cfg.max_length,
-              "truncate": cfg.too_long == "truncate"}
-    out, cached = map_cached(ds, path, cached, function=_rows, fn_kwargs=kwargs, batched=True, with_indices=True,
+              "longest": longest, "limit": limit, "truncate": cfg.too_long == "truncate"}
+    out, cached = map_cached(ds, path, function=_rows, fn_kwargs=kwargs, batched=True, with_indices=True,
                              remove_columns=ds.column_names, features=features(tokenizer),
                              num_proc=cfg.num_proc if len(ds) > 1000 else None, desc=f"Tokenizing {name}")
     keep_cache_small(path)
@@ -213,9 +218,10 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     return Tokenized(out, too_long=too_long, cached=cached, lengths=lengths, dropped=dropped)
 
 
-def map_cached(ds, path: Path, cached: bool, **settings):
+def map_cached(ds, path: Path, **settings):
     """ds.map(**settings) into the cache entry `path`, read back when it is there. A damaged entry (a disk error, a
     copy cut short: pyarrow's own error types) is said, deleted and made again. Returns (rows, read from cache)."""
+    cached = any(path.parent.glob(path.stem + "*"))  # with num_proc the cache is split into shards
     try:
         return ds.map(cache_file_name=str(path), load_from_cache_file=True, **settings), cached
     except Exception as e:
