@@ -39,7 +39,8 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "run modelling code shipped with the checkpoint (only for repos you trust)")
     allow_pickle: bool = opt(False, "also load pickle (.bin) weights, which can run code when loaded; by default "
                              "only safetensors are loaded")
-    attn_implementation: str = opt("sdpa", "attention kernel", ["sdpa", "eager", "flash_attention_2"])
+    attn_implementation: str = opt("auto", "attention kernel: auto = transformers' choice (sdpa where the model has it, "
+                                   "else eager)", ["auto", "sdpa", "eager", "flash_attention_2"])
     hub_id: Optional[str] = opt(None, "the Hub id a local name_or_path is a copy of: recorded as the adapter's base "
                                 "model, so that other machines and tools can find it")
 
@@ -76,6 +77,9 @@ class LoraConfig:
                        min_exclusive=True)
     dropout: float = opt(0.05, "dropout on the adapter input", min=0, max=0.9)
     target_modules: List[str] = opt(["all-linear"], "module names to adapt; [all-linear] = every linear layer but the output head")
+    target_parameters: List[str] = opt([], "3-D weights to adapt by name, e.g. [mlp.experts.gate_up_proj, "
+                                       "mlp.experts.down_proj]: the fused experts of a mixture-of-experts model "
+                                       "(transformers 5 stores them as parameters, not linear layers)")
     bias: str = opt("none", "train biases too", ["none", "all", "lora_only"])
     use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
     use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA): slower, sometimes better at low rank; vLLM cannot serve it")
@@ -354,6 +358,9 @@ def training_problems(cfg: FinetuneConfig) -> list[str]:
                         "overwrite deletes it. Pick one.")
     if lora.use_dora and q.method == "int8":
         problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
+    if lora.target_parameters and (lora.dropout > 0 or lora.use_dora):
+        problems.append(f"lora.target_parameters adapts fused expert weights through PEFT's ParamWrapper, which has no "
+                        f"dropout or DoRA: set lora.dropout=0{' and lora.use_dora=false' if lora.use_dora else ''}.")
     return problems
 
 

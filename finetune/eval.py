@@ -23,7 +23,7 @@ import torch
 
 from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
-from finetune.model import check_module_names
+from finetune.model import check_skeleton
 from finetune.run import Run, write_whole
 from finetune.scoring import eval_loss, measures_of, scored_answers
 
@@ -180,7 +180,7 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
     from finetune.data import load_splits
 
     cfg = run.cfg
-    check_module_names(cfg.model, cfg.quant, cfg.lora)
+    check_skeleton(cfg.model, cfg.quant, cfg.lora)
     if cfg.eval.harness_tasks:
         check_harness(cfg)
     splits = load_splits(cfg.data, cfg.train.seed)

@@ -33,7 +33,7 @@ log = logging.getLogger("finetune")
 # its card (until the new one is written, once the export is complete)
 AS_SAVED = ("adapter_model.safetensors", "adapter_config.json", "tokenizer", "special_tokens_map", "chat_template",
             "added_tokens", "vocab.", "merges.txt", "README.md")
-CHECK_TOKENS = 256  # tokens of each check sample: enough to compare distributions, cheap on a CPU
+CHECK_TOKENS = 256  # trained tokens' span of each check sample: enough to compare distributions, cheap on a CPU
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
 
@@ -96,20 +96,22 @@ def local_base(model: ModelConfig) -> str:
 
 def check_samples(tokenizer, rows, n: int, data: DataConfig) -> list[dict]:
     """input_ids and labels (-100 where no loss) of the first n sequences of the rows, tokenized as in training
-    (the same labels), cut to CHECK_TOKENS; each has trained tokens."""
+    (the same labels), cut CHECK_TOKENS after the first trained token (a long prompt or system preamble is kept
+    whole: the reply's context)."""
     from finetune.data.tokenize import tokenize_row
 
     out = []
     for row in rows:
         for t in tokenize_row(row, tokenizer, data.train_on_inputs, data.turns):
-            labels = t["labels"][:CHECK_TOKENS]
-            if len(out) < n and any(label != -100 for label in labels[1:]):
-                out.append({"input_ids": torch.tensor([t["input_ids"][:CHECK_TOKENS]]), "labels": torch.tensor([labels])})
+            first = next((i for i, label in enumerate(t["labels"]) if i > 0 and label != -100), None)
+            if len(out) < n and first is not None:
+                end = first + CHECK_TOKENS
+                out.append({"input_ids": torch.tensor([t["input_ids"][:end]]), "labels": torch.tensor([t["labels"][:end]])})
         if len(out) == n:
             break
     if not out:
-        raise UserError(f"The merge check found no trained token in the first {CHECK_TOKENS} tokens of any row: "
-                        "export.check_samples needs rows whose replies start earlier.")
+        raise UserError("The merge check found no trained token in any row: export.check_samples needs rows with "
+                        "replies (the data has none).")
     return out
 
 

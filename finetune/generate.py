@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.data import formats
 from finetune.errors import UserError
 from finetune.run import Loaded, Run
 from finetune.verb_args import GenerateArgs
@@ -125,6 +126,8 @@ def generate(run: Run, args: GenerateArgs) -> list[dict]:
         if args.do_sample:
             torch.manual_seed(args.seed)
         prompt = conversation[-1]["content"]
+        if run.cfg.data.system_prompt == "fold":  # the system text where training put it: in the first user turn
+            conversation = formats.fold(list(conversation))
         print(f">>> {prompt}", flush=True)
         if args.compare:
             with model.disable_adapter():

@@ -18,6 +18,7 @@ def build_peft_config(cfg: LoraConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_parameters=list(cfg.target_parameters) or None,
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,

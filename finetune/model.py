@@ -53,7 +53,7 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
         problems.append("train.precision=fp16 needs a CUDA GPU and none was found: on CPU use train.precision=fp32 "
                         "(or auto).")
     if model.attn_implementation == "flash_attention_2" and kind == "cpu":
-        problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU: use sdpa on CPU.")
+        problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU: use auto or sdpa on CPU.")
     if train.compile and kind == "cpu":
         problems.append("train.compile=true is for CUDA GPUs (on a CPU it compiles for minutes and gains little): "
                         "set it to false.")
@@ -145,7 +145,7 @@ def device_map_for(device: Device, world=None) -> Optional[dict]:
 def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype: Optional[torch.dtype] = None,
                     world=None):
     """The base model on `device`, quantized as `quant` says (16/32-bit in `dtype` when quant.method=none; the
-    names in quant.skip_modules are checked before, by check_module_names).
+    names in quant.skip_modules are checked before, by check_skeleton).
     `world` (finetune.distributed.World): under DDP each process loads it whole on its own GPU; under FSDP it
     is loaded without a device map and accelerate places each process's shard."""
     from transformers import AutoModelForCausalLM
@@ -157,10 +157,10 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
         use_safetensors=None if cfg.allow_pickle else True,  # pickle weights can run code when loaded
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
         dtype=dtype or device.compute_dtype,  # the unquantized parts (embeddings, norms, head) too
         device_map=device_map_for(device, world),
-        quantization_config=quantization_config(quant, device.compute_dtype, sharded=fsdp),
+        quantization_config=quantization_config(quant, device.compute_dtype, sharded=fsdp) or dequantize_shipped(cfg),
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
@@ -195,29 +195,100 @@ def model_load_error(cfg: ModelConfig, e: Exception) -> Optional[UserError]:
     return hub_load_error("model.name_or_path", cfg.name_or_path, e) if isinstance(e, (OSError, ValueError)) else None
 
 
-def check_module_names(model_cfg: ModelConfig, quant: QuantConfig, lora) -> None:
-    """lora.target_modules, lora.modules_to_save and quant.skip_modules name modules of the model: checked on its
-    skeleton (config.json, built on the meta device) before a weight is loaded or anything written. Where
-    config.json cannot be read, loading the model says why, later."""
+def check_skeleton(model_cfg: ModelConfig, quant: QuantConfig, lora) -> None:
+    """What the model's skeleton (config.json, built on the meta device) can say before a weight is loaded or
+    anything written: the names in lora.target_modules, lora.target_parameters, lora.modules_to_save and
+    quant.skip_modules, model.attn_implementation, and weights bitsandbytes cannot quantize. Where config.json cannot
+    be read, loading the model says why, later."""
     from finetune.plan import meta_model
 
     try:
-        _, net = meta_model(model_cfg)
+        config, net = meta_model(model_cfg)
     except Exception:  # no config.json here, or an architecture the meta device cannot build: loading says why
         return
-    names = [n for n, _ in net.named_modules() if n]
+    check_attention(model_cfg, net)
+    check_prequantized(model_cfg, config, quant)
     if lora.enabled:
-        head = net.get_output_embeddings()
-        linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in net.named_modules()
-                                if isinstance(m, torch.nn.Linear) and m is not head)
-        for key, wanted in (("lora.target_modules", [t for t in lora.target_modules if t != "all-linear"]),
-                            ("lora.modules_to_save", list(lora.modules_to_save))):
-            missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
-            if missing:
-                raise UserError(f"{key}: {', '.join(missing)} names no module of {model_cfg.name_or_path}. Its linear "
-                                f"layers: {', '.join(linears)} (or all-linear).{closest(missing[0], linears)}")
+        check_lora_targets(model_cfg, net, lora)
     if quant.skip_modules and quant.method != "none":
         check_skip_modules(net, quant.skip_modules)
+
+
+ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def check_lora_targets(model_cfg: ModelConfig, net, lora) -> None:
+    """Each lora.target_modules and lora.modules_to_save name is a module of the model, each target a layer LoRA can
+    adapt; each lora.target_parameters name is one of its weights."""
+    from finetune.plan import fused_weights
+
+    modules = dict(net.named_modules())
+    head = net.get_output_embeddings()
+    linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear) and m is not head)
+    fused = list(fused_weights(net))
+    hint = f" Its fused expert weights take lora.target_parameters=[{', '.join(fused)}]." if fused else ""
+    for key, wanted in (("lora.target_modules", [t for t in lora.target_modules if t != "all-linear"]),
+                        ("lora.modules_to_save", list(lora.modules_to_save))):
+        matched = {w: [m for n, m in modules.items() if n == w or n.endswith("." + w)] for w in wanted}
+        missing = [w for w, found in matched.items() if not found]
+        if missing:
+            raise UserError(f"{key}: {', '.join(missing)} names no module of {model_cfg.name_or_path}. Its linear "
+                            f"layers: {', '.join(linears)} (or all-linear).{closest(missing[0], linears)}{hint}")
+        if key == "lora.target_modules":
+            unfit = [w for w, found in matched.items() if not any(isinstance(m, ADAPTABLE) for m in found)]
+            if unfit:
+                kinds = ", ".join(sorted({type(m).__name__ for m in matched[unfit[0]]}))
+                raise UserError(f"lora.target_modules: {unfit[0]} is {kinds} in {model_cfg.name_or_path}, not a linear "
+                                f"layer LoRA can adapt. Its linear layers: {', '.join(linears)} (or all-linear).{hint}")
+    params = [n for n, _ in net.named_parameters()]
+    missing = [w for w in lora.target_parameters if not any(n == w or n.endswith("." + w) for n in params)]
+    if missing:
+        raise UserError(f"lora.target_parameters: {', '.join(missing)} names no weight of {model_cfg.name_or_path}. "
+                        + (f"Its fused expert weights: {', '.join(fused)}." if fused else
+                           "It has no fused expert weights: adapt its linear layers with lora.target_modules."))
+
+
+def shipped_quantization(config) -> Optional[str]:
+    """The quant_method of the quantization_config a checkpoint's config.json carries (mxfp4, fp8, ...), or None."""
+    shipped = getattr(config, "quantization_config", None)
+    method = shipped.get("quant_method") if isinstance(shipped, dict) else getattr(shipped, "quant_method", None)
+    return str(getattr(method, "value", method)) if method else None
+
+
+def dequantize_shipped(cfg: ModelConfig):
+    """For quant=none: gpt-oss's MXFP4 experts dequantized to 16-bit on load (trainable, and the same on every GPU);
+    None for other checkpoints."""
+    from finetune.plan import meta_model
+
+    try:
+        config, _ = meta_model(cfg)
+    except Exception:
+        return None
+    if shipped_quantization(config) == "mxfp4":
+        from transformers import Mxfp4Config
+
+        return Mxfp4Config(dequantize=True)
+    return None
+
+
+def check_prequantized(model_cfg: ModelConfig, config, quant: QuantConfig) -> None:
+    """A checkpoint shipped quantized by another method (gpt-oss's MXFP4 experts, FP8) cannot be quantized again by
+    bitsandbytes."""
+    method = shipped_quantization(config)
+    if quant.method != "none" and method and method != "bitsandbytes":
+        raise UserError(f"quant={quant.method}: {model_cfg.name_or_path} ships weights already quantized with "
+                        f"{method} (quantization_config in its config.json), which bitsandbytes cannot quantize again. "
+                        f"Use quant=none: transformers dequantizes them to 16-bit on load, and LoRA trains on that.")
+
+
+def check_attention(model_cfg: ModelConfig, net) -> None:
+    """model.attn_implementation=sdpa on a model transformers has no SDPA attention for (gpt-oss: its attention
+    sinks) would fail inside from_pretrained."""
+    import transformers
+
+    if model_cfg.attn_implementation == "sdpa" and not getattr(net, "_supports_sdpa", True):
+        raise UserError(f"model.attn_implementation=sdpa: {type(net).__name__} has no SDPA attention in transformers "
+                        f"{transformers.__version__}. Use model.attn_implementation=auto (eager here) or eager.")
 
 
 def check_skip_modules(model, patterns: list[str]) -> None:

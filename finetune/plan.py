@@ -110,6 +110,12 @@ class Arch:
     other_params: int           # embeddings, lm_head, norms, biases: kept in the compute dtype
     linears: dict = field(default_factory=dict)  # module name suffix -> [(in, out), ...]: LoRA targets
     max_position: Optional[int] = None
+    fused: dict = field(default_factory=dict)    # fused experts' 3-D weights: name in a layer -> [(experts, in, out)]
+    active_experts: float = 1.0                  # the share of the experts each token runs through (top-k / experts)
+
+    @property
+    def active_expert_params(self) -> float:
+        return self.active_experts * sum(e * a * b for shapes in self.fused.values() for e, a, b in shapes)
 
     @property
     def params(self) -> int:
@@ -172,6 +178,7 @@ def load_arch(model) -> Arch:
             linears.setdefault(name.split(".")[-1], []).append((module.in_features, module.out_features))
     total = sum(p.numel() for p in net.parameters())
     get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None)), None)  # noqa: E731
+    experts, top_k = get("num_experts", "num_local_experts"), get("num_experts_per_tok", "top_k_experts")
     hidden = get("hidden_size", "n_embd")
     heads = get("num_attention_heads", "num_heads", "n_head")
     kv_heads = get("num_key_value_heads") or heads
@@ -181,8 +188,28 @@ def load_arch(model) -> Arch:
         intermediate=get("intermediate_size", "n_inner") or 4 * hidden, kv_dim=kv_heads * head_dim,
         vocab=config.vocab_size, gated_mlp="gate_proj" in linears or "w1" in linears and "w3" in linears,
         quantized_params=quantized, other_params=total - quantized, linears=linears,
-        max_position=get("max_position_embeddings", "n_positions"),
+        max_position=get("max_position_embeddings", "n_positions"), fused=fused_weights(net),
+        active_experts=top_k / experts if experts and top_k else 1.0,
     )
+
+
+def fused_weights(net) -> dict:
+    """The fused experts of a mixture-of-experts model (transformers 5 stores them as 3-D parameters, which
+    bitsandbytes does not quantize and LoRA adapts only through lora.target_parameters): {name within a layer:
+    [shape per layer]}."""
+    import re
+
+    import torch
+
+    fused = {}
+    for module_name, module in net.named_modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            continue  # a convolution's 3-D kernel (Qwen3.5's linear attention) is no expert
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3:
+                key = re.sub(r"^.*?layers\.\d+\.", "", f"{module_name}.{name}")
+                fused.setdefault(key, []).append(tuple(p.shape))
+    return fused
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -205,6 +232,16 @@ def targeted(arch: Arch, targets: list[str]) -> dict:
 
 def lora_targets(arch: Arch, targets: list[str]) -> list[tuple[int, int]]:
     return [shape for shapes in targeted(arch, targets).values() for shape in shapes]
+
+
+def lora_shapes(arch: Arch, lora, r: int) -> list[tuple[int, int]]:
+    """The adapter's matrices: A (r x in) and B (out x r) per targeted linear layer; per targeted fused weight of E
+    experts, A (r*E x in) and B (out x r*E) (PEFT's ParamWrapper)."""
+    shapes = lora_targets(arch, lora.target_modules)
+    fused = [shape for name, shapes in arch.fused.items() for shape in shapes
+             if any(name == t or name.endswith("." + t) or t.endswith(name) for t in lora.target_parameters)]
+    return ([(r, a) for a, _ in shapes] + [(b, r) for _, b in shapes]
+            + [(r * e, a) for e, a, _ in fused] + [(b, r * e) for e, _, b in fused])
 
 
 def optimizer_bytes(optim: str, shapes: list[tuple[int, int]], param_bytes: int) -> float:
@@ -288,8 +325,7 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
         rows.append(("logits of the last position", s.micro_batch * arch.vocab * 4))
     else:
         if s.lora:
-            shapes = [(a, b) for (a, b) in lora_targets(arch, cfg.lora.target_modules)]
-            adapter = [(s.r, a) for a, _ in shapes] + [(b, s.r) for _, b in shapes]  # A: r x in, B: out x r
+            adapter = lora_shapes(arch, cfg.lora, s.r)
             n = sum(x * y for x, y in adapter)
             b = 2 if s.method != "none" and p == 2 else 4
             rows += [(f"LoRA weights: {n / 1e6:.1f}M, r={s.r}, {8 * b}-bit{sharded}", n * b / n_sh),
@@ -335,7 +371,8 @@ def flops_per_token(arch: Arch, s: Setting) -> float:
     """Training FLOPs per token: forward 2N; backward 2N for the input gradients plus 2N for weight
     gradients when the weights train (LoRA's are negligible); one more forward with checkpointing; and
     causal attention, 2 x layers x seq x hidden per forward."""
-    n = arch.quantized_params + arch.vocab * arch.hidden  # matmul weights: the layers and the lm_head
+    n = arch.quantized_params + arch.vocab * arch.hidden + arch.active_expert_params  # matmul weights: the layers,
+    # the lm_head and the experts a token runs through
     passes = 2 + 2 + (0 if s.lora else 2) + (2 if s.checkpointing else 0)
     attention = 2 * arch.layers * s.max_length * arch.hidden * (3 + (1 if s.checkpointing else 0))
     return passes * n + attention

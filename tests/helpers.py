@@ -17,16 +17,10 @@ def build_tiny_model(path: Path, with_chat_template: bool = False, template: str
     """A 2-layer Llama with random weights and a BPE tokenizer trained here: no download. `template`: a real
     chat template (chat_template()), whose special tokens the tokenizer and the embeddings get."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    text = [f"the {a} {b} number {i} is {i * 7 % 100}." for i in range(300) for a, b in [("red", "fox"), ("blue", "owl")]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = trained_tokenizer(["<s>", "</s>", "<unk>"])
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token = "<s>", "</s>", "<unk>"
     if with_chat_template:
         from finetune.data.templates import TEMPLATES
 
@@ -40,6 +34,21 @@ def build_tiny_model(path: Path, with_chat_template: bool = False, template: str
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def trained_tokenizer(specials: list[str]):
+    """A byte-level BPE tokenizer of about 320 tokens trained here on a few hundred sentences: `specials` first (ids
+    0, 1, ...), then every byte, then merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [f"the {a} {b} number {i} is {i * 7 % 100}." for i in range(300) for a, b in [("red", "fox"), ("blue", "owl")]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=list(dict.fromkeys(specials)), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 TEMPLATE_FIXTURES = ROOT / "tests" / "fixtures" / "chat_templates"
@@ -61,8 +70,8 @@ SPECIAL = r"<\|[^<>|\s]+\|>|<\|[a-z_]+>|<[a-z_]+\|>|<(?:start|end)_of_[a-z]+>|\[
 
 
 def with_template(tokenizer, template: str):
-    """The tokenizer with a family's chat template and its special tokens (single tokens, as in the real vocabulary),
-    BOS <s> and EOS </s>."""
+    """The tokenizer with a family's chat template and the special tokens it writes (single tokens, as in the real
+    vocabulary)."""
     import re
 
     tokenizer.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(SPECIAL, template)))})

@@ -1,0 +1,189 @@
+"""The architecture matrix: a tiny random-weight replica of each model family users fine-tune today
+(tests/arch_families.py), with its real chat template and special tokens, through the whole pipeline on the
+installed transformers, PEFT, TRL and bitsandbytes: the masks token by token, a QLoRA run whose loss falls, the
+adapter in plain PEFT, a merge that passes its fidelity check, generation that stops at the template's end-of-turn
+token, and `plan`'s parameter count against the built model. The mixtures of experts add which weights bitsandbytes
+quantizes and which LoRA adapts."""
+
+import json
+
+import pytest
+
+from finetune.data import formats
+from finetune.data.templates import use_end_of_turn
+from finetune.data.tokenize import tokenize_row
+from tests.arch_families import FAMILIES, build_family, family_tokenizer
+from tests.helpers import run_main, tiny_overrides
+from tests.unit.test_chat_masks import CONVERSATION, REPLIES
+
+# Ten steps teach every replica to answer "yes" and stop. The replicas' weights are drawn wider than a real
+# model's (initializer_range 0.2), so that ten LoRA steps can move a random head's argmax.
+STEPS = ["train.max_steps=10", "train.learning_rate=1e-2", "data.max_length=512", "data.eval_fraction=0.1"]
+SYSTEM = {"role": "system", "content": "Answer yes or no."}  # (SmolLM3's default one is 1,100 characters)
+# gpt-oss trains its fused experts too (PEFT's ParamWrapper), so that the merge and `plan` cover them
+EXTRA = {"gpt_oss": ["lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]}
+
+
+def trained_runs(seqs) -> list[list[int]]:
+    """The runs of consecutive trained tokens of each sequence, in order."""
+    runs = []
+    for seq in seqs:
+        run = []
+        for token, label in zip(seq["input_ids"], seq["labels"]):
+            if label != -100:
+                assert label == token
+                run.append(token)
+            elif run:
+                runs, run = runs + [run], []
+        runs += [run] if run else []
+    return runs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_reply_and_its_end_of_turn_token_are_the_trained_tokens(name):
+    """A three-turn conversation with a system prompt, through the family's tokenizer as training prepares it (its
+    end-of-turn token made the EOS): exactly each reply's tokens and the end-of-turn token are trained."""
+    family, tok = FAMILIES[name], family_tokenizer(name)
+    use_end_of_turn(tok)
+    assert tok.eos_token == family.eot
+    conversation = formats.fold(list(CONVERSATION)) if family.fold_system else CONVERSATION
+    runs = trained_runs(tokenize_row({"messages": conversation}, tok, train_on_inputs=False))
+    decoded = [tok.decode(r) for r in runs]
+    assert [d.removeprefix(family.reply_sep) for d in decoded] == [r + family.eot for r in REPLIES], decoded
+    assert all(r[-1] == tok.convert_tokens_to_ids(family.eot) for r in runs)
+
+
+@pytest.fixture(scope="module")
+def yes_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("yes") / "yes.jsonl"
+    path.write_text("".join(json.dumps({"messages": [SYSTEM, {"role": "user", "content": f"Is {i} red?"},
+                                                     {"role": "assistant", "content": "yes"}]}) + "\n"
+                            for i in range(64)))
+    return path
+
+
+def family_run(name, model, data, out, *extra):
+    family = FAMILIES[name]
+    fold = ["data.system_prompt=fold"] if family.fold_system else []
+    return run_main(*tiny_overrides(model, data, out, *STEPS, "export=merged", "export.merge_base=dequantized",
+                                    *fold, *EXTRA.get(name, []), *extra), wandb_mode=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_qlora_trains_merges_loads_in_peft_and_stops_at_the_end_of_turn(name, yes_data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.config import ModelConfig
+    from finetune.data.masks import inference_prompt
+    from finetune.plan import load_arch
+
+    model, out = build_family(name, tmp_path / name), tmp_path / "run"
+    result = family_run(name, model, yes_data, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    assert losses[-1] < losses[0] / 2 and summary["eval_loss"] < summary["eval_loss_base"] / 10
+    fidelity = summary["merge_fidelity"]["dequantized"]
+    assert fidelity["mean_kl"] < 0.05 and (out / "merged" / "model.safetensors").is_file()
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    assert load_arch(ModelConfig(name_or_path=str(model))).params == sum(p.numel() for p in base.parameters())
+    tuned = PeftModel.from_pretrained(base, out / "adapter")  # plain PEFT, as another tool would load it
+    trained_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert trained_b and all(p.abs().sum() > 0 for p in trained_b)
+
+    # the merged model in plain transformers stops at the end-of-turn token by its generation_config.json alone
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    conversation = [SYSTEM, {"role": "user", "content": "Is 5 red?"}]
+    if FAMILIES[name].fold_system:
+        conversation = formats.fold(conversation)
+    prompt = tok(inference_prompt(tok, conversation), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new = merged.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8)[0, prompt.shape[1]:]
+    assert new[-1] == tok.convert_tokens_to_ids(FAMILIES[name].eot) and tok.decode(new[:-1]) == "yes"
+    answer = run_main("generate", f"run={out}", "prompt=Is 5 red?", f"system={SYSTEM['content']}", "max_new_tokens=8")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert "yes" in answer.stdout and "stopped at EOS" in answer.stdout, answer.stdout
+
+
+# What bitsandbytes quantizes in each mixture of experts: its nn.Linear layers only. transformers 5 stores the experts
+# as fused 3-D parameters and the router as a module of its own, so both stay in the compute dtype; LoRA's all-linear
+# adapts the quantized layers, and lora.target_parameters adds the experts (PEFT's ParamWrapper).
+MOE = {
+    "qwen3_5_moe": ({"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "q_proj", "k_proj", "v_proj",
+                     "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"}, "mlp.gate"),
+    "gpt_oss": ({"q_proj", "k_proj", "v_proj", "o_proj"}, "mlp.router"),
+}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_a_mixture_of_experts_quantizes_its_linear_layers_and_adapts_its_experts_on_request(name, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+    from peft import get_peft_model
+
+    from finetune.config import LoraConfig, ModelConfig, QuantConfig, TrainConfig
+    from finetune.lora import build_peft_config, count_parameters
+    from finetune.model import detect_device, load_base_model
+    from finetune.plan import load_arch, lora_shapes
+
+    quantized, router = MOE[name]
+    cfg, quant = ModelConfig(name_or_path=str(build_family(name, tmp_path / name))), QuantConfig()
+    model = load_base_model(cfg, quant, detect_device(TrainConfig(), quant, cfg))
+    four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert {n.rsplit(".", 1)[-1] for n in four_bit} == quantized
+    params = dict(model.named_parameters())
+    for layer in range(2):
+        assert all(params[f"model.layers.{layer}.{e}"].dtype == torch.float32 for e in EXPERTS)  # compute dtype on CPU
+        assert not any(n.startswith(f"model.layers.{layer}.{router}") for n in four_bit)
+
+    arch = load_arch(cfg)  # plan counts what bitsandbytes quantizes, and the rest in 16/32-bit
+    assert list(arch.fused) == EXPERTS and arch.active_experts == 0.5
+    assert arch.quantized_params == sum(m.weight.quant_state.shape.numel() for m in four_bit.values())
+    assert arch.params == count_parameters(model)[1]
+
+    lora = LoraConfig(r=4, dropout=0.0, target_parameters=EXPERTS)
+    peft_model = get_peft_model(model, build_peft_config(lora))
+    adapted = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == quantized | {"experts", "base_layer"}
+    assert count_parameters(peft_model)[0] == sum(a * b for a, b in lora_shapes(arch, lora, 4))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    return build_family("gpt_oss", tmp_path_factory.mktemp("gpt_oss") / "gpt_oss")
+
+
+FUSED = "mlp.experts.gate_up_proj, mlp.experts.down_proj"
+
+
+@pytest.mark.parametrize("override, said", [
+    ("lora.target_parameters=[mlp.experts.up_proj]", f"mlp.experts.up_proj names no weight of {{}}. Its fused expert "
+                                                     f"weights: {FUSED}."),
+    ("lora.target_modules=[experts]", f"lora.target_modules: experts is GptOssExperts in {{}}, not a linear layer LoRA "
+                                      f"can adapt. Its linear layers: q_proj, k_proj, v_proj, o_proj (or all-linear). "
+                                      f"Its fused expert weights take lora.target_parameters=[{FUSED}]."),
+    ("model.attn_implementation=sdpa", "model.attn_implementation=sdpa: GptOssForCausalLM has no SDPA attention"),
+    ("lora.target_parameters=[mlp.experts.down_proj] lora.dropout=0.05", "ParamWrapper, which has no dropout or DoRA: set lora.dropout=0"),
+])
+def test_a_target_or_setting_the_mixture_of_experts_lacks_is_one_message(gpt_oss, yes_data, tmp_path, override, said):
+    result = run_main(*tiny_overrides(gpt_oss, yes_data, tmp_path / "run", *override.split()), wandb_mode=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert said.format(gpt_oss) in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_shipped_in_another_quantization_is_refused_for_bitsandbytes(gpt_oss, yes_data, tmp_path):
+    """gpt-oss ships its experts in MXFP4: bitsandbytes cannot quantize them again; quant=none dequantizes them."""
+    import shutil
+
+    model = shutil.copytree(gpt_oss, tmp_path / "mxfp4")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "mxfp4"}}))
+    result = run_main(*tiny_overrides(model, yes_data, tmp_path / "run"), wandb_mode=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ships weights already quantized with mxfp4" in result.stderr and "Use quant=none" in result.stderr
