@@ -177,16 +177,20 @@ def load_arch(model) -> Arch:
             quantized += module.weight.numel()
             linears.setdefault(name.split(".")[-1], []).append((module.in_features, module.out_features))
     total = sum(p.numel() for p in net.parameters())
-    get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None)), None)  # noqa: E731
+    text = config.get_text_config()  # a vision-language model's (Gemma 3): the language model's shape
+    get = lambda *keys: next((getattr(text, k) for k in keys if getattr(text, k, None)), None)  # noqa: E731
     experts, top_k = get("num_experts", "num_local_experts"), get("num_experts_per_tok", "top_k_experts")
     hidden = get("hidden_size", "n_embd")
     heads = get("num_attention_heads", "num_heads", "n_head")
     kv_heads = get("num_key_value_heads") or heads
     head_dim = get("head_dim") or hidden // heads
+    intermediate = get("intermediate_size", "n_inner") or 4 * hidden
+    if experts and top_k:  # a token's MLP activations: those of the top-k experts (and a shared one) it runs through
+        intermediate = top_k * (get("moe_intermediate_size") or intermediate) + (get("shared_expert_intermediate_size") or 0)
     return Arch(
         name=model.name_or_path, layers=get("num_hidden_layers", "num_layers", "n_layer"), hidden=hidden,
-        intermediate=get("intermediate_size", "n_inner") or 4 * hidden, kv_dim=kv_heads * head_dim,
-        vocab=config.vocab_size, gated_mlp="gate_proj" in linears or "w1" in linears and "w3" in linears,
+        intermediate=intermediate, kv_dim=kv_heads * head_dim, vocab=text.vocab_size,
+        gated_mlp="gate_proj" in linears or "w1" in linears and "w3" in linears or bool(experts),
         quantized_params=quantized, other_params=total - quantized, linears=linears,
         max_position=get("max_position_embeddings", "n_positions"), fused=fused_weights(net),
         active_experts=top_k / experts if experts and top_k else 1.0,
@@ -313,7 +317,8 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
     sharded = f", 1/{n_sh} per GPU" if n_sh > 1 else ""
     layer_bytes = arch.quantized_params * weight_bits(s.method, s.double_quant, p) / 8
     rows = [(f"base weights: {arch.quantized_params / 1e9:.2f}B in {describe_quant(s)}{sharded}", layer_bytes / n_sh),
-            (f"embeddings, lm_head, norms: {arch.other_params / 1e9:.2f}B in {8 * p}-bit{sharded}",
+            (f"embeddings, lm_head, norms{', experts' if arch.fused else ''}: {arch.other_params / 1e9:.2f}B in "
+             f"{8 * p}-bit{sharded}",
              arch.other_params * p / n_sh)]
     if n_sh > 1:  # FSDP gathers a layer while it computes (and prefetches the next); the root unit stays whole
         rows.append(("FSDP gathered: 2 decoder layers + embeddings, lm_head, norms",

@@ -28,6 +28,7 @@ class Family:
     config: dict = field(default_factory=dict)  # the family's shape, on top of SMALL
     moe: bool = False
     fold_system: bool = False    # the template moves the system prompt: data.system_prompt=fold
+    extra: tuple = ()            # other special tokens of the real vocabulary that the pipeline looks for
     reply_sep: str = ""          # what the template writes between the prompt and a reply (trained where a token
     #                              joins it to the reply's first characters: " 4" is one token)
 
@@ -36,12 +37,12 @@ FAMILIES = {
     # meta-llama/Llama-3.1-8B-Instruct: GQA, llama3 rope scaling, untied head
     "llama3_1": Family("llama", "llama3_1", "<|eot_id|>", "<|begin_of_text|>", "<|eot_id|>", None, dict(
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8192))),
+                             high_freq_factor=4.0, original_max_position_embeddings=8192)), extra=("<|finetune_right_pad_id|>",)),
     # meta-llama/Llama-3.2-1B-Instruct: the same, with tied embeddings
     "llama3_2": Family("llama", "llama3_2", "<|eot_id|>", "<|begin_of_text|>", "<|eot_id|>", None, dict(
         tie_word_embeddings=True, rope_parameters=dict(
             rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=8192))),
+            original_max_position_embeddings=8192)), extra=("<|finetune_right_pad_id|>",)),
     # mistralai/Ministral-8B-Instruct-2410 (model_type ministral: interleaved sliding-window layers)
     "ministral": Family("ministral", "mistral_v0_3", "</s>", "<s>", "</s>", None, dict(
         sliding_window=32, layer_types=["sliding_attention", "full_attention"]), fold_system=True, reply_sep=" "),
@@ -98,7 +99,7 @@ def family_tokenizer(name: str):
     from tests.helpers import chat_template, trained_tokenizer, with_template
 
     family = FAMILIES[name]
-    specials = [t for t in (family.bos, family.eos, family.pad, family.eot) if t]
+    specials = [t for t in (family.bos, family.eos, family.pad, family.eot, *family.extra) if t]
     tokenizer = with_template(trained_tokenizer(specials), chat_template(family.template))
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = family.bos, family.eos, family.pad
     return tokenizer

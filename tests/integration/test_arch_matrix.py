@@ -16,9 +16,10 @@ from tests.arch_families import FAMILIES, build_family, family_tokenizer
 from tests.helpers import run_main, tiny_overrides
 from tests.unit.test_chat_masks import CONVERSATION, REPLIES
 
-# Ten steps teach every replica to answer "yes" and stop. The replicas' weights are drawn wider than a real
+# Six steps teach every replica to answer "yes" and stop. The replicas' weights are drawn wider than a real
 # model's (initializer_range 0.2), so that ten LoRA steps can move a random head's argmax.
-STEPS = ["train.max_steps=10", "train.learning_rate=1e-2", "data.max_length=512", "data.eval_fraction=0.1"]
+STEPS = ["train.max_steps=6", "train.learning_rate=1e-2", "data.max_length=512", "data.eval_fraction=0.1",
+         "train.eval_batch_size=16"]  # the 7 eval rows in one batch: the Trainer's eval loss is then token-weighted
 SYSTEM = {"role": "system", "content": "Answer yes or no."}  # (SmolLM3's default one is 1,100 characters)
 # gpt-oss trains its fused experts too (PEFT's ParamWrapper), so that the merge and `plan` cover them
 EXTRA = {"gpt_oss": ["lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]}
@@ -62,16 +63,33 @@ def yes_data(tmp_path_factory):
     return path
 
 
-def family_run(name, model, data, out, *extra):
+def family_run(name, model, data, out):
     family = FAMILIES[name]
     fold = ["data.system_prompt=fold"] if family.fold_system else []
     return run_main(*tiny_overrides(model, data, out, *STEPS, "export=merged", "export.merge_base=dequantized",
-                                    *fold, *EXTRA.get(name, []), *extra), wandb_mode=None)
+                                    *fold, *EXTRA.get(name, [])), wandb_mode=None)
+
+
+@pytest.fixture(scope="module")
+def trained(yes_data, tmp_path_factory):
+    """trained(NAME): (the replica's folder, its run directory), trained once in this module."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            model = build_family(name, tmp_path_factory.mktemp(name) / name)
+            out = tmp_path_factory.mktemp(f"{name}_run") / "run"
+            result = family_run(name, model, yes_data, out)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[name] = model, out
+        return runs[name]
+
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
-def test_qlora_trains_merges_loads_in_peft_and_stops_at_the_end_of_turn(name, yes_data, tmp_path):
+def test_qlora_trains_merges_loads_in_peft_and_stops_at_the_end_of_turn(name, trained):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,9 +98,7 @@ def test_qlora_trains_merges_loads_in_peft_and_stops_at_the_end_of_turn(name, ye
     from finetune.data.masks import inference_prompt
     from finetune.plan import load_arch
 
-    model, out = build_family(name, tmp_path / name), tmp_path / "run"
-    result = family_run(name, model, yes_data, out)
-    assert result.returncode == 0, result.stderr[-3000:]
+    model, out = trained(name)
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     summary = json.loads((out / "summary.json").read_text())
     assert losses[-1] < losses[0] / 2 and summary["eval_loss"] < summary["eval_loss_base"] / 10
@@ -107,6 +123,49 @@ def test_qlora_trains_merges_loads_in_peft_and_stops_at_the_end_of_turn(name, ye
     answer = run_main("generate", f"run={out}", "prompt=Is 5 red?", f"system={SYSTEM['content']}", "max_new_tokens=8")
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert "yes" in answer.stdout and "stopped at EOS" in answer.stdout, answer.stdout
+
+
+@pytest.mark.slow
+def test_eval_measures_the_loss_training_measured(trained):
+    _, out = trained("llama3_1")
+    result = run_main("eval", f"run={out}", "eval.batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained_loss = json.loads((out / "summary.json").read_text())["eval_loss"]
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    as_trained = next(r for r in rows if r["label"] == "nf4")
+    assert as_trained["loss_tokens"] > 0 and as_trained["loss"] == pytest.approx(trained_loss, rel=1e-3)
+    base = next(r for r in rows if not r["adapter"])
+    assert base["loss"] > as_trained["loss"]  # six steps of training are measured, not a 0.0000
+
+
+@pytest.mark.slow
+def test_the_end_of_turn_token_is_the_eos_of_every_export(trained):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    _, out = trained("llama3_1")
+    for folder in (out / "adapter", out / "merged"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.pad_token != "<|eot_id|>"
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in (eos if isinstance(eos, list) else [eos])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chat_template"] == "tokenizer" and summary["reasoning"] is False
+
+
+@pytest.mark.slow
+def test_generate_formats_the_prompt_as_training_did(trained, monkeypatch):
+    """generate builds the prompt with finetune.data.masks.inference_prompt, the context training gave replies."""
+    from finetune.data import masks
+
+    _, out = trained("llama3_1")
+    prompts = []
+    real = masks.inference_prompt
+    monkeypatch.setattr(masks, "inference_prompt", lambda *a, **k: prompts.append(real(*a, **k)) or prompts[-1])
+    result = run_main("generate", f"run={out}", "prompt=Is 3 red?", "max_new_tokens=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert prompts == ["<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
+                       "2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                       "Is 3 red?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"]
 
 
 # What bitsandbytes quantizes in each mixture of experts: its nn.Linear layers only. transformers 5 stores the experts
@@ -187,3 +246,23 @@ def test_a_checkpoint_shipped_in_another_quantization_is_refused_for_bitsandbyte
     result = run_main(*tiny_overrides(model, yes_data, tmp_path / "run"), wandb_mode=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ships weights already quantized with mxfp4" in result.stderr and "Use quant=none" in result.stderr
+
+
+def test_plan_counts_a_vision_language_model_whole_and_reads_its_language_model_shape(tmp_path):
+    """Gemma 3 from 4B up is a vision-language model: AutoModelForCausalLM loads it whole (the vision tower too), and
+    plan counts what is loaded, with the language model's width, depth and vocabulary."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from finetune.config import ModelConfig
+    from finetune.plan import load_arch
+
+    config = Gemma3Config(text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = AutoModelForCausalLM.from_config(config)
+    config.save_pretrained(tmp_path)
+    arch = load_arch(ModelConfig(name_or_path=str(tmp_path)))
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert arch.params == sum(p.numel() for p in model.parameters())
+    assert (arch.hidden, arch.layers, arch.vocab) == (64, 2, 300)

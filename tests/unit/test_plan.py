@@ -200,14 +200,6 @@ def test_the_local_gpu_is_matched_to_its_preset(monkeypatch, name, memory_gib, p
     assert gpu.tflops == GPUS[preset].tflops and gpu.memory_gib == pytest.approx(memory_gib)
 
 
-@pytest.mark.parametrize("recipe", recipes())
-def test_every_recipe_plans_offline(recipe):
-    plan = plan_of(f"recipe={recipe}", gpu="a10")
-    weights = sum(v for k, v in plan["memory_gib"].items() if k.startswith(("base weights", "embeddings")))
-    assert plan["peak_gib"] > weights > 0 and plan["tokens_per_second"] > 0
-    assert plan["steps"] and plan["gpu_hours"] > 0  # every recipe's length is known without loading its data
-
-
 def test_liger_fused_cross_entropy_removes_the_logits_from_the_peak():
     plain = plan_of("recipe=qlora_llama3_8b", gpu="l4")
     fused = plan_of("recipe=qlora_llama3_8b", "train.liger_kernel=true", gpu="l4")
@@ -234,3 +226,50 @@ def test_out_of_memory_in_training_says_peak_free_the_fix_and_how_to_resume(monk
                     "train.gradient_checkpointing=false", gpu="t4")["suggestions"][0]
     assert f"Cheapest fix: {first['change']}" in text and " ".join(first["overrides"]) in text
     assert "continue from checkpoint-200 with resume=true" in text
+
+
+# Published parameter counts of the current bases (their model cards), against plan's count of the preset built on
+# the meta device; active parameters per token where the card gives them (gpt-oss counts the unembedding, not the
+# embedding lookup).
+PUBLISHED = {
+    "meta-llama/Llama-3.1-8B-Instruct": (8.03e9, None), "Qwen/Qwen3-8B": (8.19e9, None),
+    "Qwen/Qwen3-30B-A3B-Instruct-2507": (30.5e9, 3.3e9), "google/gemma-3-12b-it": (12.2e9, None),
+    "mistralai/Ministral-8B-Instruct-2410": (8.02e9, None), "microsoft/Phi-4-mini-instruct": (3.84e9, None),
+    "HuggingFaceTB/SmolLM3-3B": (3.08e9, None), "openai/gpt-oss-20b": (20.91e9, 3.61e9),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_the_presets_have_the_published_parameter_counts(name):
+    from finetune.config import ModelConfig
+
+    arch = load_arch(ModelConfig(name_or_path=name))
+    total, active = PUBLISHED[name]
+    assert arch.params == pytest.approx(total, rel=0.005)
+    if active:
+        fused = sum(e * a * b for shapes in arch.fused.values() for e, a, b in shapes)
+        embedding = arch.vocab * arch.hidden if name.startswith("openai/") else 0
+        assert arch.params - fused + arch.active_expert_params - embedding == pytest.approx(active, rel=0.02)
+
+
+def gpu_order():
+    return sorted(GPUS, key=lambda g: GPUS[g].memory_gib)
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_every_recipe_plans_offline_and_names_the_smallest_gpu_plan_says_it_fits(recipe):
+    """The header's `plan.gpu=NAME (.. GB), P GiB peak`: plan fits it there with that peak, and not on the next smaller
+    preset; every recipe plans offline (its architecture from a shipped preset), its length known without its data."""
+    import re
+
+    from finetune.registry import recipes_dir
+
+    gpu, peak = re.search(r"plan\.gpu=(\S+) \(\d+ GB\), ([\d.]+) GiB peak", (recipes_dir() / f"{recipe}.yaml").read_text()).groups()
+    cfg = load_config([f"recipe={recipe}"])
+    plan = make_plan(cfg, gpu)
+    assert plan["fits"] and plan["peak_gib"] == pytest.approx(float(peak), abs=0.05)
+    weights = sum(v for k, v in plan["memory_gib"].items() if k.startswith(("base weights", "embeddings")))
+    assert plan["peak_gib"] > weights > 0 and plan["tokens_per_second"] > 0 and plan["steps"] and plan["gpu_hours"] > 0
+    smaller = [g for g in gpu_order() if GPUS[g].memory_gib < GPUS[gpu].memory_gib]
+    if smaller:
+        assert not make_plan(cfg, smaller[-1])["fits"]
