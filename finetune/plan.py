@@ -153,7 +153,7 @@ def meta_model(model):
     return _meta_model(model.name_or_path, model.revision, model.trust_remote_code)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _meta_model(name_or_path: str, revision: Optional[str], trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM

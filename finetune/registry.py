@@ -140,7 +140,7 @@ def compose(overrides: list[str]) -> DictConfig:
     return copy.deepcopy(_composed(tuple(overrides)))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _composed(overrides: tuple) -> DictConfig:
     """Hydra's composition, once per set of overrides in a process (it takes a quarter of a second)."""
     from hydra import compose as hydra_compose

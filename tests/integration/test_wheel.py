@@ -28,7 +28,7 @@ def test_the_installed_wheel_trains_from_another_directory(tmp_path):
     out = tmp_path / "x"
     result = subprocess.run(
         [sys.executable, "-S", "-m", "finetune", "recipe=tiny_qlora", f"output_dir={out}", "train.max_steps=3",
-         "eval.exact_match_samples=0", "export=adapter", "tracking=none"],
+         "eval.exact_match_samples=0", "export=adapter", "tracking=none", "data.max_samples=64", "data.eval_max_samples=8"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
