@@ -26,6 +26,35 @@ def build_peft_config(cfg: LoraConfig):
     )
 
 
+def as_peft_applies_it(cfg: LoraConfig, model):
+    """build_peft_config(cfg) as PEFT applies it to `model` (its meta-device skeleton will do). On transformers 5,
+    PEFT maps the per-expert linear names of the mixtures of experts that transformers fuses (Qwen3-MoE, Mixtral, ...;
+    all-linear included) to the fused 3-D expert weights and the router's weight, adapted as parameters (the fused
+    gate_up at twice the rank); None when LoRA is off."""
+    config = build_peft_config(cfg)
+    if config is None:
+        return None
+    try:
+        from peft.utils.transformers_weight_conversion import (convert_peft_config_for_transformers,
+                                                               get_model_conversion_mapping)
+    except ImportError:  # a PEFT that does not convert
+        return config
+    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    return config
+
+
+def adapted_parameters(cfg: LoraConfig, model) -> list[tuple[str, tuple, float]]:
+    """(name, shape, rank / lora.r) of each weight LoRA adapts as a parameter (PEFT's ParamWrapper): those
+    lora.target_parameters names, and those PEFT adds for a mixture of experts."""
+    import re
+
+    config = as_peft_applies_it(cfg, model)
+    wanted = list(getattr(config, "target_parameters", None) or [])
+    ranks = getattr(config, "rank_pattern", None) or {}
+    return [(name, tuple(p.shape), next((v for pattern, v in ranks.items() if re.search(pattern + "$", name)), cfg.r) / cfg.r)
+            for name, p in model.named_parameters() if any(name == w or name.endswith("." + w) for w in wanted)]
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters. A bitsandbytes 4-bit weight is stored two values per byte, so its
     tensor has half as many elements as the weight it stands for: count the weight."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -222,30 +223,42 @@ def check_lora_targets(model_cfg: ModelConfig, net, lora) -> None:
     adapt; each lora.target_parameters name is one of its weights."""
     from finetune.plan import fused_weights
 
-    modules = dict(net.named_modules())
     head = net.get_output_embeddings()
-    linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear) and m is not head)
+    linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
     fused = list(fused_weights(net))
     hint = f" Its fused expert weights take lora.target_parameters=[{', '.join(fused)}]." if fused else ""
     for key, wanted in (("lora.target_modules", [t for t in lora.target_modules if t != "all-linear"]),
                         ("lora.modules_to_save", list(lora.modules_to_save))):
-        matched = {w: [m for n, m in modules.items() if n == w or n.endswith("." + w)] for w in wanted}
+        matched = {w: [m for n, m in net.named_modules() if n == w or n.endswith("." + w)] for w in wanted}
         missing = [w for w, found in matched.items() if not found]
         if missing:
             raise UserError(f"{key}: {', '.join(missing)} names no module of {model_cfg.name_or_path}. Its linear "
                             f"layers: {', '.join(linears)} (or all-linear).{closest(missing[0], linears)}{hint}")
-        if key == "lora.target_modules":
-            unfit = [w for w, found in matched.items() if not any(isinstance(m, ADAPTABLE) for m in found)]
-            if unfit:
-                kinds = ", ".join(sorted({type(m).__name__ for m in matched[unfit[0]]}))
-                raise UserError(f"lora.target_modules: {unfit[0]} is {kinds} in {model_cfg.name_or_path}, not a linear "
-                                f"layer LoRA can adapt. Its linear layers: {', '.join(linears)} (or all-linear).{hint}")
+        unfit = [w for w, found in matched.items() if not any(isinstance(m, ADAPTABLE) for m in found)]
+        if key == "lora.target_modules" and unfit:
+            kinds = ", ".join(sorted({type(m).__name__ for m in matched[unfit[0]]}))
+            raise UserError(f"lora.target_modules: {unfit[0]} is {kinds} in {model_cfg.name_or_path}, not a linear "
+                            f"layer LoRA can adapt. Its linear layers: {', '.join(linears)} (or all-linear).{hint}")
+    check_target_parameters(model_cfg, net, lora, fused)
+
+
+def check_target_parameters(model_cfg: ModelConfig, net, lora, fused: list[str]) -> None:
+    """lora.target_parameters names weights of the model; what PEFT adapts as parameters by itself (a mixture of
+    experts' fused weights and router, for all-linear on Qwen3-MoE or Mixtral) can take no dropout or DoRA."""
+    from finetune.lora import adapted_parameters
+
     params = [n for n, _ in net.named_parameters()]
     missing = [w for w in lora.target_parameters if not any(n == w or n.endswith("." + w) for n in params)]
     if missing:
         raise UserError(f"lora.target_parameters: {', '.join(missing)} names no weight of {model_cfg.name_or_path}. "
                         + (f"Its fused expert weights: {', '.join(fused)}." if fused else
                            "It has no fused expert weights: adapt its linear layers with lora.target_modules."))
+    adapted = dict.fromkeys(re.sub(r"^.*?layers\.\d+\.", "", name) for name, _, _ in adapted_parameters(lora, net))
+    if adapted and not lora.target_parameters and (lora.dropout > 0 or lora.use_dora):
+        raise UserError(f"lora.target_modules={list(lora.target_modules)} on {model_cfg.name_or_path}: PEFT adapts its "
+                        f"fused experts and router as parameters ({', '.join(adapted)}), which takes no dropout or "
+                        f"DoRA. Set lora.dropout=0 (and lora.use_dora=false), or adapt the attention only with "
+                        f"lora.target_modules=[q_proj,k_proj,v_proj,o_proj].")
 
 
 def shipped_quantization(config) -> Optional[str]:

@@ -112,6 +112,7 @@ class Arch:
     max_position: Optional[int] = None
     fused: dict = field(default_factory=dict)    # fused experts' 3-D weights: name in a layer -> [(experts, in, out)]
     active_experts: float = 1.0                  # the share of the experts each token runs through (top-k / experts)
+    adapted: list = field(default_factory=list)  # weights LoRA adapts as parameters: [(shape, rank / lora.r)]
 
     @property
     def active_expert_params(self) -> float:
@@ -165,9 +166,12 @@ def _meta_model(name_or_path: str, revision: Optional[str], trust_remote_code: b
         return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def load_arch(model) -> Arch:
-    """Weight shapes from the model built on the meta device: no memory, no download of weights."""
+def load_arch(model, lora=None) -> Arch:
+    """Weight shapes from the model built on the meta device: no memory, no download of weights; with `lora` (the
+    LoraConfig), the weights it adapts as parameters, as PEFT will."""
     import torch
+
+    from finetune.lora import adapted_parameters
 
     config, net = meta_model(model)
     head = net.get_output_embeddings()
@@ -194,6 +198,7 @@ def load_arch(model) -> Arch:
         quantized_params=quantized, other_params=total - quantized, linears=linears,
         max_position=get("max_position_embeddings", "n_positions"), fused=fused_weights(net),
         active_experts=top_k / experts if experts and top_k else 1.0,
+        adapted=[(shape, rank) for _, shape, rank in adapted_parameters(lora, net)] if lora is not None else [],
     )
 
 
@@ -239,13 +244,16 @@ def lora_targets(arch: Arch, targets: list[str]) -> list[tuple[int, int]]:
 
 
 def lora_shapes(arch: Arch, lora, r: int) -> list[tuple[int, int]]:
-    """The adapter's matrices: A (r x in) and B (out x r) per targeted linear layer; per targeted fused weight of E
-    experts, A (r*E x in) and B (out x r*E) (PEFT's ParamWrapper)."""
+    """The adapter's matrices: A (r x in) and B (out x r) per targeted linear layer; per weight adapted as a parameter
+    (PEFT's ParamWrapper), at its own rank: A (rank*E x in) and B (out x rank*E) for E fused experts, or A and B of a
+    2-D weight."""
     shapes = lora_targets(arch, lora.target_modules)
-    fused = [shape for name, shapes in arch.fused.items() for shape in shapes
-             if any(name == t or name.endswith("." + t) or t.endswith(name) for t in lora.target_parameters)]
-    return ([(r, a) for a, _ in shapes] + [(b, r) for _, b in shapes]
-            + [(r * e, a) for e, a, _ in fused] + [(b, r * e) for e, _, b in fused])
+    out = [(r, a) for a, _ in shapes] + [(b, r) for _, b in shapes]
+    for shape, rank in arch.adapted:
+        experts, a, b = shape if len(shape) == 3 else (1, *shape)
+        k = round(r * rank) * experts
+        out += [(k, a), (b, k)]
+    return out
 
 
 def optimizer_bytes(optim: str, shapes: list[tuple[int, int]], param_bytes: int) -> float:
@@ -336,6 +344,11 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
             rows += [(f"LoRA weights: {n / 1e6:.1f}M, r={s.r}, {8 * b}-bit{sharded}", n * b / n_sh),
                      (f"LoRA gradients{sharded}", n * b / n_sh)]
             states, grads = optimizer_bytes(s.optim, adapter, b), n * b
+            if arch.adapted:  # PEFT's ParamWrapper materializes W + BA in every forward; autograd keeps it and its gradient
+                per_layer = sum(math.prod(shape) for shape, _ in arch.adapted) / arch.layers * p
+                kept = 1 if s.checkpointing else arch.layers
+                rows.append((f"expert weights + LoRA, materialized: {kept} layer(s) + grad",
+                             per_layer * (kept + 1)))
         else:
             n = arch.params
             rows.append((f"gradients of all {n / 1e9:.2f}B weights{sharded}", n * p / n_sh))
@@ -511,7 +524,7 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
     mode = mode or cfg.plan.mode
     if cfg.train.precision == "bf16" and not gpu.bf16:
         raise UserError(f"train.precision=bf16 but the {gpu.name} has no bf16: set train.precision=auto or fp16.")
-    arch = load_arch(cfg.model)
+    arch = load_arch(cfg.model, cfg.lora)
     s = setting_of(cfg)
     if mode == "inference":  # generate and export run in one process
         s = dataclasses.replace(s, gpus=1)
@@ -562,7 +575,7 @@ def cpu_estimate(cfg: FinetuneConfig, hours_of_interest: float = 0.0) -> Optiona
     a recipe whose row count is unknown, 100 steps); the CPU is measured only when even the fastest CPU would take
     over `hours_of_interest`. None where the model's config.json cannot be read."""
     try:
-        arch = load_arch(cfg.model)
+        arch = load_arch(cfg.model, cfg.lora)
     except Exception:  # no config.json here, or an architecture the meta device cannot build: loading says why
         return None
     s = setting_of(cfg)
@@ -614,7 +627,7 @@ def auto_fit(cfg: FinetuneConfig, processes: int = 1, strategy: str = "single") 
     t = cfg.train
     if not torch.cuda.is_available():
         return {"applied": False, "reason": "no CUDA GPU: the plan models GPU memory"}
-    gpu, arch = local_gpu(), load_arch(cfg.model)
+    gpu, arch = local_gpu(), load_arch(cfg.model, cfg.lora)
     eff = t.micro_batch_size * t.grad_accum
     base = dataclasses.replace(setting_of(cfg), gpus=processes, sharding="fsdp" if strategy == "fsdp" else "ddp")
     for checkpointing in (False, True):

@@ -51,6 +51,9 @@ FAMILIES = {
         head_dim=None, num_attention_heads=4)),
     # Qwen/Qwen3-8B: q/k norms
     "qwen3": Family("qwen3", "qwen3", "<|im_end|>", None, "<|im_end|>", "<|endoftext|>"),
+    # Qwen/Qwen3-30B-A3B-Instruct-2507: a mixture of experts under every layer (its template: Qwen3's)
+    "qwen3_moe": Family("qwen3_moe", "qwen3", "<|im_end|>", None, "<|im_end|>", "<|endoftext|>", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), moe=True),
     # Qwen/Qwen3.5-9B (text): hybrid Gated DeltaNet linear attention and gated full attention
     "qwen3_5": Family("qwen3_5_text", "qwen3_5_nothink", "<|im_end|>", None, "<|im_end|>", "<|endoftext|>", dict(
         layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16, linear_value_head_dim=16,

@@ -169,12 +169,15 @@ def test_generate_formats_the_prompt_as_training_did(trained, monkeypatch):
 
 
 # What bitsandbytes quantizes in each mixture of experts: its nn.Linear layers only. transformers 5 stores the experts
-# as fused 3-D parameters and the router as a module of its own, so both stay in the compute dtype; LoRA's all-linear
-# adapts the quantized layers, and lora.target_parameters adds the experts (PEFT's ParamWrapper).
-MOE = {
+# as fused 3-D parameters and the router as a module of its own, so both stay in the compute dtype. LoRA's all-linear
+# adapts the quantized layers; on Qwen3-MoE (and the other mixtures transformers converts from per-expert layers, such
+# as Mixtral) PEFT maps it to the fused experts and the router's weight too, adapted as parameters (its ParamWrapper).
+# lora.target_parameters adds the experts anywhere.
+MOE = {  # (the NF4 layers, the router, what all-linear adapts besides the NF4 layers)
     "qwen3_5_moe": ({"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "q_proj", "k_proj", "v_proj",
-                     "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"}, "mlp.gate"),
-    "gpt_oss": ({"q_proj", "k_proj", "v_proj", "o_proj"}, "mlp.router"),
+                     "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"}, "mlp.gate", set()),
+    "qwen3_moe": ({"q_proj", "k_proj", "v_proj", "o_proj"}, "mlp.gate", {"experts", "gate"}),
+    "gpt_oss": ({"q_proj", "k_proj", "v_proj", "o_proj"}, "mlp.router", set()),
 }
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -190,7 +193,7 @@ def test_a_mixture_of_experts_quantizes_its_linear_layers_and_adapts_its_experts
     from finetune.model import detect_device, load_base_model
     from finetune.plan import load_arch, lora_shapes
 
-    quantized, router = MOE[name]
+    quantized, router, by_peft = MOE[name]
     cfg, quant = ModelConfig(name_or_path=str(build_family(name, tmp_path / name))), QuantConfig()
     model = load_base_model(cfg, quant, detect_device(TrainConfig(), quant, cfg))
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -205,11 +208,14 @@ def test_a_mixture_of_experts_quantizes_its_linear_layers_and_adapts_its_experts
     assert arch.quantized_params == sum(m.weight.quant_state.shape.numel() for m in four_bit.values())
     assert arch.params == count_parameters(model)[1]
 
-    lora = LoraConfig(r=4, dropout=0.0, target_parameters=EXPERTS)
-    peft_model = get_peft_model(model, build_peft_config(lora))
-    adapted = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
-    assert {n.rsplit(".", 1)[-1] for n in adapted} == quantized | {"experts", "base_layer"}
-    assert count_parameters(peft_model)[0] == sum(a * b for a, b in lora_shapes(arch, lora, 4))
+    for lora, extra in ((LoraConfig(r=4, dropout=0.0), by_peft), (LoraConfig(r=4, dropout=0.0, target_parameters=EXPERTS),
+                                                                    by_peft | {"experts"})):
+        peft_model = get_peft_model(load_base_model(cfg, quant, detect_device(TrainConfig(), quant, cfg)),
+                                    build_peft_config(lora))
+        adapted = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+        assert {n.rsplit(".", 1)[-1] for n in adapted} - {"base_layer"} == quantized | extra
+        plan = sum(a * b for a, b in lora_shapes(load_arch(cfg, lora), lora, 4))  # plan's count of the adapter
+        assert count_parameters(peft_model)[0] == plan
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +240,15 @@ def test_a_target_or_setting_the_mixture_of_experts_lacks_is_one_message(gpt_oss
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert said.format(gpt_oss) in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_dropout_where_peft_adapts_a_mixtures_experts_by_itself_is_one_message(yes_data, tmp_path):
+    """all-linear on Qwen3-MoE: PEFT adapts the fused experts and the router as parameters, which take no dropout."""
+    model = build_family("qwen3_moe", tmp_path / "qwen3_moe")
+    result = run_main(*tiny_overrides(model, yes_data, tmp_path / "run", "lora.dropout=0.05"), wandb_mode=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    assert ("PEFT adapts its fused experts and router as parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj, "
+            "mlp.gate.weight), which takes no dropout or DoRA. Set lora.dropout=0") in result.stderr
 
 
 def test_a_checkpoint_shipped_in_another_quantization_is_refused_for_bitsandbytes(gpt_oss, yes_data, tmp_path):
@@ -266,3 +281,28 @@ def test_plan_counts_a_vision_language_model_whole_and_reads_its_language_model_
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     assert arch.params == sum(p.numel() for p in model.parameters())
     assert (arch.hidden, arch.layers, arch.vocab) == (64, 2, 300)
+
+
+def test_quant_none_dequantizes_a_checkpoint_shipped_in_mxfp4(gpt_oss, tmp_path, monkeypatch):
+    """gpt-oss with quant=none: transformers is asked to dequantize its MXFP4 experts (Mxfp4Config(dequantize=True)), so
+    they train in 16-bit on every GPU; another checkpoint gets no quantization config at all. (A real MXFP4 checkpoint
+    cannot be written here: transformers quantizes to MXFP4 only on a GPU, so this checks what is asked of it.)"""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import ModelConfig, QuantConfig, TrainConfig
+    from finetune.model import detect_device, load_base_model
+
+    model = shutil.copytree(gpt_oss, tmp_path / "mxfp4")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "mxfp4"}}))
+    asked = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", 
+                        lambda path, **kw: asked.append(kw["quantization_config"]) or torch.nn.Module())
+    quant = QuantConfig(method="none")
+    for folder in (model, gpt_oss):
+        cfg = ModelConfig(name_or_path=str(folder))
+        load_base_model(cfg, quant, detect_device(TrainConfig(), quant, cfg))
+    assert type(asked[0]).__name__ == "Mxfp4Config" and asked[0].dequantize and asked[1] is None
