@@ -115,8 +115,12 @@ class Arch:
     adapted: list = field(default_factory=list)  # weights LoRA adapts as parameters: [(shape, rank / lora.r)]
 
     @property
+    def fused_params(self) -> int:
+        return sum(e * a * b for shapes in self.fused.values() for e, a, b in shapes)
+
+    @property
     def active_expert_params(self) -> float:
-        return self.active_experts * sum(e * a * b for shapes in self.fused.values() for e, a, b in shapes)
+        return self.active_experts * self.fused_params
 
     @property
     def params(self) -> int:
@@ -329,8 +333,9 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
              f"{8 * p}-bit{sharded}",
              arch.other_params * p / n_sh)]
     if n_sh > 1:  # FSDP gathers a layer while it computes (and prefetches the next); the root unit stays whole
+        experts = arch.fused_params  # in the decoder layers, gathered with them
         rows.append(("FSDP gathered: 2 decoder layers + embeddings, lm_head, norms",
-                     2 * layer_bytes / arch.layers + arch.other_params * p))
+                     2 * (layer_bytes + experts * p) / arch.layers + (arch.other_params - experts) * p))
     if mode == "inference":
         tokens = s.micro_batch * s.max_length
         rows.append((f"KV cache: {s.micro_batch} x {s.max_length} tokens", tokens * 2 * arch.layers * arch.kv_dim * p))
@@ -497,10 +502,13 @@ def suggestions(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str
         if fit(apply(rest))["fits"]:
             changes = rest
     result = fit(apply(changes))
-    if len(changes) > 1 or not out:
+    if changes and (len(changes) > 1 or not out):
         out.append({"change": " + ".join(c[0] for c in changes) + ("" if result["fits"] else " (still does not fit: "
                                                                     "a bigger GPU or a smaller model)"),
                     "overrides": [o for c in changes for o in c[1]], "peak_gib": result["total_gib"]})
+    elif not out:
+        out.append({"change": "no setting plan can change helps enough (a bigger GPU, more GPUs or a smaller model)",
+                    "overrides": [], "peak_gib": result["total_gib"]})
     return out
 
 
