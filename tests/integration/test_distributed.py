@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 STEPS = 8
 # Each process: micro-batch 8, accumulation 1; two processes: 16 sequences per optimizer step.
 COMMON = ["recipe=tiny_qlora", f"train.max_steps={STEPS}", "train.eval_steps=0", "train.save_steps=4",
-          "train.logging_steps=1", "data.max_samples=200", "eval.exact_match_samples=8", "export=merged"]
+          "train.logging_steps=1", "data.max_samples=200", "eval.exact_match_samples=8", "export=merged",
+          "export.merge_base=dequantized"]  # one merge candidate: the auto choice is tested on the demo run
 # Per-step training loss, two processes vs one: measured 7e-4 at most (float32 on the CPU, 8-bit AdamW);
 # processes that do not all-reduce their gradients drift by 0.03 within 3 steps.
 LOSS_TOLERANCE = 5e-3
