@@ -106,7 +106,8 @@ def check_samples(tokenizer, rows, n: int, data: DataConfig) -> list[dict]:
             first = next((i for i, label in enumerate(t["labels"]) if i > 0 and label != -100), None)
             if len(out) < n and first is not None:
                 end = first + CHECK_TOKENS
-                out.append({"input_ids": torch.tensor([t["input_ids"][:end]]), "labels": torch.tensor([t["labels"][:end]])})
+                out.append({"input_ids": torch.tensor([t["input_ids"][:end]]),
+                            "labels": torch.tensor([t["labels"][:end]])})
         if len(out) == n:
             break
     if not out:

@@ -51,8 +51,11 @@ def adapted_parameters(cfg: LoraConfig, model) -> list[tuple[str, tuple, float]]
     config = as_peft_applies_it(cfg, model)
     wanted = list(getattr(config, "target_parameters", None) or [])
     ranks = getattr(config, "rank_pattern", None) or {}
-    return [(name, tuple(p.shape), next((v for pattern, v in ranks.items() if re.search(pattern + "$", name)), cfg.r) / cfg.r)
-            for name, p in model.named_parameters() if any(name == w or name.endswith("." + w) for w in wanted)]
+    def rank(name):
+        return next((v for pattern, v in ranks.items() if re.search(pattern + "$", name)), cfg.r) / cfg.r
+
+    return [(name, tuple(p.shape), rank(name)) for name, p in model.named_parameters()
+            if any(name == w or name.endswith("." + w) for w in wanted)]
 
 
 def count_parameters(model) -> tuple[int, int]:

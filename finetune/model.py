@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -224,7 +223,8 @@ def check_lora_targets(model_cfg: ModelConfig, net, lora) -> None:
     from finetune.plan import fused_weights
 
     head = net.get_output_embeddings()
-    linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    linears = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in net.named_modules()
+                            if isinstance(m, torch.nn.Linear) and m is not head)
     fused = list(fused_weights(net))
     hint = f" Its fused expert weights take lora.target_parameters=[{', '.join(fused)}]." if fused else ""
     for key, wanted in (("lora.target_modules", [t for t in lora.target_modules if t != "all-linear"]),
@@ -246,6 +246,7 @@ def check_target_parameters(model_cfg: ModelConfig, net, lora, fused: list[str])
     """lora.target_parameters names weights of the model; what PEFT adapts as parameters by itself (a mixture of
     experts' fused weights and router, for all-linear on Qwen3-MoE or Mixtral) can take no dropout or DoRA."""
     from finetune.lora import adapted_parameters
+    from finetune.plan import within_layer
 
     params = [n for n, _ in net.named_parameters()]
     missing = [w for w in lora.target_parameters if not any(n == w or n.endswith("." + w) for n in params)]
@@ -253,7 +254,7 @@ def check_target_parameters(model_cfg: ModelConfig, net, lora, fused: list[str])
         raise UserError(f"lora.target_parameters: {', '.join(missing)} names no weight of {model_cfg.name_or_path}. "
                         + (f"Its fused expert weights: {', '.join(fused)}." if fused else
                            "It has no fused expert weights: adapt its linear layers with lora.target_modules."))
-    adapted = dict.fromkeys(re.sub(r"^.*?layers\.\d+\.", "", name) for name, _, _ in adapted_parameters(lora, net))
+    adapted = dict.fromkeys(within_layer(name) for name, _, _ in adapted_parameters(lora, net))
     if adapted and not lora.target_parameters and (lora.dropout > 0 or lora.use_dora):
         raise UserError(f"lora.target_modules={list(lora.target_modules)} on {model_cfg.name_or_path}: PEFT adapts its "
                         f"fused experts and router as parameters ({', '.join(adapted)}), which takes no dropout or "

@@ -206,12 +206,17 @@ def load_arch(model, lora=None) -> Arch:
     )
 
 
-def fused_weights(net) -> dict:
-    """The fused experts of a mixture-of-experts model (transformers 5 stores them as 3-D parameters, which
-    bitsandbytes does not quantize and LoRA adapts only through lora.target_parameters): {name within a layer:
-    [shape per layer]}."""
+def within_layer(name: str) -> str:
+    """model.layers.3.mlp.experts.down_proj -> mlp.experts.down_proj"""
     import re
 
+    return re.sub(r"^.*?layers\.\d+\.", "", name)
+
+
+def fused_weights(net) -> dict:
+    """The fused experts of a mixture-of-experts model (transformers 5 stores them as 3-D parameters, which
+    bitsandbytes does not quantize and LoRA adapts as parameters: finetune.lora.adapted_parameters): {name within a
+    layer: [shape per layer]}."""
     import torch
 
     fused = {}
@@ -220,8 +225,7 @@ def fused_weights(net) -> dict:
             continue  # a convolution's 3-D kernel (Qwen3.5's linear attention) is no expert
         for name, p in module.named_parameters(recurse=False):
             if p.dim() == 3:
-                key = re.sub(r"^.*?layers\.\d+\.", "", f"{module_name}.{name}")
-                fused.setdefault(key, []).append(tuple(p.shape))
+                fused.setdefault(within_layer(f"{module_name}.{name}"), []).append(tuple(p.shape))
     return fused
 
 

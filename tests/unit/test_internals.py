@@ -97,3 +97,25 @@ def test_the_login_command_we_recommend_is_the_installed_one():
     assert "`hf auth login`" in str(hub_load_error("model.name_or_path", "org/x", OSError("gated")))
     texts = [ROOT / "README.md", *sorted((ROOT / "finetune").rglob("*.py"))]
     assert not [p for p in texts if re.search(r"huggingface-cli", p.read_text())]
+
+
+def test_hydra_applies_value_overrides_to_a_composed_config():
+    """finetune.registry.compose composes the defaults tree once per choice of group options and sets the other
+    overrides with Hydra's own step for them, as Hydra's compose does after building the tree."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"a": {"b": 1}})
+    OmegaConf.set_struct(cfg, True)
+    ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(["a.b=2"]), cfg)
+    assert cfg.a.b == 2
+
+
+def test_peft_converts_a_config_for_transformers_5_mixtures_of_experts():
+    """finetune.lora.as_peft_applies_it runs this conversion on the meta skeleton to know what PEFT will adapt."""
+    from peft.utils.transformers_weight_conversion import (convert_peft_config_for_transformers,
+                                                           get_model_conversion_mapping)
+
+    assert parameters(convert_peft_config_for_transformers) == ["peft_config", "model", "conversions"]
+    assert parameters(get_model_conversion_mapping)[0] == "model"
