@@ -146,11 +146,12 @@ def compose(overrides: list[str]) -> DictConfig:
 
     _register()
     check_overrides(overrides)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    picks = [o for o in parsed if o.key_or_group in GROUPS + ["recipe"] and not isinstance(o.value(), dict)]
+    picks, values = [], []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        (picks if o.key_or_group in GROUPS + ["recipe"] and not isinstance(o.value(), dict) else values).append(o)
     cfg = copy.deepcopy(_composed(tuple(o.input_line for o in picks)))
     try:
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o not in picks], cfg)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     except Exception as e:  # Hydra wraps user mistakes in a few exception types; all become one message
         raise _composition_error(e) from None
     return cfg
