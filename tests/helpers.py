@@ -1,4 +1,4 @@
-"""Test helpers: a tiny offline model, data files, the one override list of a tiny run, the CLI in a
+"""Test helpers: a tiny offline model, data files, the one override list of a tiny run, trained-token runs, the CLI in a
 subprocess, a script of scripts/ in this process, W&B's offline log reader."""
 
 from __future__ import annotations
@@ -77,6 +77,21 @@ def with_template(tokenizer, template: str):
     tokenizer.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(SPECIAL, template)))})
     tokenizer.chat_template = template
     return tokenizer
+
+
+def trained_runs(seqs) -> list[list[int]]:
+    """The runs of consecutive trained tokens of each sequence, in order."""
+    runs = []
+    for seq in seqs:
+        run = []
+        for token, label in zip(seq["input_ids"], seq["labels"]):
+            if label != -100:
+                assert label == token  # labels are the tokens themselves
+                run.append(token)
+            elif run:
+                runs, run = runs + [run], []
+        runs += [run] if run else []
+    return runs
 
 
 def write_chat_data(path: Path, n: int) -> Path:

@@ -13,31 +13,16 @@ from finetune.data import formats
 from finetune.data.templates import use_end_of_turn
 from finetune.data.tokenize import tokenize_row
 from tests.arch_families import FAMILIES, build_family, family_tokenizer
-from tests.helpers import run_main, tiny_overrides
+from tests.helpers import run_main, tiny_overrides, trained_runs
 from tests.unit.test_chat_masks import CONVERSATION, REPLIES
 
 # Six steps teach every replica to answer "yes" and stop. The replicas' weights are drawn wider than a real
-# model's (initializer_range 0.2), so that ten LoRA steps can move a random head's argmax.
+# model's (initializer_range 0.2), so that a few LoRA steps can move a random head's argmax.
 STEPS = ["train.max_steps=6", "train.learning_rate=1e-2", "data.max_length=512", "data.eval_fraction=0.1",
          "train.eval_batch_size=16"]  # the 7 eval rows in one batch: the Trainer's eval loss is then token-weighted
 SYSTEM = {"role": "system", "content": "Answer yes or no."}  # (SmolLM3's default one is 1,100 characters)
 # gpt-oss trains its fused experts too (PEFT's ParamWrapper), so that the merge and `plan` cover them
 EXTRA = {"gpt_oss": ["lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]}
-
-
-def trained_runs(seqs) -> list[list[int]]:
-    """The runs of consecutive trained tokens of each sequence, in order."""
-    runs = []
-    for seq in seqs:
-        run = []
-        for token, label in zip(seq["input_ids"], seq["labels"]):
-            if label != -100:
-                assert label == token
-                run.append(token)
-            elif run:
-                runs, run = runs + [run], []
-        runs += [run] if run else []
-    return runs
 
 
 @pytest.mark.parametrize("name", FAMILIES)

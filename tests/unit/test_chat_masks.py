@@ -8,7 +8,7 @@ import pytest
 from finetune.data import formats, masks
 from finetune.data.tokenize import labelled, tokenize_row
 from finetune.errors import UserError
-from tests.helpers import chat_template, with_template
+from tests.helpers import chat_template, trained_runs, with_template
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
@@ -63,16 +63,7 @@ def test_each_reply_and_its_end_of_turn_token_are_trained_in_their_inference_con
 def test_the_trained_tokens_are_the_replies_token_by_token(base_tokenizer, family):
     eot, _ = FAMILIES[family]
     tok = tokenizer_for(base_tokenizer, family)
-    trained = []
-    for seq in tokenize_row({"messages": CONVERSATION}, tok, train_on_inputs=False):
-        runs, run = [], []
-        for token, label in zip(seq["input_ids"], seq["labels"]):
-            if label != -100:
-                assert label == token  # labels are the tokens themselves
-                run.append(token)
-            elif run:
-                runs, run = runs + [run], []
-        trained += runs + ([run] if run else [])
+    trained = trained_runs(tokenize_row({"messages": CONVERSATION}, tok, train_on_inputs=False))
     assert [tok.decode(r) for r in trained] == [r + eot for r in REPLIES]
     assert all(r[-1] == tok.convert_tokens_to_ids(eot) for r in trained)  # every reply ends on the stop token
 
