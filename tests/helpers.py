@@ -1,5 +1,5 @@
-"""Test helpers: a tiny offline model, data files, the one override list of a tiny run, trained-token runs, the CLI in a
-subprocess, a script of scripts/ in this process, W&B's offline log reader."""
+"""Test helpers: a tiny offline model, data files, the one override list of a tiny run, trained-token runs, the CLI
+in a subprocess, a script of scripts/ in this process, W&B's offline log reader."""
 
 from __future__ import annotations
 
