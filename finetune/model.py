@@ -272,11 +272,11 @@ def shipped_quantization(config) -> Optional[str]:
 def dequantize_shipped(cfg: ModelConfig):
     """For quant=none: gpt-oss's MXFP4 experts dequantized to 16-bit on load (trainable, and the same on every GPU);
     None for other checkpoints."""
-    from finetune.plan import meta_model
+    from finetune.plan import arch_config
 
     try:
-        config, _ = meta_model(cfg)
-    except Exception:
+        config = arch_config(cfg)  # config.json alone: no skeleton to build for it
+    except UserError:  # unreadable: loading says why
         return None
     if shipped_quantization(config) == "mxfp4":
         from transformers import Mxfp4Config

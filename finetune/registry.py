@@ -73,8 +73,9 @@ def _register() -> None:
         store.store(group="recipe", name=name, node=node, package="_global_")
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Reject unknown keys, unknown group options and appended keys before Hydra sees them."""
+def check_overrides(overrides: list[str]) -> list:
+    """Reject unknown keys, unknown group options and appended keys before Hydra sees them; returns Hydra's parse of
+    the overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -108,6 +109,7 @@ def check_overrides(overrides: list[str]) -> None:
             problems.append(f"'{o.input_line}': keys cannot be added or removed; set it with {key}=VALUE.")
     if problems:
         raise UserError(*problems)
+    return parsed
 
 
 def _composition_error(e: Exception) -> UserError:
@@ -142,12 +144,10 @@ def compose(overrides: list[str]) -> DictConfig:
     set values on the result, with Hydra's own code for each step. The tree is composed once per choice of options in
     a process (a quarter to half a second); setting values takes milliseconds."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     _register()
-    check_overrides(overrides)
     picks, values = [], []
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in check_overrides(overrides):
         (picks if o.key_or_group in GROUPS + ["recipe"] and not isinstance(o.value(), dict) else values).append(o)
     cfg = copy.deepcopy(_composed(tuple(o.input_line for o in picks)))
     try:
