@@ -251,3 +251,20 @@ def effective_base_weights(model) -> dict:
                 out[name] = p.detach().clone()
     model.train(was_training)
     return out
+
+
+def go_render(cases: list[dict], build_dir: Path) -> list[dict]:
+    """Ollama TEMPLATEs rendered by Go's own text/template as Ollama's server renders them (tests/go/render.go):
+    cases [{"template", "messages"}] -> [{"text"} or {"error"}]. The program is built once into build_dir."""
+    binary = build_dir / "render"
+    if not binary.is_file():
+        subprocess.run(["go", "build", "-o", str(binary), str(ROOT / "tests" / "go" / "render.go")], check=True,
+                       env={**os.environ, "GOCACHE": str(build_dir / "gocache"), "GOFLAGS": "-mod=mod",
+                            "GO111MODULE": "off"})
+    done = subprocess.run([str(binary)], input=json.dumps(cases), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def modelfile_template(modelfile: str) -> str:
+    """The TEMPLATE of a Modelfile, as Ollama's parser reads a triple-quoted value."""
+    return modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
