@@ -31,13 +31,15 @@ def render(cfg: FinetuneConfig, summary: dict, merged: bool, repo_id: Optional[s
 
     base = base_model_id(cfg.model)
     return ModelCard.from_template(
-        card_data(cfg, base, merged, repo_id, online), template_path=str(TEMPLATE),
+        card_data(cfg, base, merged, repo_id, online, (summary.get("gguf") or {}).get("levels", [])),
+        template_path=str(TEMPLATE),
         title=repo_id or ("Merged model" if merged else "LoRA adapter"),
         what="A merged model" if merged else "A LoRA adapter",
         base=describe_base(cfg.model),
         recipe=cfg.recipe, data=", ".join(data_names(cfg)), load_code=load_code(base, merged, repo_id),
         training=training(cfg, summary), results=results(summary), evaluation=evaluation(summary.get("eval")),
-        fidelity=fidelity(cfg, summary.get("merge_fidelity")), tracked=tracked(summary))
+        fidelity=fidelity(cfg, summary.get("merge_fidelity")), gguf=gguf_files(summary.get("gguf"), repo_id),
+        tracked=tracked(summary))
 
 
 def write(folder: Path, cfg: FinetuneConfig, summary: dict, merged: bool) -> None:
@@ -48,8 +50,9 @@ def sources(cfg: FinetuneConfig) -> list[str]:
     return [cfg.data.path] if cfg.data.path else [s.path for s in cfg.data.sources]
 
 
-def card_data(cfg: FinetuneConfig, base: Optional[str], merged: bool, repo_id: Optional[str], online: bool):
-    """The card's metadata, which the Hub indexes."""
+def card_data(cfg: FinetuneConfig, base: Optional[str], merged: bool, repo_id: Optional[str], online: bool,
+              gguf_levels: list):
+    """The card's metadata, which the Hub indexes (`gguf_levels`: the GGUF files hub.gguf=true uploads)."""
     from huggingface_hub import ModelCardData
 
     method = {"nf4": "qlora", "int8": "lora-int8"}.get(cfg.quant.method, "lora")
@@ -60,7 +63,8 @@ def card_data(cfg: FinetuneConfig, base: Optional[str], merged: bool, repo_id: O
         pipeline_tag="text-generation",
         license=cfg.hub.license or base_license(cfg.model, online),
         datasets=hub_datasets or None,
-        tags=["finetune", method, "sft", "trl"] + (["base_model:adapter:" + base] if base and not merged else []),
+        tags=["finetune", method, "sft", "trl"] + (["base_model:adapter:" + base] if base and not merged else [])
+        + (["gguf", "llama.cpp", *gguf_levels] if cfg.hub.gguf else []),
         model_name=repo_id.split("/")[-1] if repo_id else None,
     )
 
@@ -145,6 +149,22 @@ def fidelity(cfg: FinetuneConfig, figures: Optional[dict]) -> Optional[dict]:
               f"{figures[b]['eval_loss']:.4g}"] for b in ("original", "dequantized") if b in figures]
     return {"quant": cfg.quant.method, "samples": figures["samples"],
             "reference_loss": f"{figures['reference_eval_loss']:.4g}", "table": table}
+
+
+def gguf_files(figures: Optional[dict], repo_id: Optional[str]) -> Optional[dict]:
+    """Export's GGUF files: each level run by llama.cpp against the model as trained, and how to run them."""
+    if not figures or not figures.get("files"):
+        return None
+    def share(v):
+        return f"{100 * v:.0f}%" if v is not None else "-"
+    table = [[f"`{f['file']}`", f"{f['size_gb']:.3g} GB", f"{f['mean_kl']:.3g}", share(f.get("agreement")),
+              share(f.get("exact_match")), f"{f['tokens_per_second']:.0f}" if f.get("tokens_per_second") else "-",
+              "yes" if f["within_max_kl"] else "**no**"] for f in figures["files"].values()]
+    chosen = figures.get("modelfile")
+    run = (f"ollama run hf.co/{repo_id}:{chosen.rsplit('-', 1)[1].removesuffix('.gguf').upper()}" if repo_id and chosen
+           else "ollama create NAME -f Modelfile && ollama run NAME" if chosen else None)
+    return {"samples": figures["samples"], "max_kl": figures["max_kl"], "table": table, "modelfile": chosen, "run": run,
+            "problem": figures.get("modelfile_problem")}
 
 
 def tracked(summary: dict) -> Optional[str]:

@@ -29,6 +29,10 @@ COMPUTE_DTYPES = ["auto", "bfloat16", "float16", "float32"]
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"]  # see finetune/data/formats.py
 OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"]
+# llama.cpp's file types that need no importance matrix (its i-quants and Q2_K_S do; TQ* are for ternary models only),
+# by the names of llama-quantize and Ollama
+GGUF_LEVELS = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
+               "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
 
 
 @dataclass
@@ -186,8 +190,10 @@ class EvalConfig:
     exact_match_samples: int = opt(0, "eval rows answered greedily and scored by exact match, before and after training; 0 = off", min=0)
     max_new_tokens: int = opt(64, "token limit of each generated answer", min=1)
     batch_size: int = opt(16, "prompts generated together", min=1)
-    quant: List[str] = opt([], "`eval`: precisions to compare the adapter at, e.g. [nf4,int8,none] (the unquantized "
-                           "base is the reference); [] = the precision it was trained at", ["nf4", "int8", "none"])
+    quant: List[str] = opt([], "`eval`: precisions to compare the adapter at, e.g. [nf4,int8,none,gguf:q4_k_m] (the "
+                           "unquantized base is the reference; gguf:LEVEL = the run's merged model as a llama.cpp file "
+                           "of that level, run by llama.cpp); [] = the precision it was trained at",
+                           ["nf4", "int8", "none", *(f"gguf:{level}" for level in GGUF_LEVELS)])
     task: str = opt("none", "`eval`: a task metric from the generated answers besides exact match; number_words = the "
                     "answer names the reference's number, however spelled (the demo task)", ["none", "number_words"])
     harness_tasks: List[str] = opt([], "`eval`: lm-evaluation-harness tasks to run on the model, e.g. [hellaswag] "
@@ -219,7 +225,12 @@ class ExportConfig:
                       "at all (the only choice so far)", ["cpu"])
     check_samples: int = opt(4, "eval rows on which each merged model is compared with the 4-bit model as trained", min=1)
     max_kl: float = opt(0.05, "largest mean KL divergence (nats per token) between the merged model and the model as "
-                        "trained; above it merged/ is not written", min=0, min_exclusive=True)
+                        "trained; above it merged/ is not written (a GGUF file above it is kept and reported)",
+                        min=0, min_exclusive=True)
+    gguf: List[str] = opt([], "also write llama.cpp files of the merged model, gguf/NAME-LEVEL.gguf, one per level, e.g. "
+                          "[f16,q8_0,q4_k_m], each measured against the model as trained, with an Ollama Modelfile "
+                          "(pip install 'finetune[gguf]'); needs export.merge=true", GGUF_LEVELS)
+    gguf_adapter: bool = opt(False, "also write the adapter alone as a GGUF for llama.cpp's --lora, gguf/NAME-lora-f16.gguf")
 
 
 @dataclass
@@ -231,6 +242,7 @@ class HubConfig:
     model: str = opt("adapter", "what to upload: the adapter (a few MB) or the merged model", ["adapter", "merged"])
     license: Optional[str] = opt(None, "license in the model card; null = the base model's")
     commit_message: Optional[str] = opt(None, "commit message; null = 'finetune: RECIPE adapter|merged model'")
+    gguf: bool = opt(False, "also upload gguf/ (the GGUF files, their fidelity.json and the Ollama Modelfile)")
 
 
 GPU_PRESETS = ["auto", "t4", "rtx3060", "rtx3090", "rtx4090", "l4", "a10", "a100-40gb", "a100-80gb", "h100", "h200"]
@@ -386,6 +398,14 @@ def output_problems(cfg: FinetuneConfig) -> list[str]:
     if hub.push and hub.model == "merged" and not cfg.export.merge:
         problems.append("hub.model=merged publishes merged/, which export.merge=false does not write: "
                         "set export.merge=true (or export=merged), or hub.model=adapter.")
+    if cfg.export.gguf and not cfg.export.merge:
+        problems.append(f"export.gguf={list(cfg.export.gguf)} converts merged/, which export.merge=false does not write: "
+                        "set export.merge=true (or export=merged).")
+    if cfg.export.gguf_adapter and not lora.enabled:
+        problems.append("export.gguf_adapter=true converts the adapter, and a full fine-tune (lora.enabled=false) has none.")
+    if hub.push and hub.gguf and not (cfg.export.gguf or cfg.export.gguf_adapter):
+        problems.append("hub.gguf=true uploads gguf/, which the run writes only with export.gguf=[LEVEL,...] or "
+                        "export.gguf_adapter=true.")
     return problems
 
 

@@ -58,7 +58,7 @@ def variants(cfg: FinetuneConfig, trained: Optional[Variant]) -> list[Variant]:
     out = [] if trained is None else [Variant(trained.quant, trained.skip_modules, adapter=False, dtype=dtype),
                                       Variant(trained.quant, trained.skip_modules, dtype=dtype)]
     for q in precisions:
-        for skip in ([[]] if q == "none" else [[], *([list(cfg.quant.skip_modules)] if cfg.quant.skip_modules else [])]):
+        for skip in ([[]] if q == "none" or q.startswith("gguf:") else [[], *([list(cfg.quant.skip_modules)] if cfg.quant.skip_modules else [])]):
             if Variant(q, skip, dtype=dtype) not in out:
                 out.append(Variant(q, skip, dtype=dtype))
     return out
@@ -105,6 +105,36 @@ def measure(run: Run, variant: Variant, rows, conversational: bool, checkpoint: 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def check_gguf(run: Run, checkpoint: Optional[str]) -> None:
+    """eval.quant=[gguf:LEVEL]: llama.cpp's tools, and a run's merged model to convert (or its GGUF files)."""
+    from finetune.gguf import require
+
+    require("eval.quant=[gguf:...]")
+    if run.is_base or checkpoint:
+        raise UserError("eval.quant=[gguf:LEVEL] runs a run's merged model in llama.cpp: evaluate a run (eval run=RUN, "
+                        "without checkpoint=), exported with export.merge=true.")
+
+
+def measure_gguf(run: Run, variant: Variant, rows, conversational: bool) -> dict:
+    """A GGUF row: the run's merged model as a llama.cpp file of that level (gguf/, made from merged/ if export did
+    not write it), its loss, answers and speed in llama.cpp."""
+    from finetune import gguf
+
+    level = variant.quant.split(":", 1)[1]
+    path = gguf.file_for(run, level)
+    tokenizer, cfg = run.tokenizer(run.merged_dir), run.cfg
+    row = {"label": variant.label, "quant": variant.quant, "skip_modules": [], "adapter": True,
+           "weights_gb": gguf.size_gb(path)}
+    llm = gguf.load(path, cfg.data.max_length + cfg.eval.max_new_tokens + 64)
+    try:
+        row.update(gguf.eval_loss(llm, tokenizer, rows, cfg.data, f"{variant.label}: loss"))
+        if conversational:
+            row.update(gguf.scored_answers(llm, tokenizer, rows, cfg.eval, bool(run.summary.get("reasoning"))))
+    finally:
+        llm.close()
+    return row
 
 
 @functools.lru_cache(maxsize=4)
@@ -183,6 +213,8 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
     check_skeleton(cfg.model, cfg.quant, cfg.lora)
     if cfg.eval.harness_tasks:
         check_harness(cfg)
+    if any(q.startswith("gguf:") for q in cfg.eval.quant):
+        check_gguf(run, checkpoint)
     splits = load_splits(cfg.data, cfg.train.seed)
     if splits.eval is None:
         raise UserError("`eval` runs on the recipe's eval split and it has none: set data.eval_path, data.eval_split "
@@ -196,7 +228,10 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
         log.info("eval: %s on %d rows", v.label, len(rows))
         # the harness (slow) on the base and the adapter as trained, or on the first precision of a bare base
         with_harness = bool(cfg.eval.harness_tasks) and (i < 2 if trained else i == 0)
-        rows_out.append(measure(run, v, rows, splits.conversational, checkpoint, with_harness))
+        if v.quant.startswith("gguf:"):
+            rows_out.append(measure_gguf(run, v, rows, splits.conversational))
+        else:
+            rows_out.append(measure(run, v, rows, splits.conversational, checkpoint, with_harness))
     reference = next((r for r in rows_out if r["quant"] == "none" and r["adapter"] == (not run.is_base)
                       and not r["skip_modules"]), None)
     for r in rows_out:

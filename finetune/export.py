@@ -226,21 +226,65 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
         return
     with staged(out_dir / "adapter") as folder:
         save_adapter(model, tokenizer, folder, cfg, state_dict, weights_from)
-    rejected = None
+    rejected, merged = None, False
+    summary["gguf"] = None
     if cfg.export.merge:
         samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data)
         if reference is None:
             reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
+        answers = gguf_answer_check(cfg, model, tokenizer, rows)  # before merging, while the model as trained is here
         try:
             with staged(out_dir / "merged") as folder:
                 summary.update(export_merged(cfg, out_dir / "adapter", folder, tokenizer, samples, reference, retry))
+            merged = True
         except MergeRejected as e:
             summary.update(e.summary)
             rejected = e if not (out_dir / "merged").exists() else MergeRejected(e.summary, f"{e} The merged/ "
                                                                                  "already there, from an earlier export, is kept.")
+        if merged and (cfg.export.gguf or cfg.export.gguf_adapter):
+            rejected = export_gguf_folder(cfg, out_dir, tokenizer, samples, reference, answers, rows, summary, retry)
+    elif cfg.export.gguf_adapter:
+        rejected = export_gguf_folder(cfg, out_dir, tokenizer, [], [], None, rows, summary, retry)
     run.write_cards(summary, out_dir)
     if rejected is not None:
         raise rejected
+
+
+def gguf_answer_check(cfg: FinetuneConfig, model, tokenizer, rows) -> Optional[dict]:
+    """What each GGUF's answers are compared with (export.gguf): the trained model's greedy answers to the check rows."""
+    if not cfg.export.gguf:
+        return None
+    from finetune.gguf import answer_check
+
+    return answer_check(model, tokenizer, rows, cfg.export.check_samples, cfg.eval.max_new_tokens, cfg.eval.task)
+
+
+def export_gguf_folder(cfg: FinetuneConfig, out_dir: Path, tokenizer, samples, reference, answers, rows,
+                       summary: dict, retry: str) -> Optional[UserError]:
+    """gguf/: the llama.cpp files of merged/ (export.gguf), each measured, the Modelfile, and the adapter's GGUF
+    (export.gguf_adapter). Returns the error to end the export with where a file is further than export.max_kl."""
+    from finetune import gguf
+
+    with staged(out_dir / "gguf") as folder:
+        figures = {}
+        if cfg.export.gguf:
+            figures = gguf.export_gguf(cfg, folder, out_dir / "merged", tokenizer, samples, reference, answers, rows)
+        if cfg.export.gguf_adapter:
+            figures["adapter"] = gguf.write_adapter(out_dir / "adapter", base_folder(cfg.model), folder, cfg.recipe or "model")
+        (folder / "fidelity.json").write_text(json.dumps(figures, indent=2) + "\n")
+        summary["gguf"] = figures
+    message = gguf.rejected_message(figures, retry) if cfg.export.gguf else None
+    return UserError(message) if message else None
+
+
+def base_folder(model: ModelConfig) -> Path:
+    """The base model's folder on this machine (llama.cpp's LoRA converter reads its config.json): a local folder,
+    or the Hub cache's copy of config.json."""
+    if is_local_path(model.name_or_path):
+        return Path(model.name_or_path).expanduser().resolve()
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model.name_or_path, "config.json", revision=model.revision)).parent
 
 
 def save_model(model, tokenizer, folder: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None) -> None:
@@ -255,7 +299,9 @@ def export(run: Run, checkpoint: Optional[str]) -> tuple[Path, dict]:
     """`export`: write a run's adapter/ and merged/ again, from its final adapter (into the run directory)
     or from one of its checkpoints (into RUN_DIR/exports/checkpoint-N/). Returns (where, summary)."""
     from finetune.data import load_splits
+    from finetune.gguf import check_export
 
+    check_export(run.cfg.model, run.cfg.export)
     splits = load_splits(run.cfg.data, run.cfg.train.seed)
     loaded = run.load_for_inference(checkpoint=checkpoint)
     out_dir = run.output_dir(loaded.source if checkpoint else None)

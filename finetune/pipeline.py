@@ -28,6 +28,7 @@ from finetune.data.tokenize import Tokenized, tokenize
 from finetune.errors import Preempted, UserError, write_error
 from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
+from finetune.gguf import check_export
 from finetune.model import Device, check_skeleton, detect_device, fit_cpu_threads, load_base_model
 from finetune.registry import to_dict
 from finetune.checkpoints import checkpoint_step, finished, last_good_checkpoint
@@ -100,6 +101,7 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
     run_dir, resume_from = distributed.on_main(lambda: check_start(cfg, world, device.type))
     check_skeleton(cfg.model, cfg.quant, cfg.lora)  # a typo is said before any weight is loaded
+    check_export(cfg.model, cfg.export)  # llama.cpp's tools, where GGUF files are asked for
     log.info("device: %s, precision %s", device.describe(), device.precision)
     s = Session(cfg, device, world, run_dir, resume_from, fit_to_gpu(cfg, world))
     if cfg.hub.push:  # a missing or rejected token fails now, not after hours of training

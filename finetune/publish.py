@@ -104,8 +104,26 @@ def commit_operations(run: Run, folder, readme: str) -> list:
                         "model.hub_id=ORG/NAME so that PEFT and the Hub can find it.", run.cfg.model.name_or_path)
         operations.append(CommitOperationAdd(path_in_repo="adapter_config.json",
                                              path_or_fileobj=(json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
+    if run.cfg.hub.gguf:
+        operations += gguf_operations(run)
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode()))
     return operations
+
+
+def gguf_operations(run: Run) -> list:
+    """hub.gguf=true: gguf/'s files at the repository's top, where the Hub lists GGUF files and `ollama run
+    hf.co/REPO:LEVEL` finds them with the chat template and stop tokens (template, params); the Modelfile's FROM
+    names its file beside it; the figures as gguf_fidelity.json."""
+    from huggingface_hub import CommitOperationAdd
+
+    folder = run.dir / "gguf"
+    files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if not files:
+        raise UserError(f"hub.gguf=true but {folder} holds no GGUF file: write them with python -m finetune export "
+                        f"run={run.dir} export.merge=true export.gguf=[q8_0,q4_k_m]")
+    named = {p.name: p for p in files} | {n: folder / n for n in ("Modelfile", "template", "params", "system")} | {
+        "gguf_fidelity.json": folder / "fidelity.json"}
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in named.items() if p.is_file()]
 
 
 def commit(api, hub: HubConfig, operations: list, message: str) -> str:

@@ -69,13 +69,9 @@ def padded(items: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def eval_loss(model, tokenizer, rows, data: DataConfig, batch_size: int, desc: str) -> dict:
     """Mean next-token loss over the trained tokens of every row (token-weighted), and its perplexity."""
-    from finetune.data.tokenize import tokenize_row
-
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items = [{k: t[k][:data.max_length] for k in ("input_ids", "labels")}  # as training saw them: dropped or cut
-             for r in rows for t in tokenize_row(r, tokenizer, data.train_on_inputs, data.turns)
-             if t["length"] <= data.max_length or data.too_long != "drop"]
+    items = loss_items(tokenizer, rows, data)
     total, count = 0.0, 0
     bar = progress(len(items), desc)
     for start in range(0, len(items), batch_size):
@@ -84,8 +80,22 @@ def eval_loss(model, tokenizer, rows, data: DataConfig, batch_size: int, desc: s
         total, count = total + batch_total, count + batch_count
         bar.update(len(ids))
     bar.close()
+    return loss_figures(total, count, desc, data.max_length)
+
+
+def loss_items(tokenizer, rows, data: DataConfig) -> list[dict]:
+    """The input_ids and labels of every row's sequences, as training saw them (dropped or cut at data.max_length)."""
+    from finetune.data.tokenize import tokenize_row
+
+    return [{k: t[k][:data.max_length] for k in ("input_ids", "labels")}
+            for r in rows for t in tokenize_row(r, tokenizer, data.train_on_inputs, data.turns)
+            if t["length"] <= data.max_length or data.too_long != "drop"]
+
+
+def loss_figures(total: float, count: int, desc: str, max_length: int) -> dict:
+    """Loss and perplexity from the summed loss over `count` trained tokens."""
     if not count:
-        raise UserError(f"{desc}: the eval rows have no trained token within data.max_length={data.max_length}, so "
+        raise UserError(f"{desc}: the eval rows have no trained token within data.max_length={max_length}, so "
                         "there is no loss to measure.")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": count}
@@ -180,12 +190,14 @@ def scored_answers(model, tokenizer, rows, cfg: EvalConfig, desc: str, reasoning
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     bar.close()
-    refs = [ref for _, ref in pairs]
-    out = {"answers": answers, "exact_match": sum(a.strip() == r.strip() for a, r in zip(answers, refs)) / len(refs),
-           "task_accuracy": None, "tokens_per_second": sum(lengths) / seconds, "generated_tokens": sum(lengths)}
-    if cfg.task != "none":
-        out["task_accuracy"] = sum(TASKS[cfg.task](a, r) for a, r in zip(answers, refs)) / len(refs)
-    return out
+    return score(answers, [ref for _, ref in pairs], cfg.task) | {"tokens_per_second": sum(lengths) / seconds,
+                                                                     "generated_tokens": sum(lengths)}
+
+
+def score(answers: list[str], refs: list[str], task: str) -> dict:
+    """Exact match of the answers to the references and the task metric (eval.task), each a share of the rows."""
+    return {"answers": answers, "exact_match": sum(a.strip() == r.strip() for a, r in zip(answers, refs)) / len(refs),
+            "task_accuracy": sum(TASKS[task](a, r) for a, r in zip(answers, refs)) / len(refs) if task != "none" else None}
 
 
 # ---- task metrics -------------------------------------------------------------------------------
