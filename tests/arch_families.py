@@ -110,12 +110,17 @@ def family_tokenizer(name: str):
     return tokenizer
 
 
-def build_family(name: str, path: Path) -> Path:
-    """The tiny replica of FAMILIES[name] saved in `path` (safetensors, tokenizer with the chat template)."""
+def build_family(name: str, path: Path, config: dict | None = None) -> Path:
+    """The tiny replica of FAMILIES[name] saved in `path` (safetensors, tokenizer with the chat template); `config`
+    replaces some of its sizes."""
+    import dataclasses
+
     import torch
     from transformers import AutoModelForCausalLM
 
     family, tokenizer = FAMILIES[name], family_tokenizer(name)
+    if config:
+        family = dataclasses.replace(family, config={**family.config, **config})
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(family.eos),
                pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)

@@ -122,7 +122,8 @@ class HubStandIn:
                         files = json.loads(body)["files"]
                         return self._reply(200, {"files": [
                             {"path": f["path"], "shouldIgnore": False,
-                             "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular"} for f in files]})
+                             "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".gguf")) else "regular"}
+                            for f in files]})
                     if action == "commit":
                         if hub.fail_commit_with:
                             return self._reply(hub.fail_commit_with, {"error": "commit refused by the stand-in"})

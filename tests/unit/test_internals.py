@@ -119,3 +119,27 @@ def test_peft_converts_a_config_for_transformers_5_mixtures_of_experts():
 
     assert parameters(convert_peft_config_for_transformers) == ["peft_config", "model", "conversions"]
     assert parameters(get_model_conversion_mapping)[0] == "model"
+
+
+def test_llama_cpps_converter_has_the_hooks_finetune_gguf_wraps():
+    """finetune.gguf wraps a converter instance's get_vocab_base_pre (a vocabulary it has no hash for) and set_vocab
+    (the chat template without generation marks), and reads the architectures it converts from TEXT_MODEL_MAP."""
+    from conversion import TEXT_MODEL_MAP, get_model_class
+    from conversion.base import TextModel
+
+    assert "LlamaForCausalLM" in TEXT_MODEL_MAP and issubclass(get_model_class("LlamaForCausalLM"), TextModel)
+    assert parameters(TextModel.get_vocab_base_pre) == ["self", "tokenizer"]
+    assert parameters(TextModel.set_vocab) == ["self"]
+    assert "NotImplementedError" in inspect.getsource(TextModel.get_vocab_base_pre)
+    from conversion.base import ModelBase
+
+    assert {"dir_model", "ftype", "fname_out", "model_name"} <= set(parameters(ModelBase.__init__))
+
+
+def test_llama_cpp_python_exposes_the_quantizer_and_the_output_silencer():
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    assert hasattr(params, "ftype") and hasattr(params, "nthread") and llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M == 15
+    assert "disable" in parameters(suppress_stdout_stderr.__init__)
