@@ -198,7 +198,7 @@ def export_merged(cfg: FinetuneConfig, adapter_dir: Path, merged_dir: Path, toke
 
 
 class MergeRejected(UserError):
-    """The merged model failed the fidelity check; `summary` holds the figures measured."""
+    """The merged model (or a GGUF file of it) failed the fidelity check; `summary` holds the figures measured."""
 
     def __init__(self, summary: dict, message: str):
         super().__init__(message)
@@ -260,9 +260,10 @@ def gguf_answer_check(cfg: FinetuneConfig, model, tokenizer, rows) -> Optional[d
 
 
 def export_gguf_folder(cfg: FinetuneConfig, out_dir: Path, tokenizer, samples, reference, answers, rows,
-                       summary: dict, retry: str) -> Optional[UserError]:
+                       summary: dict, retry: str) -> Optional[MergeRejected]:
     """gguf/: the llama.cpp files of merged/ (export.gguf), each measured, the Modelfile, and the adapter's GGUF
-    (export.gguf_adapter). Returns the error to end the export with where a file is further than export.max_kl."""
+    (export.gguf_adapter). Returns the error to end the export with where a file is further than export.max_kl:
+    reported as a rejected merge is, once everything is written."""
     from finetune import gguf
 
     with staged(out_dir / "gguf") as folder:
@@ -274,7 +275,7 @@ def export_gguf_folder(cfg: FinetuneConfig, out_dir: Path, tokenizer, samples, r
         (folder / "fidelity.json").write_text(json.dumps(figures, indent=2) + "\n")
         summary["gguf"] = figures
     message = gguf.rejected_message(figures, retry) if cfg.export.gguf else None
-    return UserError(message) if message else None
+    return MergeRejected(summary, message) if message else None
 
 
 def base_folder(model: ModelConfig) -> Path:

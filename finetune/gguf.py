@@ -219,14 +219,27 @@ def lora_converter() -> Path:
 
 def write_adapter(adapter_dir: Path, base_dir: Path, folder: Path, name: str) -> dict:
     """llama.cpp's LoRA converter: the adapter alone, gguf/NAME-lora-f16.gguf, for `llama-cli -m BASE.gguf --lora
-    FILE`. Returns its name and size."""
+    FILE`. The script runs in this process (a second interpreter would import torch again), its command line, root
+    logging and exit restored or caught. Returns the file's name and size."""
+    import runpy
+
     out = folder / f"{name}-lora-f16.gguf"
-    done = subprocess.run([sys.executable, str(lora_converter()), "--base", str(base_dir), "--outtype", "f16",
-                           "--outfile", str(out), str(adapter_dir)], capture_output=True, text=True,
-                          env={**os.environ, "NO_LOCAL_GGUF": "1"})
-    if done.returncode != 0:
-        raise UserError(f"llama.cpp's LoRA converter could not convert {adapter_dir}: "
-                        f"{(done.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+    script = lora_converter()
+    argv, root = sys.argv, logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quiet_converter()
+    logging.getLogger("lora-to-gguf").setLevel(logging.WARNING)
+    sys.argv = [str(script), "--base", str(base_dir), "--outtype", "f16", "--outfile", str(out), str(adapter_dir)]
+    os.environ.setdefault("NO_LOCAL_GGUF", "1")  # its gguf-py is the installed one
+    try:
+        with torch.inference_mode():
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise UserError(f"llama.cpp's LoRA converter could not convert {adapter_dir} (its message is above).") from None
+    finally:
+        sys.argv = argv
+        root.handlers, root.level = handlers, level
     return {"file": out.name, "size_gb": size_gb(out)}
 
 
