@@ -232,7 +232,8 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
         samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data)
         if reference is None:
             reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
-        answers = gguf_answer_check(cfg, model, tokenizer, rows)  # before merging, while the model as trained is here
+        # before merging, while the model as trained is here (whole: under FSDP it is sharded, and answers are skipped)
+        answers = gguf_answer_check(cfg, model, tokenizer, rows) if state_dict is None else None
         try:
             with staged(out_dir / "merged") as folder:
                 summary.update(export_merged(cfg, out_dir / "adapter", folder, tokenizer, samples, reference, retry))

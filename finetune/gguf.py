@@ -139,14 +139,24 @@ def convert(model_dir: Path, out: Path, level: str, template: Optional[str]) -> 
     with torch.inference_mode():
         model = cls(model_dir, ftype, out, model_name=out.stem.rsplit("-", 1)[0])
         known_pre_tokenizer(model, str(model_dir))
-        if template is not None:
-            base_set_vocab = model.set_vocab
-
-            def set_vocab():
-                base_set_vocab()
-                model.gguf_writer.add_chat_template(inference_template(template))
-            model.set_vocab = set_vocab
+        plain_chat_template(model, template)
         model.write()
+
+
+def plain_chat_template(model, template: Optional[str]) -> None:
+    """The GGUF's chat template: `template` (the run's), else the one the converter read from the model's files,
+    each without generation marks (the converter's own set_vocab, wrapped on this instance)."""
+    import gguf
+
+    own = model.set_vocab
+
+    def set_vocab():
+        own()
+        written = model.gguf_writer.kv_data[0].get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+        chosen = template if template is not None else getattr(written, "value", None)
+        if isinstance(chosen, str):
+            model.gguf_writer.add_chat_template(inference_template(chosen))
+    model.set_vocab = set_vocab
 
 
 def quantize(source: Path, out: Path, level: str, threads: int) -> None:
@@ -360,7 +370,7 @@ def measure_file(path: Path, samples: list[dict], reference: list[torch.Tensor],
                             "llama.cpp's converter changed the vocabulary, so its distributions cannot be compared.")
         row = {"file": path.name, "size_gb": size_gb(path), **fidelity(reference, logits(llm, samples), samples),
                "add_bos": llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"}
-        if check["conversations"]:
+        if check and check["conversations"]:
             got = answers(llm, tokenizer, check["conversations"], max_new_tokens)
             row |= {k: got[k] for k in ("stopped_at_eos", "tokenizer_matches", "tokens_per_second")}
             row |= score(got["answers"], check["references"], check["task"])

@@ -5,7 +5,7 @@
 A Llama-2-7B-shaped model (transformers' LlamaConfig defaults: 32 layers, width 4096, 6.7B parameters) with random
 bf16 weights is written as safetensors shards (weights: random normal, 0.02 std; tokenizer: the demo's, the vocabulary
 padded to 32000 by the converter). Each step then runs in a fresh process, its wall time and peak resident memory
-(the child's max RSS) measured:
+(the child's max RSS; the parent stays small, the model being written by a child of its own) measured:
   copy      the safetensors files copied: the disk's floor for reading and writing that many bytes (the baseline)
   f16       llama.cpp's converter (finetune.gguf.convert): safetensors -> f16 GGUF
   q4_k_m    llama.cpp's quantizer (finetune.gguf.quantize): f16 GGUF -> q4_k_m
@@ -94,11 +94,18 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=Path("gguf_bench.json"))
+    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # the child that writes the model
     args = ap.parse_args()
+    if args.build_only:
+        print(build(args.build_only, args.layers, args.hidden))
+        return 0
     shutil.rmtree(args.workdir, ignore_errors=True)
     model = args.workdir / "model"
     start = time.perf_counter()
-    params = build(model, args.layers, args.hidden)
+    # in a child: a parent holding the weights would lend each later child its memory (Linux counts the pages a
+    # forked child shares before exec in its peak RSS)
+    params = int(subprocess.run([sys.executable, __file__, "--build-only", str(model), "--layers", str(args.layers),
+                                 "--hidden", str(args.hidden)], check=True, capture_output=True, text=True).stdout)
     report = {"cpus": os.cpu_count(), "layers": args.layers, "hidden": args.hidden, "params": params,
               "build_s": round(time.perf_counter() - start, 1), "steps": {}}
     report["steps"]["copy"] = measure("copy", model, args.workdir / "copy")

@@ -76,6 +76,10 @@ def test_f16_and_q8_0_are_written_loaded_by_llama_cpp_and_measured(gguf_run):
         assert f["tokenizer_matches"] and f["stopped_at_eos"] == 1.0 and f["tokens_per_second"] > 0
         assert f["agreement"] == 1.0 and f["exact_match"] >= 0.75  # llama.cpp answers as the trained model does
     assert f16["mean_kl"] < q8["mean_kl"]  # 8-bit rounding costs more than 16-bit
+    from gguf import GGUFReader
+
+    template = GGUFReader(gguf_run / "gguf" / f16["file"]).fields["tokenizer.chat_template"]
+    assert "generation" not in bytes(template.parts[-1]).decode()  # llama.cpp's jinja refuses the tag
     assert abs(f16["eval_loss"] - summary["merge_reference_eval_loss"]) < 0.02
     card = (gguf_run / "merged" / "README.md").read_text()
     assert "## GGUF files" in card and f"`{q8['file']}`" in card and f"{q8['mean_kl']:.3g}" in card
