@@ -24,7 +24,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-# llama.cpp's runtime (llama-cpp-python, in the gguf extra and so in dev) compiles llama.cpp on install: about 8
+# llama.cpp's runtime (llama-cpp-python, in the gguf extra and so in dev) compiles llama.cpp on install: about 7
 # minutes on 2 cores. Its wheel is built once (for x86-64, for any AVX2 CPU rather than this one alone) and kept in
 # ~/.cache/finetune/wheels, and llama.cpp's LoRA converter is taken from the same source archive (finetune.gguf).
 find_links=()
@@ -38,7 +38,7 @@ if [[ "$extras" == *dev* || "$extras" == *gguf* ]]; then
     mkdir -p "$(dirname "$converter")"
     tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -O --wildcards '*/vendor/llama.cpp/convert_lora_to_gguf.py' > "$converter"
     if ! ls "$cache/wheels/llama_cpp_python-$version-"*.whl >/dev/null 2>&1; then
-      echo "[install] building llama.cpp's runtime (llama-cpp-python $version) once: about 8 minutes on 2 cores"
+      echo "[install] building llama.cpp's runtime (llama-cpp-python $version) once: about 7 minutes on 2 cores"
       cmake_args="-DLLAVA_BUILD=OFF"  # no multimodal (mtmd) library: finetune runs text models
       if [[ "$(uname -m)" == x86_64 ]]; then
         cmake_args+=" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
