@@ -153,8 +153,11 @@ def fidelity(cfg: FinetuneConfig, figures: Optional[dict]) -> Optional[dict]:
 
 def gguf_files(figures: Optional[dict], repo_id: Optional[str]) -> Optional[dict]:
     """Export's GGUF files: each level run by llama.cpp against the model as trained, and how to run them."""
-    if not figures or not figures.get("files"):
+    if not figures:
         return None
+    adapter = figures.get("adapter", {}).get("file")
+    if not figures.get("files"):
+        return {"table": [], "adapter": adapter} if adapter else None
     def share(v):
         return f"{100 * v:.0f}%" if v is not None else "-"
     table = [[f"`{f['file']}`", f"{f['size_gb']:.3g} GB", f"{f['mean_kl']:.3g}", share(f.get("agreement")),
@@ -164,7 +167,7 @@ def gguf_files(figures: Optional[dict], repo_id: Optional[str]) -> Optional[dict
     run = (f"ollama run hf.co/{repo_id}:{chosen.rsplit('-', 1)[1].removesuffix('.gguf').upper()}" if repo_id and chosen
            else "ollama create NAME -f Modelfile && ollama run NAME" if chosen else None)
     return {"samples": figures["samples"], "max_kl": figures["max_kl"], "table": table, "modelfile": chosen, "run": run,
-            "problem": figures.get("modelfile_problem")}
+            "problem": figures.get("modelfile_problem"), "adapter": adapter}
 
 
 def tracked(summary: dict) -> Optional[str]:

@@ -84,6 +84,7 @@ def test_f16_and_q8_0_are_written_loaded_by_llama_cpp_and_measured(gguf_run):
     assert abs(f16["eval_loss"] - summary["merge_reference_eval_loss"]) < 0.02
     card = (gguf_run / "merged" / "README.md").read_text()
     assert "## GGUF files" in card and f"`{q8['file']}`" in card and f"{q8['mean_kl']:.3g}" in card
+    assert "`tiny_qlora-lora-f16.gguf` is the adapter alone" in card
 
 
 def test_write_512_in_words_through_llama_cpp_and_the_ollama_template(gguf_run, tmp_path):
