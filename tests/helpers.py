@@ -259,8 +259,7 @@ def go_render(cases: list[dict], build_dir: Path) -> list[dict]:
     binary = build_dir / "render"
     if not binary.is_file():
         subprocess.run(["go", "build", "-o", str(binary), str(ROOT / "tests" / "go" / "render.go")], check=True,
-                       env={**os.environ, "GOCACHE": str(build_dir / "gocache"), "GOFLAGS": "-mod=mod",
-                            "GO111MODULE": "off"})
+                       env={**os.environ, "GOCACHE": str(build_dir / "gocache"), "GO111MODULE": "off"})
     done = subprocess.run([str(binary)], input=json.dumps(cases), capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
