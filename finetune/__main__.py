@@ -178,7 +178,9 @@ def dispatch(verb: str, argv: list[str], world) -> int:
 
     setup_logging()
     cfg = registry.load_config(argv)
-    return {"data": data_verb, "eval": eval_base_verb, "plan": plan_verb}.get(verb, train_verb)(cfg, world)
+    if verb == "plan":
+        return plan_verb(cfg, argv)
+    return {"data": data_verb, "eval": eval_base_verb}.get(verb, train_verb)(cfg, world)
 
 
 def print_config(argv: list[str]) -> int:
@@ -222,11 +224,12 @@ def eval_base_verb(cfg, world) -> int:
     return 0
 
 
-def plan_verb(cfg, world) -> int:
+def plan_verb(cfg, argv: list[str]) -> int:
     import json
 
-    from finetune.plan import make_plan, render
+    from finetune.plan import check_settings_given, make_plan, render
 
+    check_settings_given(argv, cfg)
     plan = make_plan(cfg)
     print(json.dumps(plan, indent=2) if cfg.plan.format == "json" else render(plan))
     return 0

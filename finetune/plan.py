@@ -530,6 +530,24 @@ def scale_out(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str) 
     return []
 
 
+SETTINGS_A_MODEL_NEEDS = ("data.max_length", "train.micro_batch_size")  # what the demo recipe sets for a tiny model
+
+
+def check_settings_given(argv: list[str], cfg: FinetuneConfig) -> None:
+    """`plan model=NAME` without a recipe would plan the embedded demo's sequence length and micro-batch, made for a
+    0.9M-parameter model (and say a 70B fits with room to spare): ask for the settings the user will train with."""
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    if "recipe" in keys or "model" not in keys:
+        return
+    missing = [k for k in SETTINGS_A_MODEL_NEEDS if k not in keys]
+    if missing:
+        demo = {"data.max_length": cfg.data.max_length, "train.micro_batch_size": cfg.train.micro_batch_size}
+        raise UserError(
+            f"`plan` with a model but no recipe would plan the embedded demo's {', '.join(f'{k}={demo[k]}' for k in missing)}"
+            f" (made for its 0.9M-parameter model). Give the settings you will train with, e.g. data.max_length=2048 "
+            "train.micro_batch_size=1, or a recipe (recipe=NAME; `python -m finetune --help` lists them).")
+
+
 def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optional[str] = None) -> dict:
     """Everything `plan` prints, as a dict (what plan.format=json writes)."""
     gpu = pick_gpu(gpu_name or cfg.plan.gpu)

@@ -151,7 +151,8 @@ def test_plan_cli_table_json_and_errors(cli):
     result = cli("plan", "recipe=qlora_llama7b", "plan.gpu=rtx3060")
     assert result.returncode == 0, result.stderr
     assert "fits:" in result.stdout and "tokens/s" in result.stdout and "GPU-hours" in result.stdout
-    result = cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4")
+    result = cli("plan", "model=llama2_70b", "plan.gpu=a100-80gb", "plan.format=json", "quant=nf4",
+                 "data.max_length=2048", "train.micro_batch_size=1")
     plan = json.loads(result.stdout)
     assert result.returncode == 0 and plan["model"] == "meta-llama/Llama-2-70b-hf" and plan["params"] > 68e9
     result = cli("plan", "plan.gpu=a100")
@@ -159,6 +160,22 @@ def test_plan_cli_table_json_and_errors(cli):
     if not torch.cuda.is_available():
         result = cli("plan", "recipe=qlora_llama7b")
         assert result.returncode == 2 and "plan.gpu=auto reads the local GPU, and this machine has none" in result.stderr
+
+
+def test_a_model_without_a_recipe_asks_for_the_settings_it_would_otherwise_take_from_the_demo(cli):
+    """The demo's 64 tokens x 16 rows made a 70B look like it fits an 80 GB card with 38 GiB to spare."""
+    result = cli("plan", "model=llama2_70b", "quant=nf4", "plan.gpu=a100-80gb")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the embedded demo's data.max_length=64, train.micro_batch_size=16" in result.stderr
+    result = cli("plan", "model=llama2_70b", "quant=nf4", "plan.gpu=a100-80gb", "data.max_length=2048")
+    assert result.returncode == 2 and "demo's train.micro_batch_size=16 (" in result.stderr
+    assert "data.max_length=64" not in result.stderr
+    small = cli("plan", "model=llama2_70b", "quant=nf4", "plan.gpu=a100-80gb", "data.max_length=64",
+                "train.micro_batch_size=16", "plan.format=json")
+    real = cli("plan", "model=llama2_70b", "quant=nf4", "plan.gpu=a100-80gb", "data.max_length=4096",
+               "train.micro_batch_size=4", "plan.format=json")
+    assert small.returncode == real.returncode == 0
+    assert json.loads(real.stdout)["peak_gib"] > json.loads(small.stdout)["peak_gib"] + 5  # what the demo's hid
 
 
 def test_an_unknown_hub_model_without_network_is_one_message(monkeypatch):
