@@ -121,15 +121,18 @@ def measure_gguf(run: Run, variant: Variant, rows, conversational: bool) -> dict
     """A GGUF row: the run's merged model as a llama.cpp file of that level (gguf/, made from merged/ if export did
     not write it), its loss, answers and speed in llama.cpp."""
     from finetune import gguf
+    from finetune.scoring import loss_items
 
     level = variant.quant.split(":", 1)[1]
     path = gguf.file_for(run, level)
     tokenizer, cfg = run.tokenizer(run.merged_dir), run.cfg
     row = {"label": variant.label, "quant": variant.quant, "skip_modules": [], "adapter": True,
            "weights_gb": gguf.size_gb(path)}
-    llm = gguf.load(path, cfg.data.max_length + cfg.eval.max_new_tokens + 64)
+    items = loss_items(tokenizer, rows, cfg.data)
+    # every position's logits are kept: a context as long as the longest row, not data.max_length
+    llm = gguf.load(path, max((len(t["input_ids"]) for t in items), default=0) + cfg.eval.max_new_tokens + 64)
     try:
-        row.update(gguf.eval_loss(llm, tokenizer, rows, cfg.data, f"{variant.label}: loss"))
+        row.update(gguf.eval_loss(llm, items, cfg.data.max_length, f"{variant.label}: loss"))
         if conversational:
             row.update(gguf.scored_answers(llm, tokenizer, rows, cfg.eval, bool(run.summary.get("reasoning"))))
     finally:

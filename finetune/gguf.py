@@ -313,14 +313,14 @@ def scored_answers(llm, tokenizer, rows, eval_cfg, reasoning: bool = False) -> d
         k: got[k] for k in ("tokens_per_second", "generated_tokens", "stopped_at_eos", "tokenizer_matches")}
 
 
-def eval_loss(llm, tokenizer, rows, data, desc: str) -> dict:
-    """`eval`'s loss and perplexity for a GGUF row: llama.cpp's logits over the rows' trained tokens."""
-    from finetune.scoring import loss_figures, loss_items, nll
+def eval_loss(llm, items: list[dict], max_length: int, desc: str) -> dict:
+    """`eval`'s loss and perplexity for a GGUF row: llama.cpp's logits over the trained tokens of the rows' sequences
+    (finetune.scoring.loss_items)."""
+    from finetune.scoring import loss_figures, nll
 
-    samples = [{"input_ids": torch.tensor([t["input_ids"]]), "labels": torch.tensor([t["labels"]])}
-               for t in loss_items(tokenizer, rows, data)]
+    samples = [{"input_ids": torch.tensor([t["input_ids"]]), "labels": torch.tensor([t["labels"]])} for t in items]
     sums = [nll(x, s["labels"]) for x, s in zip(logits(llm, samples), samples)]
-    return loss_figures(sum(t for t, _ in sums), sum(n for _, n in sums), desc, data.max_length)
+    return loss_figures(sum(t for t, _ in sums), sum(n for _, n in sums), desc, max_length)
 
 
 def file_for(run, level: str) -> Path:
