@@ -244,6 +244,9 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
                                                                                  "already there, from an earlier export, is kept.")
         if merged and (cfg.export.gguf or cfg.export.gguf_adapter):
             rejected = export_gguf_folder(cfg, out_dir, tokenizer, samples, reference, answers, rows, summary, retry)
+        elif merged and (out_dir / "gguf").is_dir():
+            log.warning("%s is from an earlier export and no longer matches merged/: write it again with "
+                        "export.gguf=[LEVEL,...], or delete it.", out_dir / "gguf")
     elif cfg.export.gguf_adapter:
         rejected = export_gguf_folder(cfg, out_dir, tokenizer, [], [], None, rows, summary, retry)
     run.write_cards(summary, out_dir)
