@@ -95,21 +95,21 @@ def architecture_of(model_dir: Path) -> str:
     return (config.get("architectures") or ["(no architectures in config.json)"])[0]
 
 
-def check_export(model_cfg, export_cfg) -> None:
+def check_export(model_cfg, export_cfg) -> Optional[str]:
     """Before training or exporting: where export.gguf or export.gguf_adapter asks for GGUF files, llama.cpp's tools
-    are installed and its converter knows the model's architecture."""
+    are installed and its converter knows the model's architecture: the class of its skeleton, which merged/'s
+    config.json will name (a shipped preset's config has no `architectures`). Returns the architecture checked."""
     if not (export_cfg.gguf or export_cfg.gguf_adapter):
-        return
+        return None
     require("export.gguf" if export_cfg.gguf else "export.gguf_adapter")
     from finetune.plan import meta_model
 
     try:
-        config, _ = meta_model(model_cfg)
+        _, net = meta_model(model_cfg)
     except Exception:  # no config.json here: loading the model says why, later
-        return
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    if architecture:
-        converter_class(architecture, f"model.name_or_path={model_cfg.name_or_path}")
+        return None
+    converter_class(type(net).__name__, f"model.name_or_path={model_cfg.name_or_path}")
+    return type(net).__name__
 
 
 # ---- writing the files --------------------------------------------------------------------------

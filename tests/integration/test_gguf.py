@@ -210,6 +210,16 @@ def test_an_architecture_llama_cpp_cannot_convert_is_said_before_training(tmp_pa
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("recipe, architecture", [("qlora_llama3_1_8b", "LlamaForCausalLM"),
+                                                   ("qlora_gemma3_12b", "Gemma3ForConditionalGeneration")])
+def test_a_recipes_base_is_checked_by_the_class_merged_will_name(recipe, architecture):
+    """A shipped preset's config has no `architectures`: the check reads the skeleton's class instead."""
+    from finetune.registry import load_config
+
+    cfg = load_config([f"recipe={recipe}", "export=merged", "export.gguf=[q8_0]"])
+    assert gguf.check_export(cfg.model, cfg.export) == architecture
+
+
 @pytest.mark.parametrize("args, message", [
     (["export.gguf=[q4_k_xl]"], "export.gguf=q4_k_xl is not allowed: choose one of f32, f16, bf16, q8_0"),
     (["export=adapter", "export.gguf=[q8_0]"], "export.gguf=['q8_0'] converts merged/, which export.merge=false"),
