@@ -232,8 +232,12 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
         samples = check_samples(tokenizer, rows, cfg.export.check_samples, cfg.data)
         if reference is None:
             reference = logits_of(model, samples)  # the model as trained: 4-bit base + adapter
-        # before merging, while the model as trained is here (whole: under FSDP it is sharded, and answers are skipped)
-        answers = gguf_answer_check(cfg, model, tokenizer, rows) if state_dict is None else None
+        answers = None  # what each GGUF's answers are compared with: the trained model's, taken before merging while
+        if cfg.export.gguf and state_dict is None:  # it is here (whole: under FSDP it is sharded, and they are skipped)
+            from finetune.gguf import answer_check
+
+            answers = answer_check(model, tokenizer, rows, cfg.export.check_samples, cfg.eval.max_new_tokens,
+                                   cfg.eval.task)
         try:
             with staged(out_dir / "merged") as folder:
                 summary.update(export_merged(cfg, out_dir / "adapter", folder, tokenizer, samples, reference, retry))
@@ -254,15 +258,6 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
         raise rejected
 
 
-def gguf_answer_check(cfg: FinetuneConfig, model, tokenizer, rows) -> Optional[dict]:
-    """What each GGUF's answers are compared with (export.gguf): the trained model's greedy answers to the check rows."""
-    if not cfg.export.gguf:
-        return None
-    from finetune.gguf import answer_check
-
-    return answer_check(model, tokenizer, rows, cfg.export.check_samples, cfg.eval.max_new_tokens, cfg.eval.task)
-
-
 def export_gguf_folder(cfg: FinetuneConfig, out_dir: Path, tokenizer, samples, reference, answers, rows,
                        summary: dict, retry: str) -> Optional[MergeRejected]:
     """gguf/: the llama.cpp files of merged/ (export.gguf), each measured, the Modelfile, and the adapter's GGUF
@@ -275,7 +270,7 @@ def export_gguf_folder(cfg: FinetuneConfig, out_dir: Path, tokenizer, samples, r
         if cfg.export.gguf:
             figures = gguf.export_gguf(cfg, folder, out_dir / "merged", tokenizer, samples, reference, answers, rows)
         if cfg.export.gguf_adapter:
-            figures["adapter"] = gguf.write_adapter(out_dir / "adapter", base_folder(cfg.model), folder, cfg.recipe or "model")
+            figures["adapter"] = gguf.write_adapter(out_dir / "adapter", base_folder(cfg.model), folder, gguf.stem(cfg))
         (folder / "fidelity.json").write_text(json.dumps(figures, indent=2) + "\n")
         summary["gguf"] = figures
     message = gguf.rejected_message(figures, retry) if cfg.export.gguf else None

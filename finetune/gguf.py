@@ -327,7 +327,7 @@ def file_for(run, level: str) -> Path:
     """The run's GGUF of this level: gguf/NAME-LEVEL.gguf as export wrote it, else made now from its merged/."""
     import tempfile
 
-    name = run.cfg.recipe or "model"
+    name = stem(run.cfg)
     path = run.dir / "gguf" / f"{name}-{level}.gguf"
     if path.is_file():
         return path
@@ -341,6 +341,11 @@ def file_for(run, level: str) -> Path:
 
 def context_for(samples: list[dict], max_new_tokens: int) -> int:
     return max(s["input_ids"].shape[1] for s in samples) + max_new_tokens + 64
+
+
+def stem(cfg) -> str:
+    """What a run's GGUF files are named after: gguf/STEM-LEVEL.gguf (export writes them, `eval` finds them)."""
+    return cfg.recipe or "model"
 
 
 def size_gb(path: Path) -> float:
@@ -407,7 +412,7 @@ def export_gguf(cfg, folder: Path, merged_dir: Path, tokenizer, samples: list[di
     figures for summary.json and gguf/fidelity.json."""
     from finetune import ollama
 
-    paths = write_files(merged_dir, folder, cfg.recipe or "model", list(cfg.export.gguf), tokenizer.chat_template)
+    paths = write_files(merged_dir, folder, stem(cfg), list(cfg.export.gguf), tokenizer.chat_template)
     files = {}
     for level, path in paths.items():
         files[level] = measure_file(path, samples, reference, check, tokenizer, cfg.eval.max_new_tokens,

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -541,9 +542,9 @@ def check_settings_given(argv: list[str], cfg: FinetuneConfig) -> None:
         return
     missing = [k for k in SETTINGS_A_MODEL_NEEDS if k not in keys]
     if missing:
-        demo = {"data.max_length": cfg.data.max_length, "train.micro_batch_size": cfg.train.micro_batch_size}
+        demo = ", ".join(f"{k}={operator.attrgetter(k)(cfg)}" for k in missing)
         raise UserError(
-            f"`plan` with a model but no recipe would plan the embedded demo's {', '.join(f'{k}={demo[k]}' for k in missing)}"
+            f"`plan` with a model but no recipe would plan the embedded demo's {demo}"
             f" (made for its 0.9M-parameter model). Give the settings you will train with, e.g. data.max_length=2048 "
             "train.micro_batch_size=1, or a recipe (recipe=NAME; `python -m finetune --help` lists them).")
 
