@@ -28,7 +28,8 @@ def opt(default: Any, help: str, choices: Optional[list] = None, min: Optional[f
 COMPUTE_DTYPES = ["auto", "bfloat16", "float16", "float32"]
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"]  # see finetune/data/formats.py
-OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"]
+# adamw_kahan: torch-optimi's AdamW, which keeps Kahan-summation buffers for 16-bit weights (train.master_weights=16bit)
+OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_kahan", "adafactor"]
 # llama.cpp's file types that need no importance matrix (its i-quants and Q2_K_S do; TQ* are for ternary models only),
 # by the names of llama-quantize and Ollama
 GGUF_LEVELS = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
@@ -170,6 +171,10 @@ class TrainConfig:
     optim: str = opt("paged_adamw_8bit", "optimizer; the paged 8-bit AdamW of bitsandbytes saves the most memory", OPTIMIZERS)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant): much less memory, ~1/3 more compute")
     precision: str = opt("auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU", ["auto", "bf16", "fp16", "fp32"])
+    master_weights: str = opt("fp32", "full fine-tuning (lora=off): fp32 = mixed precision, fp32 weights, gradients and "
+                              "optimizer states with 16-bit autocast (the standard); 16bit = bf16 weights, gradients and "
+                              "states (half the memory), which loses every update below a weight's bf16 spacing unless "
+                              "train.optim=adamw_kahan", ["fp32", "16bit"])
     liger_kernel: bool = opt(False, "use Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]')")
     compile: bool = opt(False, "torch.compile the model (CUDA; the first steps are slower while it compiles)")
     seed: int = opt(42, "seed for adapter init, data order and dropout", min=0, max=SEED_MAX)
@@ -368,6 +373,12 @@ def training_problems(cfg: FinetuneConfig) -> list[str]:
     if cfg.resume and cfg.overwrite:
         problems.append("resume=true and overwrite=true contradict each other: resume continues output_dir, "
                         "overwrite deletes it. Pick one.")
+    if t.master_weights == "16bit" and lora.enabled:
+        problems.append("train.master_weights=16bit is for full fine-tuning (lora=off); LoRA keeps the frozen base in "
+                        "16 bits anyway. Remove it, or set lora=off.")
+    if t.master_weights == "16bit" and t.precision in ("fp16", "fp32"):
+        problems.append(f"train.master_weights=16bit trains bf16 weights, but train.precision={t.precision}: pure fp16 "
+                        "weights overflow without loss scaling. Set train.precision=bf16 (or auto on a GPU with bf16).")
     if lora.use_dora and q.method == "int8":
         problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
     if lora.target_parameters and (lora.dropout > 0 or lora.use_dora):

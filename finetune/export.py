@@ -221,7 +221,7 @@ def export_artifacts(run: Run, out_dir: Path, model, tokenizer, rows, summary: d
                                       "merge_fidelity")})
     if not hasattr(model, "peft_config"):  # full fine-tuning: the model itself is the result, a plain transformers model
         with staged(out_dir / "model") as folder:
-            save_model(model, tokenizer, folder, cfg, state_dict)
+            save_model(model, tokenizer, folder, cfg, state_dict, summary.get("precision"))
         run.write_cards(summary, out_dir)
         return
     with staged(out_dir / "adapter") as folder:
@@ -287,10 +287,21 @@ def base_folder(model: ModelConfig) -> Path:
     return Path(hf_hub_download(model.name_or_path, "config.json", revision=model.revision)).parent
 
 
-def save_model(model, tokenizer, folder: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None) -> None:
-    """A full fine-tune's model/: a plain transformers model with the tokenizer and its generation config."""
-    model.save_pretrained(str(folder), safe_serialization=True,
-                          **({"state_dict": state_dict} if state_dict is not None else {}))
+def save_model(model, tokenizer, folder: Path, cfg: FinetuneConfig, state_dict: Optional[dict] = None,
+               precision: Optional[str] = None) -> None:
+    """A full fine-tune's model/: a plain transformers model with the tokenizer and its generation config, in the
+    16-bit dtype it trained in (the fp32 master weights of mixed precision rounded once, as the base shipped)."""
+    import torch
+
+    from finetune.model import DTYPES
+
+    dtype = DTYPES.get(precision or "fp32", torch.float32)
+    state_dict = state_dict if state_dict is not None else model.state_dict()
+    cast = {}  # by storage, so that tied weights stay one tensor
+    state_dict = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
+                  for k, v in state_dict.items()}
+    model.config.dtype = dtype
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(folder))
     write_generation_config(folder, cfg.model, tokenizer)
 

@@ -64,10 +64,29 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
             import liger_kernel  # noqa: F401
         except ImportError:
             problems.append("train.liger_kernel=true but liger-kernel is not installed: pip install 'finetune[gpu]'.")
+    if train.master_weights == "16bit" and precision != "bf16":
+        problems.append(f"train.master_weights=16bit trains bf16 weights, and this run trains in {precision} on {name}: "
+                        "set train.precision=bf16, or remove train.master_weights (mixed precision).")
     if problems:
         raise UserError(*problems)
     compute = precision if quant.compute_dtype == "auto" else quant.compute_dtype
     return Device(kind, name, bf16, precision, DTYPES[compute])
+
+
+def weights_dtype(train: TrainConfig, lora, device: Device) -> Optional[torch.dtype]:
+    """The dtype a full fine-tune (lora.enabled=false) keeps its trained weights in: fp32 master weights under 16-bit
+    autocast (train.master_weights=fp32, mixed precision), or the 16-bit compute dtype (16bit, with a warning where
+    no Kahan summation keeps the small updates). None with LoRA: the frozen base in the compute dtype."""
+    if lora.enabled:
+        return None
+    if train.master_weights == "fp32":
+        return torch.float32
+    if train.optim != "adamw_kahan":
+        log.warning("train.master_weights=16bit with train.optim=%s: every update smaller than half a weight's bf16 "
+                    "spacing (about 0.4%% of the weight) is rounded away, so at a usual fine-tuning learning rate many "
+                    "weights never change. Use train.optim=adamw_kahan (Kahan summation keeps them), or "
+                    "master_weights=fp32.", train.optim)
+    return device.compute_dtype
 
 
 def others_busy_cpus(window: float = 0.2) -> Optional[float]:

@@ -29,7 +29,8 @@ from finetune.errors import Preempted, UserError, write_error
 from finetune.export import MergeRejected, export_artifacts
 from finetune.lora import build_peft_config, count_parameters
 from finetune.gguf import check_export
-from finetune.model import Device, check_skeleton, detect_device, fit_cpu_threads, load_base_model
+from finetune.model import (Device, check_skeleton, detect_device, fit_cpu_threads, load_base_model,
+                            weights_dtype)
 from finetune.registry import to_dict
 from finetune.checkpoints import checkpoint_step, finished, last_good_checkpoint
 from finetune.run import Run
@@ -38,7 +39,7 @@ from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
 from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_sft_config,
-                              build_trainer, packing_efficiency, unmark_prepared)
+                              build_trainer, optimizer_of, packing_efficiency, unmark_prepared)
 
 log = logging.getLogger("finetune")
 
@@ -201,14 +202,16 @@ def build(s: Session):
     if s.world.sharded and cfg.eval.exact_match_samples:
         log.info("eval.exact_match_samples=%d: exact match is not measured under FSDP (generation needs the whole "
                  "model in one process); the eval loss is.", cfg.eval.exact_match_samples)
-    model = load_base_model(cfg.model, cfg.quant, s.device, world=s.world)
+    model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
+                            world=s.world)
     has_eval = s.eval_tok is not None
     args = build_sft_config(cfg.train, cfg.data, s.device, s.run_dir / "checkpoints",
                             report_to="wandb" if s.wandb_run is not None else "none", run_name=s.run_dir.name,
                             eos_token=s.tokenizer.eos_token, has_eval=has_eval,
                             eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
     trainer = build_trainer(model, s.tokenizer, s.train_tok.dataset, s.eval_tok.dataset if has_eval else None,
-                            build_peft_config(cfg.lora), args, [MetricsCallback(s.metrics, s.device.type)])
+                            build_peft_config(cfg.lora), args, [MetricsCallback(s.metrics, s.device.type)],
+                            optimizer_of(cfg.train, args))
     if cfg.data.packing:
         s.packing = packing_efficiency(trainer.train_dataset, cfg.data.max_length)
         log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(s.train_tok.dataset),

@@ -274,6 +274,8 @@ def optimizer_bytes(optim: str, shapes: list[tuple[int, int]], param_bytes: int)
             total += 2 * n if n >= 4096 else 8 * n  # bitsandbytes keeps small tensors' state in 32-bit
         elif optim == "paged_adamw_32bit":
             total += 8 * n
+        elif optim == "adamw_kahan":  # two states in the parameter's dtype, and a Kahan buffer beside 16-bit ones
+            total += (2 if param_bytes >= 4 else 3) * param_bytes * n
         elif optim == "adafactor":
             total += 4 * (rows + cols)  # factored second moment, no first moment
         else:  # adamw_torch: two states in the parameter's dtype
@@ -312,6 +314,7 @@ class Setting:
     checkpointing: bool
     optim: str
     offload_optimizer: bool = False
+    master_weights: str = "fp32"  # full fine-tuning: fp32 master weights (mixed precision) or 16-bit ones
     gpus: int = 1               # processes of an accelerate launch, one per GPU
     sharding: str = "ddp"       # with gpus > 1: ddp (replicas) or fsdp (shards)
 
@@ -325,18 +328,21 @@ def setting_of(cfg: FinetuneConfig) -> Setting:
     t = cfg.train
     return Setting(cfg.quant.method, cfg.quant.double_quant, cfg.lora.enabled, cfg.lora.r, t.micro_batch_size,
                    t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim,
-                   gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
+                   master_weights=t.master_weights, gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
 
 
 def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: str = "train") -> list[tuple[str, float]]:
     """[(component, bytes)] of the peak, in order; the last two are the allocator and the CUDA context."""
     p, n_sh = dtype_bytes, s.shards
+    mixed = mode == "train" and not s.lora and s.master_weights == "fp32" and p < 4
+    w = 4 if mixed else p  # bytes of a stored weight: fp32 masters under 16-bit autocast, else the compute dtype
     sharded = f", 1/{n_sh} per GPU" if n_sh > 1 else ""
-    layer_bytes = arch.quantized_params * weight_bits(s.method, s.double_quant, p) / 8
-    rows = [(f"base weights: {arch.quantized_params / 1e9:.2f}B in {describe_quant(s)}{sharded}", layer_bytes / n_sh),
+    layer_bytes = arch.quantized_params * weight_bits(s.method, s.double_quant, w) / 8
+    rows = [(f"base weights: {arch.quantized_params / 1e9:.2f}B in {describe_quant(s, w)}"
+             f"{' (master weights, 16-bit autocast)' if mixed else ''}{sharded}", layer_bytes / n_sh),
             (f"embeddings, lm_head, norms{', experts' if arch.fused else ''}: {arch.other_params / 1e9:.2f}B in "
-             f"{8 * p}-bit{sharded}",
-             arch.other_params * p / n_sh)]
+             f"{8 * w}-bit{sharded}",
+             arch.other_params * w / n_sh)]
     if n_sh > 1:  # FSDP gathers a layer while it computes (and prefetches the next); the root unit stays whole
         experts = arch.fused_params  # in the decoder layers, gathered with them
         rows.append(("FSDP gathered: 2 decoder layers + embeddings, lm_head, norms",
@@ -361,10 +367,12 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
                              per_layer * (kept + 1)))
         else:
             n = arch.params
-            rows.append((f"gradients of all {n / 1e9:.2f}B weights{sharded}", n * p / n_sh))
+            rows.append((f"gradients of all {n / 1e9:.2f}B weights, {8 * w}-bit{sharded}", n * w / n_sh))
+            if mixed and s.grad_accum > 1:  # autocast's cache of 16-bit weight copies, beside the accumulated gradients
+                rows.append((f"{8 * p}-bit weight copies autocast keeps through a forward{sharded}", n * p / n_sh))
             matrices = [shape for shapes in arch.linears.values() for shape in shapes]
-            states = optimizer_bytes(s.optim, matrices, p) + optimizer_bytes(s.optim, [(1, arch.other_params)], p)
-            grads = n * p
+            states = optimizer_bytes(s.optim, matrices, w) + optimizer_bytes(s.optim, [(1, arch.other_params)], w)
+            grads = n * w
         rows.append((f"optimizer states: {s.optim}" + (" (offloaded to CPU)" if s.offload_optimizer else sharded),
                      0 if s.offload_optimizer else states / n_sh))
         if s.gpus > 1 and n_sh == 1:  # DDP all-reduces the gradients through buckets: one more copy of them
@@ -383,8 +391,9 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
     return rows
 
 
-def describe_quant(s: Setting) -> str:
-    return {"nf4": "NF4" + (" + double quant" if s.double_quant else ""), "int8": "LLM.int8"}.get(s.method, "16-bit")
+def describe_quant(s: Setting, weight_bytes: int = 2) -> str:
+    return {"nf4": "NF4" + (" + double quant" if s.double_quant else ""), "int8": "LLM.int8"}.get(
+        s.method, f"{8 * weight_bytes}-bit")
 
 
 def peak(rows) -> tuple[float, float]:
@@ -452,6 +461,11 @@ def knobs(s: Setting, mode: str) -> list[tuple[str, list]]:
         if not s.checkpointing:
             out.append(("checkpointing", [(dataclasses.replace(s, checkpointing=True), ["train.gradient_checkpointing=true"],
                                            "gradient checkpointing on (about a third more compute)")]))
+    if mode == "train" and not s.lora and s.master_weights == "fp32":
+        out.append(("16bit", [(dataclasses.replace(s, master_weights="16bit", optim="adamw_kahan"),
+                               ["train.master_weights=16bit", "train.optim=adamw_kahan"],
+                               "bf16 weights, gradients and states, AdamW with Kahan summation (10 bytes a weight, "
+                               "not 16)")]))
     if s.method != "nf4" and (s.lora or mode == "inference"):
         out.append(("nf4", [(dataclasses.replace(s, method="nf4", double_quant=True), ["quant=nf4"],
                              f"{describe_quant(s)} -> NF4 base weights")]))

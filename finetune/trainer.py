@@ -64,7 +64,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         warmup_steps=train.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        optim=train.optim,
+        optim="adamw_torch" if train.optim == "adamw_kahan" else train.optim,  # (the class comes from optimizer_of)
         # Memory and precision
         bf16=device.precision == "bf16",
         fp16=device.precision == "fp16",
@@ -187,9 +187,22 @@ def unmark_prepared(trainer) -> None:
             model._is_accelerate_prepared = False
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks):
+def optimizer_of(train: TrainConfig, args) -> Optional[tuple]:
+    """train.optim=adamw_kahan: torch-optimi's AdamW (the library transformers' own stable_adamw comes from), with
+    the Trainer's hyperparameters and PyTorch's AdamW defaults. It keeps a Kahan-summation buffer beside every 16-bit
+    weight (kahan_sum=None: for low-precision parameters only), so updates below a weight's bf16 spacing add up
+    instead of rounding away. None: the Trainer builds train.optim by its name."""
+    if train.optim != "adamw_kahan":
+        return None
+    from optimi import AdamW
+
+    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                   "weight_decay": args.weight_decay, "kahan_sum": None}
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks, optimizer=None):
     """The trainer, printing one progress line per log (ProgressLine) instead of its dicts (PrinterCallback, which
-    it adds when its bars are off)."""
+    it adds when its bars are off); `optimizer`: optimizer_of()'s (class, kwargs), or None."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
@@ -204,6 +217,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, ar
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[*callbacks, ProgressLine()],
+            optimizer_cls_and_kwargs=optimizer,
         )
     finally:
         if shown:

@@ -65,6 +65,12 @@ CONFIG_CASES = [  # (id, overrides, what the message must say)
     ("typo in list entry", ["data.sources=[{pth: a.jsonl}]"], ["Unknown key 'pth'", "Did you mean 'path'"]),
     ("resume and overwrite", ["resume=true", "overwrite=true"], ["resume=true and overwrite=true contradict"]),
     ("quantized full fine-tune", ["lora=off"], ["quant=nf4 with lora.enabled=false"]),
+    ("16-bit master weights with LoRA", ["train.master_weights=16bit"], ["train.master_weights=16bit is for full "
+                                                                          "fine-tuning (lora=off)"]),
+    ("16-bit master weights in fp16", ["lora=off", "quant=none", "train.master_weights=16bit", "train.precision=fp16"],
+     ["train.master_weights=16bit trains bf16 weights, but train.precision=fp16"]),
+    ("16-bit master weights on CPU fp32", ["lora=off", "quant=none", "export=adapter", "train.master_weights=16bit"],
+     ["train.master_weights=16bit trains bf16 weights, and this run trains in fp32 on cpu"]),
     ("missing model path", ["model.name_or_path=/nonexistent/model"], ["model.name_or_path=/nonexistent/model: no such folder"]),
     ("unknown verb", None, ["Unknown verb 'trian'", "Did you mean 'train'"]),
     ("bad option", ["--cfg", "yaml"], ["--cfg takes 'job'"]),

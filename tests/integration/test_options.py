@@ -1,5 +1,7 @@
 """The selectable optimizers train, and W&B can be switched off."""
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,33 @@ def test_wandb_disabled_writes_no_wandb_run_and_the_environment_override_is_said
     assert result.returncode == 0, result.stderr[-2000:]
     assert "W&B mode offline from WANDB_MODE (tracking.mode=disabled is overridden)" in result.stderr
     assert len(list((tmp_path / "env").glob("wandb/offline-run-*"))) == 1
+
+
+def changed_share(run_dir, base_dir, name="model.layers.0.mlp.down_proj.weight") -> float:
+    """The share of a weight's elements a full fine-tune's saved model/ changed from the base (in the saved dtype)."""
+    from safetensors.torch import load_file
+
+    trained, base = (load_file(str(d / "model.safetensors"))[name] for d in (run_dir / "model", base_dir))
+    return (trained != base.to(trained.dtype)).float().mean().item()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_keeps_small_updates_in_mixed_precision_and_loses_them_in_pure_bf16(tiny_args, tiny_model,
+                                                                                              cli, tmp_path, caplog):
+    """At a small learning rate each AdamW update (about lr) is below half of most weights' bf16 spacing: fp32 master
+    weights (the default) add them up, pure bf16 weights round them away (with a warning), and Kahan summation
+    (train.optim=adamw_kahan) keeps them with bf16 weights."""
+    full = ["lora=off", "quant=none", "train.precision=bf16", "train.learning_rate=1e-5", "train.lr_scheduler=constant",
+            "train.warmup_ratio=0", "train.max_steps=8"]
+    shares = {}
+    for name, extra in [("mixed", []), ("pure", ["train.master_weights=16bit", "train.optim=adamw_torch"]),
+                        ("kahan", ["train.master_weights=16bit", "train.optim=adamw_kahan"])]:
+        caplog.clear()
+        result = cli(*tiny_args(tmp_path / name, *full, *extra), wandb_mode=None)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("rounded away" in caplog.text) == (name == "pure")
+        shares[name] = changed_share(tmp_path / name, tiny_model)
+        optimizer = json.loads((tmp_path / name / "summary.json").read_text())["optimizer"]["class"]
+        assert (optimizer == "optimi.adamw.AdamW") == (name == "kahan")
+    assert shares["mixed"] > 0.5 and shares["kahan"] > 0.8 * shares["mixed"]
+    assert shares["pure"] < shares["mixed"] / 3
