@@ -152,8 +152,10 @@ class DataConfig:
     max_drop_fraction: float = opt(0.1, "stop when more than this share of the rows is dropped for being longer than "
                                    "max_length (data.too_long=drop)", min=0, max=1)
     packing: bool = opt(False, "pack several rows into each sequence (best-fit; no attention across rows)")
-    padding_free: bool = opt(False, "without packing: concatenate each micro-batch's rows instead of padding them "
-                             "(position ids keep them apart): the same loss, no compute on padding")
+    padding_free: Optional[bool] = opt(None, "without packing: concatenate each micro-batch's rows instead of padding "
+                                       "them (position ids keep them apart): the same loss, no compute on padding; "
+                                       "null = on where this model's own forward gives the same logits both ways "
+                                       "(checked on a few rows before training)")
     num_proc: Optional[int] = opt(None, "processes for tokenization (results are cached either way)", min=1)
 
 

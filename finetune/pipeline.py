@@ -39,7 +39,8 @@ from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
 from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_sft_config,
-                              build_trainer, optimizer_of, packing_efficiency, unmark_prepared)
+                              build_trainer, optimizer_of, packing_efficiency, settle_padding_free,
+                              unmark_prepared)
 
 log = logging.getLogger("finetune")
 
@@ -63,6 +64,7 @@ class Session:
     metrics: Optional[MetricsLog] = None
     params: tuple = (0, 0)             # (trainable, total)
     packing: Optional[float] = None    # share of the packed sequences' slots filled (data.packing)
+    concatenation_kl: Optional[float] = None  # the model's logits padded vs concatenated (settle_padding_free)
     reasoning: bool = False            # the training replies carry reasoning (trained to think first)
     bad_steps: list = field(default_factory=list)
     totals: Optional[RunTotals] = None  # tokens and seconds of training over the whole run, across resumes
@@ -204,6 +206,7 @@ def build(s: Session):
                  "model in one process); the eval loss is.", cfg.eval.exact_match_samples)
     model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
                             world=s.world)
+    s.concatenation_kl = settle_padding_free(cfg.data, model, s.train_tok.dataset, s.world.sharded)
     has_eval = s.eval_tok is not None
     args = build_sft_config(cfg.train, cfg.data, s.device, s.run_dir / "checkpoints",
                             report_to="wandb" if s.wandb_run is not None else "none", run_name=s.run_dir.name,
@@ -388,6 +391,7 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
         "rows_dropped": dict(s.splits.dropped + tok.dropped) | ({"too long": tok.too_long} if cfg.data.too_long == "drop" and tok.too_long else {}),
         "rows_truncated": tok.too_long if cfg.data.too_long == "truncate" else 0,
         "packing_efficiency": s.packing,
+        "padding_free": cfg.data.padding_free, "concatenation_kl": s.concatenation_kl,
         "exact_match_examples": after["examples"],
         **wandb_link(s.wandb_run),
     }

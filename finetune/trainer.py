@@ -27,6 +27,65 @@ def packing_efficiency(dataset, max_length: int) -> float:
     return sum(lengths) / (len(lengths) * max_length) if lengths else 0.0
 
 
+CONCATENATION_MAX_KL = 0.01  # bf16 kernels on other shapes stay far below; a leak across rows gives KL of order 1
+
+
+def concatenation_error(model, rows: list[list[int]]) -> float:
+    """The largest KL divergence, over every position of `rows`, between the model's next-token distributions with
+    the rows padded into a batch and concatenated into one padding-free sequence (TRL's collator: position ids restart
+    at each row). Near 0 where attention keeps the rows apart; of order 1 where state crosses from one row to the
+    next (linear-attention layers, a model whose mask ignores the position ids)."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    examples = [{"input_ids": r} for r in rows]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    free = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    device, training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
+                      use_cache=False).logits.float().log_softmax(-1)
+            b = model(input_ids=free["input_ids"].to(device), position_ids=free["position_ids"].to(device),
+                      use_cache=False).logits.float().log_softmax(-1)
+    finally:
+        model.train(training)
+    b = b[0].split([len(r) for r in rows])
+    return max((a[i, :len(r)].exp() * (a[i, :len(r)] - b[i])).sum(-1).max().item() for i, r in enumerate(rows))
+
+
+def settle_padding_free(data: DataConfig, model, dataset, sharded: bool) -> Optional[float]:
+    """Decide data.padding_free=null, and refuse packing or padding-free where they change the math: both concatenate
+    rows, which is exact only where attention keeps them apart. Checked on the model itself (concatenation_error,
+    three rows of the training data, up to 16 tokens each). Under FSDP the model is not whole yet: null means off.
+    Returns the KL measured (None: not checked)."""
+    from finetune.errors import UserError
+
+    if not data.packing and data.padding_free is False:
+        return None
+    if sharded:
+        if data.padding_free is None:
+            data.padding_free = False
+        return None
+    rows = [list(ids[:n]) for ids, n in zip(dataset["input_ids"][:3], (16, 11, 6))]
+    kl = concatenation_error(model, rows)
+    exact = kl < CONCATENATION_MAX_KL
+    if not exact and (data.packing or data.padding_free):
+        key = "data.packing=true" if data.packing else "data.padding_free=true"
+        raise UserError(f"{key}: this model's next-token distributions change when rows are concatenated (KL {kl:.3g} "
+                        f"against padded rows): its layers carry state from one row to the next (linear attention), "
+                        f"or its attention ignores the position ids that keep rows apart. Set {key.split('=')[0]}=false.")
+    if data.padding_free is None:
+        data.padding_free = exact and not data.packing
+        if exact:
+            log.info("padding-free batches %s: this model's logits are the same padded and concatenated (KL %.2g)",
+                     "(of packed sequences)" if data.packing else "on", kl)
+        else:
+            log.info("padding-free batches off: this model's logits change when rows are concatenated (KL %.2g)", kl)
+    return kl
+
+
 def version_dependent_args(sft_config, train: TrainConfig) -> dict:
     """Checkpointing and the KV cache, under the names this transformers version knows."""
     fields = sft_config.__dataclass_fields__

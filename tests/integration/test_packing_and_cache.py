@@ -151,3 +151,39 @@ def test_a_damaged_cache_entry_is_tokenized_again(tiny_model, tmp_path, monkeypa
     assert "The tokenization cache entry" in caplog.text and "is damaged" in caplog.text
     assert not again.cached and list(again.dataset["input_ids"]) == ids
     assert tokenize(rows, tok, cfg, "train", False).cached  # the entry is whole again
+
+
+def family_replica(name: str):
+    from transformers import AutoModelForCausalLM
+
+    from tests.arch_families import FAMILIES, tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(FAMILIES[name], 300, dict(bos_token_id=0, eos_token_id=1,
+                                                                                 pad_token_id=2)))
+
+
+ROWS = {"input_ids": [list(range(3, 3 + n)) for n in (20, 14, 9)]}
+
+
+@pytest.mark.parametrize("name, exact", [("llama3_1", True), ("qwen3_moe", True), ("gemma3", True),
+                                         ("qwen3_5", False), ("gpt_oss", False)])
+def test_padding_free_is_on_by_default_exactly_where_the_models_logits_stay_the_same(name, exact):
+    """data.padding_free=null asks the model itself: attention-only families give the same next-token distributions
+    padded and concatenated; Qwen3.5's linear attention carries state across rows, and gpt-oss's eager attention does
+    not keep them apart. There, packing or padding-free asked for is one message."""
+    from finetune.trainer import settle_padding_free
+
+    model = family_replica(name)
+    data = DataConfig()
+    kl = settle_padding_free(data, model, ROWS, sharded=False)
+    assert data.padding_free is exact and (kl < 1e-4 if exact else kl > 0.1)
+    assert model.training  # put back as it was
+    for asked in (DataConfig(packing=True), DataConfig(padding_free=True)):
+        if exact:
+            settle_padding_free(asked, model, ROWS, sharded=False)
+        else:
+            with pytest.raises(UserError, match="change when rows are concatenated"):
+                settle_padding_free(asked, model, ROWS, sharded=False)
+    off = DataConfig(padding_free=False)
+    assert settle_padding_free(off, model, ROWS, sharded=False) is None and off.padding_free is False
