@@ -37,6 +37,16 @@ GGUF_LEVELS = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1",
 
 
 @dataclass
+class MaxMemory:
+    """model.max_memory: with model.offload, the most each device may hold (null = what it has free)."""
+    gpu: Optional[str] = opt(None, "the GPU's share for weights, e.g. 10GiB (the KV cache and activations come on top)")
+    cpu: Optional[str] = opt(None, "CPU RAM for offloaded weights, e.g. 30GiB (model.offload=auto|cpu|disk)")
+
+    def given(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = opt(MISSING, "Hugging Face Hub id or local folder of the base model")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model")
@@ -48,6 +58,15 @@ class ModelConfig:
                                    "else eager)", ["auto", "sdpa", "eager", "flash_attention_2"])
     hub_id: Optional[str] = opt(None, "the Hub id a local name_or_path is a copy of: recorded as the adapter's base "
                                 "model, so that other machines and tools can find it")
+    offload: str = opt("none", "`generate` and `eval` (and plan.mode=inference) of a model bigger than the GPU: the layers "
+                       "that do not fit go to CPU RAM (cpu), to disk (disk), or to RAM and then disk (auto), and "
+                       "stream in for every forward (accelerate's device map; bitsandbytes leaves offloaded layers "
+                       "unquantized). Training refuses it: use train.activation_offloading and a paged optimizer",
+                       ["none", "auto", "cpu", "disk"])
+    max_memory: MaxMemory = field(default_factory=MaxMemory)
+    offload_folder: Optional[str] = opt(None, "model.offload=disk|auto: where weights offloaded to disk are written; "
+                                        "null = a temporary folder, deleted afterwards (layers a safetensors "
+                                        "checkpoint stores as loaded stream from its own files)")
 
 
 @dataclass
@@ -177,6 +196,9 @@ class TrainConfig:
                               "optimizer states with 16-bit autocast (the standard); 16bit = bf16 weights, gradients and "
                               "states (half the memory), which loses every update below a weight's bf16 spacing unless "
                               "train.optim=adamw_kahan", ["fp32", "16bit"])
+    activation_offloading: bool = opt(False, "move the activations kept for the backward pass to CPU RAM while the "
+                                      "forward runs and back for the backward (TRL's, on CUDA streams: overlapped "
+                                      "with compute): long sequences at a fraction of the GPU memory")
     liger_kernel: bool = opt(False, "use Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]')")
     compile: bool = opt(False, "torch.compile the model (CUDA; the first steps are slower while it compiles)")
     seed: int = opt(42, "seed for adapter init, data order and dropout", min=0, max=SEED_MAX)
@@ -266,6 +288,10 @@ class PlanConfig:
                     min=1, max=64)
     sharding: str = opt("ddp", "with gpus > 1: ddp = each GPU holds the whole model; fsdp = weights, gradients and "
                         "optimizer states sharded over the GPUs", ["ddp", "fsdp"])
+    pcie_gbs: float = opt(25.0, "GB/s between CPU RAM and the GPU (PCIe 4.0 x16, pinned): what offloaded layers, "
+                          "offloaded activations and paged optimizer states move at", min=0, min_exclusive=True)
+    disk_gbs: float = opt(3.0, "GB/s read from disk (an NVMe SSD): what layers offloaded to disk stream in at", min=0,
+                          min_exclusive=True)
 
 
 @dataclass
@@ -348,7 +374,8 @@ def validate(cfg: FinetuneConfig) -> None:
     """Settle the defaults that follow another key, check every field, then the combinations across groups;
     raise one UserError listing all problems."""
     cfg.quant.double_quant = cfg.quant.nested
-    problems = field_problems(cfg) + training_problems(cfg) + output_problems(cfg) + data_problems(cfg)
+    problems = (field_problems(cfg) + training_problems(cfg) + output_problems(cfg) + data_problems(cfg)
+                + offload_problems(cfg.model))
     problems = [p for p in problems if p]
     if problems:
         raise UserError(*problems)
@@ -419,6 +446,22 @@ def output_problems(cfg: FinetuneConfig) -> list[str]:
     if hub.push and hub.gguf and not (cfg.export.gguf or cfg.export.gguf_adapter):
         problems.append("hub.gguf=true uploads gguf/, which the run writes only with export.gguf=[LEVEL,...] or "
                         "export.gguf_adapter=true.")
+    return problems
+
+
+def offload_problems(model: ModelConfig) -> list[str]:
+    """model.max_memory: sizes accelerate reads (10GiB, 500MB, a number of bytes), and an offload to limit."""
+    from accelerate.utils import convert_file_size_to_int
+
+    problems = []
+    for device, size in model.max_memory.given().items():
+        try:
+            convert_file_size_to_int(str(size))
+        except ValueError:
+            problems.append(f"model.max_memory.{device}={size} is not a size: write it like 10GiB, 500MB or 2GB.")
+    if model.max_memory.given() and model.offload == "none":
+        problems.append("model.max_memory limits what model.offload places, and model.offload=none: set "
+                        "model.offload=auto, cpu or disk.")
     return problems
 
 

@@ -57,6 +57,9 @@ def detect_device(train: TrainConfig, quant: QuantConfig, model: ModelConfig) ->
     if train.compile and kind == "cpu":
         problems.append("train.compile=true is for CUDA GPUs (on a CPU it compiles for minutes and gains little): "
                         "set it to false.")
+    if train.activation_offloading and kind == "cpu":
+        problems.append("train.activation_offloading=true moves activations from a GPU to CPU RAM, and this machine "
+                        "has no CUDA GPU: set it to false.")
     if train.liger_kernel and kind == "cpu":
         problems.append("train.liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton): set it to false.")
     if train.liger_kernel and kind == "cuda":
@@ -130,9 +133,10 @@ def fit_cpu_threads() -> None:
 DEFAULT_SKIP = ["lm_head", "embed_out"]  # output heads (Llama-likes, GPT-NeoX): never quantized by bitsandbytes
 
 
-def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded: bool = False):
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded: bool = False, offload: bool = False):
     """`sharded`: FSDP will shard the model. FSDP shards only floating-point tensors of one dtype, so the packed
-    4-bit weights are stored in the compute dtype (the same bytes: four 4-bit values per bf16 element)."""
+    4-bit weights are stored in the compute dtype (the same bytes: four 4-bit values per bf16 element). `offload`:
+    model.offload places some layers off the GPU, which bitsandbytes keeps unquantized in fp32 there."""
     from transformers import BitsAndBytesConfig
 
     # A skip list replaces transformers' default one (the output head): keep the head out of it too.
@@ -145,9 +149,10 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded:
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
             llm_int8_skip_modules=skip,  # (the name is historical: 4-bit reads it too)
+            llm_int8_enable_fp32_cpu_offload=offload,
         )
     if quant.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=offload)
     return None
 
 
@@ -159,6 +164,41 @@ def device_map_for(device: Device, world=None) -> Optional[dict]:
     if device.type != "cuda":
         return {"": "cpu"}
     return {"": world.local_rank if world is not None else 0}
+
+
+def placement(cfg: ModelConfig, quant: QuantConfig, device: Device, world=None) -> dict:
+    """from_pretrained's device_map (and, with model.offload, max_memory and offload_folder): accelerate fills the
+    GPU, then CPU RAM, then disk, within model.max_memory, and streams offloaded layers in for each forward."""
+    if cfg.offload == "none":
+        return {"device_map": device_map_for(device, world)}
+    if device.type == "cpu" and quant.method != "none":
+        raise UserError(f"model.offload={cfg.offload} on a CPU: bitsandbytes' {quant.method} layers cannot stream in from "
+                        "disk there. Load the base unquantized (quant=none), or run on a GPU.")
+    from accelerate.utils import get_max_memory
+
+    main = 0 if device.type == "cuda" else "cpu"
+    memory = {k: v for k, v in get_max_memory().items() if k in (main, "cpu")}
+    if cfg.max_memory.gpu and device.type == "cuda":
+        memory[0] = cfg.max_memory.gpu
+    if cfg.max_memory.cpu:
+        memory["cpu"] = cfg.max_memory.cpu
+    elif cfg.offload == "disk" and device.type == "cuda":
+        memory["cpu"] = 0  # straight from the GPU to disk: RAM holds a layer only while it streams in
+    kwargs = {"device_map": "auto", "max_memory": memory}
+    if cfg.offload in ("auto", "disk"):
+        kwargs["offload_folder"] = cfg.offload_folder or temporary_folder("finetune-offload-")
+    return kwargs
+
+
+def temporary_folder(prefix: str) -> str:
+    """A folder deleted when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype: Optional[torch.dtype] = None,
@@ -178,8 +218,9 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
         dtype=dtype or device.compute_dtype,  # the unquantized parts (embeddings, norms, head) too
-        device_map=device_map_for(device, world),
-        quantization_config=quantization_config(quant, device.compute_dtype, sharded=fsdp) or dequantize_shipped(cfg),
+        quantization_config=quantization_config(quant, device.compute_dtype, sharded=fsdp,
+                                                offload=cfg.offload != "none") or dequantize_shipped(cfg),
+        **placement(cfg, quant, device, world),
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
@@ -188,9 +229,29 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: Device, dtype:
         if error is None:
             raise
         raise error from None
+    check_placement(cfg, device, getattr(model, "hf_device_map", None))
     if device.type == "cpu":
         keep_4bit_cpu_layers_differentiable(model)
     return model
+
+
+def check_placement(cfg: ModelConfig, device: Device, device_map: Optional[dict]) -> None:
+    """What model.offload placed can run as asked: model.offload=cpu put nothing on disk, and the device that
+    computes holds some of the model (accelerate cannot run a model whose every layer streams in)."""
+    if cfg.offload == "none" or not device_map:
+        return
+    placed, main = set(device_map.values()), 0 if device.type == "cuda" else "cpu"
+    sizes = ", ".join(f"model.max_memory.{k}={v}" for k, v in cfg.max_memory.given().items()) or "what is free"
+    if cfg.offload == "cpu" and "disk" in placed:
+        where = "the GPU and CPU RAM" if device.type == "cuda" else "CPU RAM"
+        raise UserError(f"model.offload=cpu: {cfg.name_or_path} does not fit {where} ({sizes}): "
+                        "raise model.max_memory.cpu, or let the rest go to disk with model.offload=auto.")
+    if main not in placed:
+        raise UserError(f"model.offload={cfg.offload}: {sizes} leaves no layer of {cfg.name_or_path} on the "
+                        f"{device.describe()}, which computes: raise model.max_memory.{'gpu' if main == 0 else 'cpu'}.")
+    counts = {where: sum(1 for d in device_map.values() if d == where) for where in (main, "cpu", "disk")}
+    log.info("model.offload=%s: %s", cfg.offload, ", ".join(f"{n} modules on {'the GPU' if where == 0 else where}"
+                                                            for where, n in counts.items() if n))
 
 
 def model_load_error(cfg: ModelConfig, e: Exception) -> Optional[UserError]:
@@ -343,6 +404,18 @@ def check_skip_modules(model, patterns: list[str]) -> None:
                         f"module paths or their prefixes, e.g. {examples}.")
 
 
+def offloaded_placement(model) -> dict:
+    """For a base model.offload placed partly in CPU RAM or on disk: the same placement for PEFT, which takes the
+    offload hooks off to insert the adapter and dispatches the model again (by default with a map of its own)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if not {"cpu", "disk"} & set(device_map.values()):
+        return {}
+    folder = next((m._hf_hook.weights_map.dataset.save_folder for m in model.modules()
+                   if getattr(getattr(getattr(m, "_hf_hook", None), "weights_map", None), "dataset", None)), None)
+    return {"device_map": {f"base_model.model.{k}" if k else "": v for k, v in device_map.items()},
+            **({"offload_folder": folder} if folder else {})}
+
+
 def attach_adapter(model, adapter_dir: Path):
     """The PEFT adapter saved in adapter_dir, on top of `model` (a base loaded by load_base_model)."""
     import warnings
@@ -351,7 +424,7 @@ def attach_adapter(model, adapter_dir: Path):
 
     with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(adapter_dir))
+        return PeftModel.from_pretrained(model, str(adapter_dir), **offloaded_placement(model))
 
 
 def keep_4bit_cpu_layers_differentiable(model) -> int:

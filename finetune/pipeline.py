@@ -94,6 +94,10 @@ def train(cfg: FinetuneConfig) -> dict:
 def prepare(cfg: FinetuneConfig) -> Session:
     # Cheap checks first: local files, then the device (bf16 on a T4, fp16 on a CPU), before any download.
     check_paths(cfg.data)
+    if cfg.model.offload != "none":
+        raise UserError(f"model.offload={cfg.model.offload} is for generate and eval (layers stream in for each forward, "
+                        "and cannot train there). To train in less GPU memory: train.activation_offloading=true, a paged "
+                        "optimizer (train.optim=paged_adamw_8bit), quant=nf4; `python -m finetune plan` weighs them.")
     device = detect_device(cfg.train, cfg.quant, cfg.model)
     if device.type == "cpu" and not cfg.train.allow_cpu:
         check_cpu_time(cfg)

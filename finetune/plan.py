@@ -313,8 +313,11 @@ class Setting:
     max_length: int
     checkpointing: bool
     optim: str
-    offload_optimizer: bool = False
     master_weights: str = "fp32"  # full fine-tuning: fp32 master weights (mixed precision) or 16-bit ones
+    activation_offloading: bool = False
+    offload: str = "none"         # inference: model.offload
+    max_memory_gpu: Optional[float] = None  # bytes, model.max_memory.gpu
+    max_memory_cpu: Optional[float] = None
     gpus: int = 1               # processes of an accelerate launch, one per GPU
     sharding: str = "ddp"       # with gpus > 1: ddp (replicas) or fsdp (shards)
 
@@ -328,7 +331,16 @@ def setting_of(cfg: FinetuneConfig) -> Setting:
     t = cfg.train
     return Setting(cfg.quant.method, cfg.quant.double_quant, cfg.lora.enabled, cfg.lora.r, t.micro_batch_size,
                    t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim,
-                   master_weights=t.master_weights, gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
+                   master_weights=t.master_weights, activation_offloading=t.activation_offloading,
+                   offload=cfg.model.offload, max_memory_gpu=size(cfg.model.max_memory.gpu),
+                   max_memory_cpu=size(cfg.model.max_memory.cpu), gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
+
+
+def size(text: Optional[str]) -> Optional[float]:
+    """Bytes of a size as accelerate reads it (10GiB, 500MB), or None."""
+    from accelerate.utils import convert_file_size_to_int
+
+    return None if text is None else float(convert_file_size_to_int(text))
 
 
 def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: str = "train") -> list[tuple[str, float]]:
@@ -373,22 +385,82 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
             matrices = [shape for shapes in arch.linears.values() for shape in shapes]
             states = optimizer_bytes(s.optim, matrices, w) + optimizer_bytes(s.optim, [(1, arch.other_params)], w)
             grads = n * w
-        rows.append((f"optimizer states: {s.optim}" + (" (offloaded to CPU)" if s.offload_optimizer else sharded),
-                     0 if s.offload_optimizer else states / n_sh))
+        rows.append((f"optimizer states: {s.optim}{sharded}", states / n_sh))
         if s.gpus > 1 and n_sh == 1:  # DDP all-reduces the gradients through buckets: one more copy of them
             rows.append(("DDP gradient buckets (a copy of the gradients)", grads))
         act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing,
                                          liger=cfg.train.liger_kernel)
         tokens = s.micro_batch * s.max_length
+        kept = act["layers"] if not s.activation_offloading else min(act["layers"], 2 * act["layers"] / arch.layers)
         rows.append((f"activations: {s.micro_batch} x {s.max_length} tokens, checkpointing "
-                     f"{'on' if s.checkpointing else 'off'}",
-                     tokens * (act["layers"] + act["recompute"] + act["other"])))
+                     f"{'on' if s.checkpointing else 'off'}"
+                     + (", offloaded (on the GPU: the two layers in flight)" if s.activation_offloading else ""),
+                     tokens * (kept + act["recompute"] + act["other"])))
         rows.append((f"logits and loss: vocabulary {arch.vocab}" + (", Liger fused (chunked)" if cfg.train.liger_kernel else ""),
                      tokens * act["logits"]))
-    subtotal = sum(b for _, b in rows)
-    rows.append((f"allocator: {FRAGMENTATION:.0%} fragmentation + workspaces", FRAGMENTATION * subtotal + WORKSPACE_GIB * GIB))
-    rows.append(("CUDA context (outside PyTorch's allocator)", CONTEXT_GIB * GIB))
     return rows
+
+
+def with_overhead(rows: list) -> list:
+    """The rows, then the allocator's share and the CUDA context: the last two rows of every plan."""
+    subtotal = sum(b for _, b in rows)
+    return rows + [(f"allocator: {FRAGMENTATION:.0%} fragmentation + workspaces", FRAGMENTATION * subtotal + WORKSPACE_GIB * GIB),
+                   ("CUDA context (outside PyTorch's allocator)", CONTEXT_GIB * GIB)]
+
+
+def offloaded_activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -> float:
+    """train.activation_offloading: the bytes of a micro-batch's activations that wait in CPU RAM for the backward
+    pass (every layer's; TRL keeps the two in flight on the GPU)."""
+    act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing,
+                                     liger=cfg.train.liger_kernel)
+    return s.micro_batch * s.max_length * act["layers"]
+
+
+def place_layers(arch: Arch, s: Setting, p: int, gpu: GPU, rows: list) -> tuple[list, list, dict]:
+    """model.offload for inference, as accelerate's device map does it: embeddings, head and norms stay on the GPU, and
+    whole decoder layers fill what the GPU has left for weights (model.max_memory.gpu, else the card less the KV
+    cache, activations and overhead), keeping room for one offloaded layer streamed in at a time; the rest goes to CPU
+    RAM (up to model.max_memory.cpu; none with model.offload=disk), then to disk. bitsandbytes leaves offloaded layers
+    unquantized (transformers' llm_int8_enable_fp32_cpu_offload), in the compute dtype. Returns (rows on the card, rows
+    off it, {"gpu", "cpu", "disk": decoder layers on each, "allowed": whether model.offload allows it})."""
+    n, bits = arch.layers, weight_bits(s.method, s.double_quant, p)
+    experts = arch.fused_params / n * p
+    on_gpu = arch.quantized_params / n * bits / 8 + experts
+    offloaded = arch.quantized_params / n * p + experts  # bitsandbytes leaves layers placed off the GPU unquantized
+    other = (arch.other_params - arch.fused_params) * p  # embeddings, norms, and an untied lm_head
+    head = arch.vocab * arch.hidden * p if other >= 2 * arch.vocab * arch.hidden * p else 0.0  # the last in the map
+    others = sum(b for label, b in rows if not label.startswith(("base weights", "embeddings")))
+    room = s.max_memory_gpu if s.max_memory_gpu is not None else (
+        (gpu.memory_gib - CONTEXT_GIB - WORKSPACE_GIB) * GIB / (1 + FRAGMENTATION) - others)
+    if other + n * on_gpu <= room:
+        return rows, [], {"gpu": n, "cpu": 0, "disk": 0, "allowed": True}
+    resident, streamed = other - head, max(offloaded, head)  # accelerate keeps room for the largest offloaded module
+    kept = max(0, min(n, math.floor((room - resident - streamed) / on_gpu)))
+    cpu_room = s.max_memory_cpu if s.max_memory_cpu is not None else (0 if s.offload == "disk" else math.inf)
+    in_ram = n - kept if cpu_room == math.inf else min(n - kept, math.floor((cpu_room - head) / offloaded))
+    on_disk = n - kept - in_ram
+    unquantized = f" ({8 * p}-bit: bitsandbytes does not quantize offloaded layers)" if s.method != "none" else ""
+    card = [(f"decoder layers on the GPU: {kept} of {n} in {describe_quant(s, p)}", kept * on_gpu),
+            ("embeddings and norms", resident),
+            (f"one offloaded layer, streamed in for its forward{unquantized}", streamed),
+            *[(label, b) for label, b in rows if not label.startswith(("base weights", "embeddings"))]]
+    host = [(f"CPU RAM: {in_ram} decoder layers{unquantized}" + (" and lm_head" if head else ""), in_ram * offloaded + head),
+            (f"disk: {on_disk} decoder layers", on_disk * offloaded)]
+    placed = {"gpu": kept, "cpu": in_ram, "disk": on_disk, "allowed": s.offload != "cpu" or on_disk == 0}
+    return card, [h for h in host if h[1] > 0], placed
+
+
+def decode_speed(arch: Arch, s: Setting, p: int, gpu: GPU, card: list, host: list, pcie_gbs: float,
+                 disk_gbs: float) -> dict:
+    """Generation is bound by memory bandwidth: every token reads each weight once (and the KV cache) from the GPU's
+    memory, each offloaded layer over PCIe, each layer on disk from the disk. Tokens/s of the whole batch."""
+    weights = sum(b for label, b in card if label.startswith(("base weights", "embeddings", "decoder layers", "one offloaded")))
+    kv = sum(b for label, b in card if label.startswith("KV cache"))
+    ram = sum(b for label, b in host if label.startswith("CPU RAM"))
+    disk = sum(b for label, b in host if label.startswith("disk"))
+    seconds = (weights + kv) / (gpu.bandwidth_gbs * 1e9) + ram / (pcie_gbs * 1e9) + disk / (disk_gbs * 1e9)
+    return {"decode_tokens_per_second": s.micro_batch / seconds, "seconds_per_token": seconds,
+            "streamed_gb_per_token": (ram + disk) / 1e9}
 
 
 def describe_quant(s: Setting, weight_bytes: int = 2) -> str:
@@ -442,10 +514,25 @@ def dtype_bytes_of(cfg: FinetuneConfig) -> int:
 
 
 def evaluate_setting(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str) -> dict:
-    rows = memory(arch, cfg, s, dtype_bytes_of(cfg), mode)
+    """The peak on the card and what is held off it: {"rows", "host" (CPU RAM, disk), "reserved_gib", "total_gib",
+    "fits", "margin_gib", "paged_bytes"}; a paged optimizer moves as much of its states off the card as it is over."""
+    p = dtype_bytes_of(cfg)
+    rows, host, placed = memory(arch, cfg, s, p, mode), [], None
+    if mode == "inference" and s.offload != "none":
+        rows, host, placed = place_layers(arch, s, p, gpu, rows)
+    if mode == "train" and s.activation_offloading:
+        host.append(("CPU RAM: offloaded activations (pinned)", offloaded_activations(arch, cfg, s, p)))
+    rows = with_overhead(rows)
     reserved, total = peak(rows)
-    return {"rows": rows, "reserved_gib": reserved, "total_gib": total, "fits": total <= gpu.memory_gib,
-            "margin_gib": gpu.memory_gib - total}
+    paged = 0.0
+    if mode == "train" and s.optim.startswith("paged") and total > gpu.memory_gib:
+        states = next(b for label, b in rows if label.startswith("optimizer states"))
+        paged = min(states, (total - gpu.memory_gib) * GIB)
+        host.append(("CPU RAM: optimizer states paged out (moved back and forth every step)", paged))
+        reserved, total = reserved - paged / GIB, total - paged / GIB
+    return {"rows": rows, "host": host, "reserved_gib": reserved, "total_gib": total, "placement": placed,
+            "fits": (placed is None or placed["allowed"]) and total <= gpu.memory_gib, "margin_gib": gpu.memory_gib - total,
+            "paged_bytes": paged}
 
 
 def knobs(s: Setting, mode: str) -> list[tuple[str, list]]:
@@ -474,10 +561,18 @@ def knobs(s: Setting, mode: str) -> list[tuple[str, list]]:
                              for r in (s.r // 2 ** k for k in range(1, 5)) if r >= 4]))
     out.append(("length", [(dataclasses.replace(s, max_length=n), [f"data.max_length={n}"], f"sequences of {n} tokens")
                            for n in (s.max_length // 2 ** k for k in range(1, 6)) if n >= 128]))
-    if mode == "train" and not s.offload_optimizer:
-        out.append(("offload", [(dataclasses.replace(s, offload_optimizer=True, optim="paged_adamw_8bit"),
-                                 ["train.optim=paged_adamw_8bit"],
-                                 "optimizer states paged out to CPU RAM (paged_adamw_8bit; slower when they move)")]))
+    if mode == "train" and not s.optim.startswith("paged"):
+        out.append(("paging", [(dataclasses.replace(s, optim="paged_adamw_8bit"), ["train.optim=paged_adamw_8bit"],
+                                "8-bit optimizer states, paged out to CPU RAM when the GPU runs short "
+                                "(paged_adamw_8bit; slower steps while they move)")]))
+    if mode == "train" and not s.activation_offloading:
+        out.append(("activation offloading", [(dataclasses.replace(s, activation_offloading=True),
+                                               ["train.activation_offloading=true"],
+                                               "activations offloaded to CPU RAM (overlapped with compute)")]))
+    if mode == "inference" and s.offload == "none":
+        out.append(("offload", [(dataclasses.replace(s, offload="cpu"), ["model.offload=cpu"],
+                                 "the layers that do not fit stream in from CPU RAM (model.offload=cpu; see the "
+                                 "decode speed it costs)")]))
     return out
 
 
@@ -581,12 +676,18 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
         "memory_gib": {label: b / GIB for label, b in result["rows"]},
         "peak_reserved_gib": result["reserved_gib"], "peak_gib": result["total_gib"],
         "fits": result["fits"], "margin_gib": result["margin_gib"],
+        "off_gpu_gib": {label: b / GIB for label, b in result["host"]}, "placement": result["placement"],
+        "pcie_gbs": cfg.plan.pcie_gbs, "disk_gbs": cfg.plan.disk_gbs,
         "suggestions": [] if result["fits"] else suggestions(arch, cfg, gpu, s, mode) + scale_out(arch, cfg, gpu, s, mode),
     }
+    if mode == "inference":
+        out.update(decode_speed(arch, s, dtype_bytes_of(cfg), gpu, result["rows"], result["host"], cfg.plan.pcie_gbs,
+                                cfg.plan.disk_gbs))
     if mode == "train":
         efficiency = cfg.plan.efficiency or EFFICIENCY[s.method]
         fpt = flops_per_token(arch, s)
-        tps = gpu.tflops * 1e12 * efficiency / fpt * s.gpus  # all GPUs; communication not modelled: an upper bound
+        tps = train_speed(arch, cfg, gpu, s, efficiency, result["paged_bytes"]) * s.gpus  # communication between
+        # GPUs not modelled: an upper bound
         steps, how = dataset_steps(cfg)
         tokens = steps * s.micro_batch * s.grad_accum * s.gpus * s.max_length if steps else None
         hours = tokens / tps / 3600 if tokens else None
@@ -594,6 +695,19 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
                     "steps": steps, "steps_from": how, "train_tokens": tokens,
                     "hours": hours, "gpu_hours": hours * s.gpus if hours else None})
     return out
+
+
+def train_speed(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, efficiency: float, paged: float) -> float:
+    """Training tokens/s of one GPU: its FLOPs at `efficiency` of the dense 16-bit peak; offloaded activations cross
+    PCIe twice (out in the forward, back in the backward: overlapped, so the slower of the two sets the pace); paged
+    optimizer states cross it twice per step, not overlapped."""
+    tps = gpu.tflops * 1e12 * efficiency / flops_per_token(arch, s)
+    pcie = cfg.plan.pcie_gbs * 1e9
+    if s.activation_offloading:
+        per_token = offloaded_activations(arch, cfg, s, dtype_bytes_of(cfg)) / (s.micro_batch * s.max_length)
+        tps = min(tps, pcie / (2 * per_token))
+    step_tokens = s.micro_batch * s.grad_accum * s.max_length
+    return step_tokens / (step_tokens / tps + 2 * paged / pcie)
 
 
 def cpu_flops() -> float:
@@ -640,19 +754,35 @@ def render(plan: dict) -> str:
     width = max(len(k) for k in plan["memory_gib"]) + 2
     lines += [f"  {k:<{width}}{v:8.2f} GiB" for k, v in plan["memory_gib"].items()]
     lines.append(f"  {'peak':<{width}}{plan['peak_gib']:8.2f} GiB  ({plan['peak_reserved_gib']:.2f} GiB reserved by PyTorch)")
+    for k, v in plan.get("off_gpu_gib", {}).items():
+        lines.append(f"  off the GPU, {k}: {v:.2f} GiB")
     if plan["mode"] == "train" and not plan.get("packing"):
         lines.append(f"  (every micro-batch counted as {s['micro_batch']} rows of {s['max_length']} tokens: the worst case "
                      "without packing; with data.packing=true every sequence is that full)")
     lines.append("")
     if plan["fits"]:
         lines.append(f"fits: {plan['margin_gib']:.2f} GiB to spare ({plan['margin_gib'] / plan['gpu_memory_gib']:.0%} of the card)")
+    elif plan.get("placement") and not plan["placement"]["allowed"]:
+        lines.append(f"does NOT fit: {plan['placement']['disk']} decoder layers fit neither the GPU nor CPU RAM, and "
+                     "model.offload=cpu keeps them off disk: raise model.max_memory.cpu, or model.offload=auto. "
+                     "Other changes that fit, each with its new peak:")
+        lines += [f"  - {t['change']}: {t['peak_gib']:.2f} GiB   [{' '.join(t['overrides'])}]" for t in plan["suggestions"]]
     else:
         lines.append(f"does NOT fit: {-plan['margin_gib']:.2f} GiB over. Cheapest changes that fit, each with its new peak:")
         lines += [f"  - {t['change']}: {t['peak_gib']:.2f} GiB   [{' '.join(t['overrides'])}]" for t in plan["suggestions"]]
+    moving = f"PCIe at {plan['pcie_gbs']:g} GB/s, disk at {plan['disk_gbs']:g} GB/s (plan.pcie_gbs, plan.disk_gbs)"
+    if plan["mode"] == "inference":
+        lines.append("")
+        lines.append(f"decode: ~{plan['decode_tokens_per_second']:,.3g} tokens/s for the batch of {s['micro_batch']} "
+                     f"(each token reads every weight once: the GPU's memory bandwidth"
+                     + (f"; {plan['streamed_gb_per_token']:.2f} GB of offloaded layers per token over {moving})"
+                        if plan["streamed_gb_per_token"] else ")"))
     if plan["mode"] == "train":
         lines.append("")
+        offloading = plan["off_gpu_gib"]
         lines.append(f"speed: ~{plan['tokens_per_second']:,.0f} tokens/s ({plan['flops_per_token'] / 1e9:.1f} GFLOP per "
                      f"token at {plan['efficiency']:.0%} of the GPU's dense 16-bit peak"
+                     + (f"; what is offloaded or paged moves over {moving}" if offloading else "")
                      + (f", {gpus} GPUs; their communication is not modelled: an upper bound)" if gpus > 1 else ")"))
         if plan["steps"]:
             lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum'] * gpus} "

@@ -129,6 +129,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         fp16=device.precision == "fp16",
         use_cpu=device.type == "cpu",
         use_liger_kernel=train.liger_kernel,
+        activation_offloading=train.activation_offloading,  # TRL's: saved tensors to pinned CPU memory, on streams
         dataloader_pin_memory=device.type == "cuda",
         # Logging, evaluation, checkpoints
         logging_steps=train.logging_steps,

@@ -59,11 +59,12 @@ class PublishArgs:
 
 
 # Each verb's own arguments, and the keys of the run's config it may override (a prefix ending in '.' = a group).
-VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (GenerateArgs, []),
+OFFLOAD = ["model.offload", "model.max_memory.", "model.offload_folder"]  # a model bigger than the GPU
+VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (GenerateArgs, OFFLOAD),
              "publish": (PublishArgs, ["hub.", "model.hub_id"]),
              "eval": (EvalArgs, ["eval.quant", "eval.task", "eval.max_new_tokens", "eval.batch_size", "eval.harness_tasks",
                                  "eval.harness_include", "eval.harness_limit", "quant.skip_modules",
-                                 "data.eval_max_samples"])}
+                                 "data.eval_max_samples", *OFFLOAD])}
 
 
 def overridable(verb: str) -> list[str]:

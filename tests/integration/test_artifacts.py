@@ -157,7 +157,29 @@ def test_generate_from_the_merged_model_with_sampling(demo_run, cli):
     assert "stopped at EOS" in result.stdout
 
 
+def test_generate_streams_layers_offloaded_to_disk_and_answers_the_same(demo_run, cli, tmp_path, caplog):
+    """model.offload=disk with a CPU RAM budget that holds a quarter of the model: accelerate streams the other layers
+    in from disk for every forward (transformers reads them from the checkpoint's own safetensors files), with the
+    adapter on top, and the greedy answers do not change."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Write 77 in words.\nSpell out the number 903.\n")
+    answers = {}
+    for name, extra in [("whole", []), ("disk", ["model.offload=disk", "model.max_memory.cpu=2MB"])]:
+        caplog.clear()
+        result = cli("generate", f"run={demo_run}", f"prompts_file={prompts}", "quant=none", "stream=false", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers[name] = [line for line in result.stdout.splitlines() if line.strip()]
+    assert "model.offload=disk: 3 modules on cpu, 5 modules on disk" in caplog.text
+    assert answers["disk"] == answers["whole"] and len(answers["whole"]) >= 4
+
+
 @pytest.mark.parametrize("args, message", [
+    (["prompt=hi", "model.offload=disk"], "model.offload=disk on a CPU: bitsandbytes' nf4 layers cannot stream in"),
+    (["prompt=hi", "quant=none", "model.offload=cpu", "model.max_memory.cpu=2MB"],
+     "does not fit CPU RAM (model.max_memory.cpu=2MB): raise model.max_memory.cpu, or let the rest go to disk"),
+    (["prompt=hi", "quant=none", "model.offload=disk", "model.max_memory.cpu=1MB"],
+     "model.max_memory.cpu=1MB leaves no layer of"),
+    (["prompt=hi", "model.offload=cpu", "model.max_memory.gpu=lots"], "model.max_memory.gpu=lots is not a size"),
     (["prompt=hi", "temprature=0.1"], "Unknown key 'temprature' for `generate`. Did you mean 'temperature'?"),
     (["prompt=hi", "max_new_tokens=many"], "max_new_tokens=many: expected an integer"),
     (["prompt=hi", "quant=fp8"], "quant=fp8 is not allowed: choose one of nf4, int8, none"),

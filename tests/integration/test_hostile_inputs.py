@@ -65,6 +65,9 @@ CONFIG_CASES = [  # (id, overrides, what the message must say)
     ("typo in list entry", ["data.sources=[{pth: a.jsonl}]"], ["Unknown key 'pth'", "Did you mean 'path'"]),
     ("resume and overwrite", ["resume=true", "overwrite=true"], ["resume=true and overwrite=true contradict"]),
     ("quantized full fine-tune", ["lora=off"], ["quant=nf4 with lora.enabled=false"]),
+    ("offload in training", ["model.offload=cpu"], ["model.offload=cpu is for generate and eval"]),
+    ("activation offloading on a CPU", ["train.activation_offloading=true"],
+     ["train.activation_offloading=true moves activations from a GPU to CPU RAM"]),
     ("16-bit master weights with LoRA", ["train.master_weights=16bit"], ["train.master_weights=16bit is for full "
                                                                           "fine-tuning (lora=off)"]),
     ("16-bit master weights in fp16", ["lora=off", "quant=none", "train.master_weights=16bit", "train.precision=fp16"],

@@ -320,3 +320,60 @@ def test_a_model_no_setting_fits_says_so_and_names_the_gpus_that_would():
     first, fsdp = plan["suggestions"][0], plan["suggestions"][-1]
     assert first["change"].startswith("no setting plan can change helps enough") and first["overrides"] == []
     assert "plan.sharding=fsdp" in fsdp["overrides"] and fsdp["peak_gib"] < GPUS["rtx4090"].memory_gib
+
+
+INFER_7B = ["model=llama2_7b", "quant=none", "quant.double_quant=false", "data.max_length=512",
+            "train.micro_batch_size=1"]
+
+
+@pytest.mark.parametrize("gpu_gib", [2, 4, 8])
+def test_offloaded_inference_keeps_on_the_gpu_the_layers_accelerates_device_map_keeps(gpu_gib):
+    """model.offload with a small model.max_memory.gpu: plan's split of the decoder layers is accelerate's own
+    infer_auto_device_map on the meta-device model (embeddings first, whole layers, room for the largest module)."""
+    from accelerate import infer_auto_device_map
+
+    from finetune.plan import meta_model
+
+    plan = plan_of(*INFER_7B, "model.offload=cpu", f"model.max_memory.gpu={gpu_gib}GiB", gpu="rtx4090", mode="inference")
+    _, net = meta_model(load_config(INFER_7B).model)
+    device_map = infer_auto_device_map(net, max_memory={0: gpu_gib * GIB, "cpu": 1000 * GIB}, dtype=torch.bfloat16,
+                                       no_split_module_classes=list(net._no_split_modules))
+    on_gpu = sum(1 for name, device in device_map.items() if ".layers." in name and device == 0)
+    assert plan["placement"] == {"gpu": on_gpu, "cpu": 32 - on_gpu, "disk": 0, "allowed": True}
+    assert device_map["lm_head"] == "cpu" and "lm_head" in next(iter(plan["off_gpu_gib"]))
+
+
+def test_offloading_trades_gpu_memory_for_decode_speed_at_the_stated_bandwidths():
+    whole = plan_of(*INFER_7B, gpu="rtx4090", mode="inference")
+    ram = plan_of(*INFER_7B, "model.offload=cpu", "model.max_memory.gpu=4GiB", gpu="rtx4090", mode="inference")
+    disk = plan_of(*INFER_7B, "model.offload=disk", "model.max_memory.gpu=4GiB", "model.max_memory.cpu=2GiB",
+                   gpu="rtx4090", mode="inference")
+    assert ram["peak_gib"] < whole["peak_gib"] / 2 and whole["off_gpu_gib"] == {}
+    weights_gb = (whole["params"] * 2) / 1e9  # every weight read once per token: bandwidth-bound decoding
+    assert 1 / whole["decode_tokens_per_second"] == pytest.approx((weights_gb + 0.25 * GIB / 1e9) / 1008, rel=0.02)
+    streamed = ram["off_gpu_gib"]  # the offloaded layers cross PCIe once per token
+    assert ram["streamed_gb_per_token"] == pytest.approx(sum(streamed.values()) * GIB / 1e9)
+    assert 1 / ram["decode_tokens_per_second"] > ram["streamed_gb_per_token"] / 25
+    assert disk["placement"]["disk"] > 0 and disk["decode_tokens_per_second"] < ram["decode_tokens_per_second"] / 3
+    too_little = plan_of(*INFER_7B, "model.offload=cpu", "model.max_memory.gpu=4GiB", "model.max_memory.cpu=2GiB",
+                         gpu="rtx4090", mode="inference")
+    assert not too_little["fits"] and not too_little["placement"]["allowed"]
+
+
+def test_activation_offloading_and_paging_move_memory_off_the_card_at_a_cost_in_speed():
+    long = ["recipe=qlora_llama3_8b", "data.max_length=16384", "train.micro_batch_size=1", "train.grad_accum=8"]
+    base = plan_of(*long, gpu="rtx4090")
+    offloaded = plan_of(*long, "train.activation_offloading=true", gpu="rtx4090")
+    act = lambda plan: next(v for k, v in plan["memory_gib"].items() if k.startswith("activations"))  # noqa: E731
+    moved = offloaded["off_gpu_gib"]["CPU RAM: offloaded activations (pinned)"]
+    assert act(offloaded) < act(base) and act(base) - act(offloaded) == pytest.approx(moved * 30 / 32, rel=0.01)
+    assert offloaded["tokens_per_second"] <= base["tokens_per_second"]
+    tight = [*FULL_PHI2, "data.max_length=512", "train.optim=adamw_8bit"]  # 10 bytes a weight: just over a 24 GB card
+    unpaged = plan_of(*tight, gpu="rtx4090")
+    paged = plan_of(*tight, "train.optim=paged_adamw_8bit", gpu="rtx4090")
+    states = next(v for k, v in unpaged["memory_gib"].items() if k.startswith("optimizer states"))
+    over = -unpaged["margin_gib"]
+    assert 0 < over < states and not unpaged["fits"]  # over the card by less than the states: paging saves it
+    assert paged["fits"] and paged["off_gpu_gib"]["CPU RAM: optimizer states paged out (moved back and forth every "
+                                                  "step)"] == pytest.approx(over, rel=1e-6)
+    assert paged["tokens_per_second"] < unpaged["tokens_per_second"]
