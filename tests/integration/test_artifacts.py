@@ -158,7 +158,7 @@ def test_generate_from_the_merged_model_with_sampling(demo_run, cli):
 
 
 def test_generate_streams_layers_offloaded_to_disk_and_answers_the_same(demo_run, cli, tmp_path, caplog):
-    """model.offload=disk with a CPU RAM budget that holds a quarter of the model: accelerate streams the other layers
+    """model.offload=disk with a CPU RAM budget of 2 MB (embeddings, head and one of four layers): accelerate streams the other layers
     in from disk for every forward (transformers reads them from the checkpoint's own safetensors files), with the
     adapter on top, and the greedy answers do not change."""
     prompts = tmp_path / "prompts.txt"
