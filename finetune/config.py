@@ -274,7 +274,8 @@ class HubConfig:
     gguf: bool = opt(False, "also upload gguf/ (the GGUF files, their fidelity.json and the Ollama Modelfile)")
 
 
-GPU_PRESETS = ["auto", "t4", "rtx3060", "rtx3090", "rtx4090", "l4", "a10", "a100-40gb", "a100-80gb", "h100", "h200"]
+GPU_PRESETS = ["auto", "t4", "rtx3060", "rtx4060ti", "rtx3090", "rtx4090", "l4", "a10", "a6000", "a100-40gb", "a100-80gb",
+               "h100", "h200"]
 
 
 @dataclass
@@ -282,12 +283,18 @@ class PlanConfig:
     gpu: str = opt("auto", "GPU to plan for: auto = the local one, or a preset", GPU_PRESETS)
     mode: str = opt("train", "plan training, or inference (weights + KV cache)", ["train", "inference"])
     format: str = opt("table", "print a table, or JSON for scripts", ["table", "json"])
-    efficiency: Optional[float] = opt(None, "share of the GPU's dense 16-bit peak FLOP/s reached; null = 0.30 for nf4, "
-                                      "0.12 for int8, 0.40 for 16-bit", min=0, max=1, min_exclusive=True)
+    efficiency: Optional[float] = opt(None, "share of the GPU's dense 16-bit peak FLOP/s reached; null = 0.42 for nf4, "
+                                      "0.17 for int8, 0.56 for 16-bit (scripts/plan_vs_published.py)", min=0, max=1,
+                                      min_exclusive=True)
     gpus: int = opt(1, "GPUs the run is launched on (accelerate launch --num_processes N): memory is planned per GPU",
                     min=1, max=64)
     sharding: str = opt("ddp", "with gpus > 1: ddp = each GPU holds the whole model; fsdp = weights, gradients and "
                         "optimizer states sharded over the GPUs", ["ddp", "fsdp"])
+    loss: str = opt("auto", "how the run computes its logits and loss: auto = this installation's (TRL's fused LM head "
+                    "where TRL has it, else full fp32 logits); full, logits16 (16-bit logits, fp32 loss per chunk) or "
+                    "chunked (no whole logits) to plan another stack", ["auto", "full", "logits16", "chunked"])
+    solve: str = opt("none", "also find the longest sequence (max_seq) or the largest micro-batch (max_batch) that fits "
+                     "plan.gpu, all else as set", ["none", "max_seq", "max_batch"])
     pcie_gbs: float = opt(25.0, "GB/s between CPU RAM and the GPU (PCIe 4.0 x16, pinned): what offloaded layers, "
                           "offloaded activations and paged optimizer states move at", min=0, min_exclusive=True)
     disk_gbs: float = opt(3.0, "GB/s read from disk (an NVMe SSD): what layers offloaded to disk stream in at", min=0,

@@ -40,8 +40,13 @@ GIB = 2**30
 CONTEXT_GIB = 0.5         # CUDA context + cuBLAS handles: on the card, outside PyTorch's allocator
 WORKSPACE_GIB = 0.25      # cuBLAS/cuDNN workspaces and small buffers inside the allocator
 FRAGMENTATION = 0.05      # reserved / allocated - 1 for a steady training loop
-AUTO_FIT_USE = 0.95       # auto_fit leaves 5% of the card free: the plan is an estimate
-EFFICIENCY = {"nf4": 0.30, "int8": 0.12, "none": 0.40}  # share of the dense bf16 peak reached (dequantization, kernels)
+AUTO_FIT_USE = 0.90       # auto_fit leaves 10% of the card free: published peaks sat up to 10% above plan's
+#                           (scripts/bench_results/plan_vs_published.md)
+# Share of the dense 16-bit peak reached, counting the recomputed forward (dequantization, kernels): nf4 from the one
+# comparable published measurement (PEFT + bitsandbytes QLoRA of an 8B on an RTX 4090, 2300 tokens/s:
+# scripts/bench_results/plan_vs_published.md); int8 and 16-bit scaled by the same factor from the earlier
+# 0.12 / 0.30 / 0.40, until the GPU evidence run (scripts/gpu_evidence.sh) measures them.
+EFFICIENCY = {"nf4": 0.42, "int8": 0.17, "none": 0.56}
 ARCH_DIR = Path(__file__).resolve().parent / "assets" / "arch"
 
 
@@ -57,10 +62,12 @@ class GPU:
 GPUS = {
     "t4": GPU("NVIDIA T4 16GB", 14.6, False, 65, 320),
     "rtx3060": GPU("NVIDIA GeForce RTX 3060 12GB", 11.8, True, 25.6, 360),
+    "rtx4060ti": GPU("NVIDIA GeForce RTX 4060 Ti 16GB", 15.6, True, 44, 288),
     "rtx3090": GPU("NVIDIA GeForce RTX 3090 24GB", 23.7, True, 71, 936),
     "rtx4090": GPU("NVIDIA GeForce RTX 4090 24GB", 23.6, True, 165, 1008),
     "l4": GPU("NVIDIA L4 24GB", 22.0, True, 121, 300),
     "a10": GPU("NVIDIA A10 24GB", 22.0, True, 125, 600),
+    "a6000": GPU("NVIDIA RTX A6000 48GB", 47.5, True, 155, 768),
     "a100-40gb": GPU("NVIDIA A100 40GB", 39.4, True, 312, 1555),
     "a100-80gb": GPU("NVIDIA A100 80GB", 79.1, True, 312, 2039),
     "h100": GPU("NVIDIA H100 80GB", 79.1, True, 989, 3350),
@@ -79,7 +86,8 @@ def local_gpu() -> GPU:
     name, memory = props.name, props.total_memory / GIB
     compact = name.lower().replace(" ", "").replace("-", "")
     patterns = [("h200", "h200"), ("h100", "h100"), ("a100", "a100-80gb" if memory > 50 else "a100-40gb"),
-                ("a10", "a10"), ("l4", "l4"), ("4090", "rtx4090"), ("3090", "rtx3090"), ("3060", "rtx3060"), ("t4", "t4")]
+                ("a6000", "a6000"), ("a10", "a10"), ("l4", "l4"), ("4090", "rtx4090"), ("3090", "rtx3090"),
+                ("4060ti", "rtx4060ti"), ("3060", "rtx3060"), ("t4", "t4")]
     ref = next((GPUS[key] for pattern, key in patterns if pattern in compact), None)
     if ref is None:
         log.warning("plan: %s is not among the presets; its speed is taken as 100 TFLOP/s (memory is read from the "
@@ -114,6 +122,8 @@ class Arch:
     fused: dict = field(default_factory=dict)    # fused experts' 3-D weights: name in a layer -> [(experts, in, out)]
     active_experts: float = 1.0                  # the share of the experts each token runs through (top-k / experts)
     adapted: list = field(default_factory=list)  # weights LoRA adapts as parameters: [(shape, rank / lora.r)]
+    heads: int = 1              # attention heads (eager attention keeps heads x seq x seq scores per layer)
+    sdpa: bool = True           # transformers has SDPA attention for it (else auto means eager)
 
     @property
     def fused_params(self) -> int:
@@ -198,7 +208,8 @@ def load_arch(model, lora=None) -> Arch:
         intermediate = top_k * (get("moe_intermediate_size") or intermediate) + (get("shared_expert_intermediate_size") or 0)
     return Arch(
         name=model.name_or_path, layers=get("num_hidden_layers", "num_layers", "n_layer"), hidden=hidden,
-        intermediate=intermediate, kv_dim=kv_heads * head_dim, vocab=text.vocab_size,
+        intermediate=intermediate, kv_dim=kv_heads * head_dim, vocab=text.vocab_size, heads=heads,
+        sdpa=getattr(net, "_supports_sdpa", True),
         gated_mlp="gate_proj" in linears or "w1" in linears and "w3" in linears or bool(experts),
         quantized_params=quantized, other_params=total - quantized, linears=linears,
         max_position=get("max_position_embeddings", "n_positions"), fused=fused_weights(net),
@@ -283,22 +294,56 @@ def optimizer_bytes(optim: str, shapes: list[tuple[int, int]], param_bytes: int)
     return total
 
 
+LOSSES = {"full": "full fp32 logits (transformers' loss)", "logits16": "16-bit logits, fp32 loss a chunk at a time",
+          "chunked": "no whole logits (TRL's fused LM head, Liger)"}
+LOSS_TILE_TOKENS, LOSS_TILE_VOCAB = 4096, 32768  # TRL's fused LM head: tiles of the logits it computes at a time
+
+
+ATTENTION_INPUT = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "q", "k", "v"}
+MLP_INPUT = {"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "c_fc", "fc1", "dense_h_to_4h"}
+ATTENTION_OUTPUT = {"o_proj", "out_proj", "dense", "c_proj", "o"}  # its input is the attention's output, saved anyway
+
+
+def lora_saved(arch: Arch, lora, r: int, adapters_16bit: bool) -> float:
+    """Elements per token and layer that LoRA adds to what a frozen layer saves (measured with autograd's saved-tensor
+    hooks, tests/unit/test_plan.py). 16-bit adapters (TRL's for a quantized base) save each distinct input once, and
+    the attention output not at all (the attention saved it); fp32 adapters (PEFT's on a 16-bit base) save their own
+    fp32 copy of every input; dropout gives each adapter its own copy (and its mask)."""
+    targets = {name: shapes[0][0] for name, shapes in targeted(arch, lora.target_modules).items()}
+    dropout = lora.dropout > 0
+    if not adapters_16bit:
+        return sum((4 if dropout else 2) * width + 2 * r for width in targets.values())
+    if dropout:
+        return sum(2 * width + r for width in targets.values())
+    distinct = {"attention" if name in ATTENTION_INPUT else "mlp" if name in MLP_INPUT else name: width
+                for name, width in targets.items() if name not in ATTENTION_OUTPUT}
+    return sum(distinct.values()) + r * len(targets)
+
+
 def activation_bytes_per_token(arch: Arch, lora, r: Optional[int], dtype_bytes: int, checkpointing: bool,
-                               liger: bool = False) -> dict:
+                               loss: str = "full", attention: str = "sdpa", seq: int = 0,
+                               adapters_16bit: bool = False) -> dict:
     """Bytes per token kept for the backward pass: {"layers", "recompute", "other", "logits"}; `lora` is the
-    LoraConfig, r its rank (None: no LoRA). Liger's fused linear cross-entropy never materializes the
-    logits: it works through chunks of about tokens x hidden fp32 values (V/h chunks), and their gradient."""
+    LoraConfig, r its rank (None: full fine-tuning), `seq` the sequence length (eager attention's scores grow with it).
+
+    A decoder layer whose weights are frozen saves 6h + 2kv + 3i values per token (the norms' inputs, the rotated
+    queries and keys, the attention's output, the MLP's activations; a frozen linear layer keeps none of its input);
+    LoRA adds lora_saved(); full fine-tuning adds every linear layer's input (4h + i). Checkpointing keeps each layer's
+    input and recomputes one layer at a time.
+    The logits and the loss, as `loss` computes them (plan.loss):
+    - full: the 16-bit logits, their fp32 copy, the saved log-softmax and its gradient (transformers' loss);
+    - logits16: the 16-bit logits kept, the fp32 loss computed a chunk at a time (torchtune's chunked loss);
+    - chunked: the logits never exist whole (TRL's fused LM head, Liger's fused cross-entropy): per token the
+      hidden state it saves, its fp32 gradient and a few fp32 statistics; the tile it computes in is a fixed row.
+    Attention: sdpa and flash keep the per-head log-sum-exp; eager keeps every head's softmax over the sequence
+    (heads x seq 16-bit values per token and layer)."""
     h, i, kv, p = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes
-    layer = p * (12 * h + 2 * kv + (4 if arch.gated_mlp else 2) * i)
-    if r is not None:
-        per_layer = [shapes[0] for shapes in targeted(arch, lora.target_modules).values()]
-        inputs = sum(shape[0] for shape in per_layer)
-        layer += p * (inputs + len(per_layer) * r)
-        if lora.dropout > 0:
-            layer += 1.65 * p * inputs  # the dropped-out copy of each input, and its mask
+    scores = arch.heads * seq * p if attention == "eager" else arch.heads * 4
+    added = 4 * h + i if r is None else lora_saved(arch, lora, r, adapters_16bit)
+    layer = p * (6 * h + 2 * kv + (3 if arch.gated_mlp else 2) * i + added) + scores
     kept = arch.layers * (p * h if checkpointing else layer)
-    return {"layers": kept, "recompute": layer if checkpointing else 0, "other": 4 * p * h,
-            "logits": 8 * h if liger else arch.vocab * (2 * p + 8)}
+    logits = {"full": arch.vocab * (2 * p + 8), "logits16": arch.vocab * (p + 0.5), "chunked": 8 * h + 40}[loss]
+    return {"layers": kept, "recompute": layer if checkpointing else 0, "other": 4 * p * h, "logits": logits}
 
 
 @dataclass
@@ -314,6 +359,9 @@ class Setting:
     checkpointing: bool
     optim: str
     master_weights: str = "fp32"  # full fine-tuning: fp32 master weights (mixed precision) or 16-bit ones
+    loss: str = "full"            # how the logits and the loss are computed (activation_bytes_per_token)
+    attention: str = "sdpa"       # sdpa, flash or eager
+    padded: bool = False          # rows padded to the micro-batch's longest (SDPA then takes a seq x seq mask)
     activation_offloading: bool = False
     offload: str = "none"         # inference: model.offload
     max_memory_gpu: Optional[float] = None  # bytes, model.max_memory.gpu
@@ -327,13 +375,37 @@ class Setting:
         return self.gpus if self.sharding == "fsdp" else 1
 
 
-def setting_of(cfg: FinetuneConfig) -> Setting:
+def setting_of(cfg: FinetuneConfig, arch: Optional[Arch] = None) -> Setting:
     t = cfg.train
+    attention = {"flash_attention_2": "flash", "eager": "eager", "sdpa": "sdpa"}.get(
+        cfg.model.attn_implementation, "sdpa" if arch is None or arch.sdpa else "eager")
     return Setting(cfg.quant.method, cfg.quant.double_quant, cfg.lora.enabled, cfg.lora.r, t.micro_batch_size,
                    t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim,
-                   master_weights=t.master_weights, activation_offloading=t.activation_offloading,
+                   master_weights=t.master_weights, loss=loss_of(cfg), attention=attention,
+                   padded=not cfg.data.packing and cfg.data.padding_free is False,
+                   activation_offloading=t.activation_offloading,
                    offload=cfg.model.offload, max_memory_gpu=size(cfg.model.max_memory.gpu),
                    max_memory_cpu=size(cfg.model.max_memory.cpu), gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
+
+
+def loss_of(cfg: FinetuneConfig) -> str:
+    """plan.loss=auto: what this installation computes. TRL's SFTTrainer computes the loss through its fused LM head
+    (tiles of the logits, never all of them) since its 1.x releases, Liger's kernels through their fused
+    cross-entropy; before, transformers' loss over the whole fp32 logits."""
+    if cfg.plan.loss != "auto":
+        return cfg.plan.loss
+    return "chunked" if cfg.train.liger_kernel or trl_fused_head() else "full"
+
+
+@functools.lru_cache(maxsize=1)
+def trl_fused_head() -> bool:
+    """Whether the installed TRL's SFTTrainer adds its fused LM head (read from its source: importing TRL costs
+    seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    source = Path(spec.origin).parent / "trainer" / "sft_trainer.py" if spec and spec.origin else None
+    return bool(source and source.is_file() and "add_fused_lm_head(" in source.read_text())
 
 
 def size(text: Optional[str]) -> Optional[float]:
@@ -368,7 +440,7 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
         if s.lora:
             adapter = lora_shapes(arch, cfg.lora, s.r)
             n = sum(x * y for x, y in adapter)
-            b = 2 if s.method != "none" and p == 2 else 4
+            b = 2 if adapters_16bit(s, p) else 4
             rows += [(f"LoRA weights: {n / 1e6:.1f}M, r={s.r}, {8 * b}-bit{sharded}", n * b / n_sh),
                      (f"LoRA gradients{sharded}", n * b / n_sh)]
             states, grads = optimizer_bytes(s.optim, adapter, b), n * b
@@ -388,17 +460,29 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
         rows.append((f"optimizer states: {s.optim}{sharded}", states / n_sh))
         if s.gpus > 1 and n_sh == 1:  # DDP all-reduces the gradients through buckets: one more copy of them
             rows.append(("DDP gradient buckets (a copy of the gradients)", grads))
-        act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing,
-                                         liger=cfg.train.liger_kernel)
+        act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing, s.loss,
+                                         s.attention, s.max_length, adapters_16bit(s, p))
         tokens = s.micro_batch * s.max_length
         kept = act["layers"] if not s.activation_offloading else min(act["layers"], 2 * act["layers"] / arch.layers)
         rows.append((f"activations: {s.micro_batch} x {s.max_length} tokens, checkpointing "
                      f"{'on' if s.checkpointing else 'off'}"
                      + (", offloaded (on the GPU: the two layers in flight)" if s.activation_offloading else ""),
                      tokens * (kept + act["recompute"] + act["other"])))
-        rows.append((f"logits and loss: vocabulary {arch.vocab}" + (", Liger fused (chunked)" if cfg.train.liger_kernel else ""),
-                     tokens * act["logits"]))
+        rows.append((f"logits and loss: vocabulary {arch.vocab}, {LOSSES[s.loss]}", tokens * act["logits"]))
+        if s.loss == "chunked":
+            rows.append(("loss tile: the logits of up to 4096 tokens x 32768 words at a time",
+                         min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab, LOSS_TILE_VOCAB) * p))
+        if s.attention == "eager":
+            rows.append(("eager attention: one layer's fp32 softmax over the sequence",
+                         s.micro_batch * arch.heads * s.max_length ** 2 * 4))
+        if s.padded and s.attention == "sdpa":
+            rows.append(("SDPA's attention mask of the padded batch", s.micro_batch * s.max_length ** 2))
     return rows
+
+
+def adapters_16bit(s: Setting, p: int) -> bool:
+    """TRL keeps the adapters of a quantized base in bf16; PEFT keeps them in fp32 otherwise."""
+    return s.method != "none" and p == 2
 
 
 def with_overhead(rows: list) -> list:
@@ -411,8 +495,8 @@ def with_overhead(rows: list) -> list:
 def offloaded_activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -> float:
     """train.activation_offloading: the bytes of a micro-batch's activations that wait in CPU RAM for the backward
     pass (every layer's; TRL keeps the two in flight on the GPU)."""
-    act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing,
-                                     liger=cfg.train.liger_kernel)
+    act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing, s.loss,
+                                     s.attention, s.max_length, adapters_16bit(s, p))
     return s.micro_batch * s.max_length * act["layers"]
 
 
@@ -665,21 +749,24 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
     if cfg.train.precision == "bf16" and not gpu.bf16:
         raise UserError(f"train.precision=bf16 but the {gpu.name} has no bf16: set train.precision=auto or fp16.")
     arch = load_arch(cfg.model, cfg.lora)
-    s = setting_of(cfg)
+    s = setting_of(cfg, arch)
     if mode == "inference":  # generate and export run in one process
         s = dataclasses.replace(s, gpus=1)
     result = evaluate_setting(arch, cfg, gpu, s, mode)
     out = {
         "recipe": cfg.recipe, "model": arch.name, "gpu": gpu.name, "gpu_memory_gib": gpu.memory_gib, "mode": mode,
         "gpus": s.gpus, "sharding": s.sharding if s.gpus > 1 else None,
-        "params": arch.params, "setting": s.__dict__, "packing": cfg.data.packing,
+        "params": arch.params, "setting": s.__dict__, "packing": cfg.data.packing, "max_position": arch.max_position,
         "memory_gib": {label: b / GIB for label, b in result["rows"]},
+        "peak_allocated_gib": sum(b for _, b in result["rows"][:-2]) / GIB,
         "peak_reserved_gib": result["reserved_gib"], "peak_gib": result["total_gib"],
         "fits": result["fits"], "margin_gib": result["margin_gib"],
         "off_gpu_gib": {label: b / GIB for label, b in result["host"]}, "placement": result["placement"],
         "pcie_gbs": cfg.plan.pcie_gbs, "disk_gbs": cfg.plan.disk_gbs,
         "suggestions": [] if result["fits"] else suggestions(arch, cfg, gpu, s, mode) + scale_out(arch, cfg, gpu, s, mode),
     }
+    if cfg.plan.solve != "none":
+        out["solve"] = solve(arch, cfg, gpu, s, mode, cfg.plan.solve)
     if mode == "inference":
         out.update(decode_speed(arch, s, dtype_bytes_of(cfg), gpu, result["rows"], result["host"], cfg.plan.pcie_gbs,
                                 cfg.plan.disk_gbs))
@@ -695,6 +782,28 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
                     "steps": steps, "steps_from": how, "train_tokens": tokens,
                     "hours": hours, "gpu_hours": hours * s.gpus if hours else None})
     return out
+
+
+SOLVE_LIMIT = 1 << 22  # 4M tokens or rows: the search stops there
+
+
+def solve(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, mode: str, what: str) -> dict:
+    """plan.solve: the longest sequence (max_seq) or the largest micro-batch (max_batch) that fits the GPU, everything
+    else as set: doubling, then bisection (the peak grows with both). {what: N (0: not even 1 fits), "peak_gib"}."""
+    key = "max_length" if what == "max_seq" else "micro_batch"
+
+    def result(n: int) -> dict:
+        return evaluate_setting(arch, cfg, gpu, dataclasses.replace(s, **{key: n}), mode)
+
+    if not result(1)["fits"]:
+        return {what: 0, "peak_gib": result(1)["total_gib"]}
+    low, high = 1, 2
+    while high <= SOLVE_LIMIT and result(high)["fits"]:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if result(middle)["fits"] else (low, middle)
+    return {what: low, "peak_gib": result(low)["total_gib"], "capped": low >= SOLVE_LIMIT}
 
 
 def train_speed(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, efficiency: float, paged: float) -> float:
@@ -737,7 +846,7 @@ def cpu_estimate(cfg: FinetuneConfig, hours_of_interest: float = 0.0) -> Optiona
         arch = load_arch(cfg.model, cfg.lora)
     except Exception:  # no config.json here, or an architecture the meta device cannot build: loading says why
         return None
-    s = setting_of(cfg)
+    s = setting_of(cfg, arch)
     steps, how = dataset_steps(cfg)
     flops = s.micro_batch * s.grad_accum * s.max_length * flops_per_token(arch, s) * (steps or 100)
     at_best = flops / FASTEST_CPU_FLOPS / 3600
@@ -770,6 +879,18 @@ def render(plan: dict) -> str:
     else:
         lines.append(f"does NOT fit: {-plan['margin_gib']:.2f} GiB over. Cheapest changes that fit, each with its new peak:")
         lines += [f"  - {t['change']}: {t['peak_gib']:.2f} GiB   [{' '.join(t['overrides'])}]" for t in plan["suggestions"]]
+    if plan.get("solve"):
+        (what, n), peak_gib = next(iter(plan["solve"].items())), plan["solve"]["peak_gib"]
+        lines.append("")
+        if what == "max_seq":
+            beyond = f" (beyond the model's {plan['max_position']} positions)" if plan.get("max_position") and n > plan["max_position"] else ""
+            lines.append(f"solve: the longest sequence that fits is {n:,} tokens{beyond}, at a peak of {peak_gib:.2f} GiB "
+                         f"(micro-batch {s['micro_batch']}; data.max_length={n})" if n else
+                         "solve: not even a 1-token sequence fits: see the changes above")
+        else:
+            lines.append(f"solve: the largest micro-batch that fits is {n} rows of {s['max_length']} tokens, at a peak of "
+                         f"{peak_gib:.2f} GiB (train.micro_batch_size={n})" if n else
+                         "solve: not even a micro-batch of 1 fits: see the changes above")
     moving = f"PCIe at {plan['pcie_gbs']:g} GB/s, disk at {plan['disk_gbs']:g} GB/s (plan.pcie_gbs, plan.disk_gbs)"
     if plan["mode"] == "inference":
         lines.append("")
@@ -804,7 +925,7 @@ def auto_fit(cfg: FinetuneConfig, processes: int = 1, strategy: str = "single") 
         return {"applied": False, "reason": "no CUDA GPU: the plan models GPU memory"}
     gpu, arch = local_gpu(), load_arch(cfg.model, cfg.lora)
     eff = t.micro_batch_size * t.grad_accum
-    base = dataclasses.replace(setting_of(cfg), gpus=processes, sharding="fsdp" if strategy == "fsdp" else "ddp")
+    base = dataclasses.replace(setting_of(cfg, arch), gpus=processes, sharding="fsdp" if strategy == "fsdp" else "ddp")
     for checkpointing in (False, True):
         for mb in sorted((m for m in range(1, eff + 1) if eff % m == 0), reverse=True):
             s = dataclasses.replace(base, micro_batch=mb, grad_accum=eff // mb, checkpointing=checkpointing)

@@ -148,7 +148,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         max_length=None if data.padding_free and not data.packing else data.max_length,
         packing=data.packing,
         packing_strategy="bfd",
-        padding_free=data.padding_free,  # (with bfd packing TRL is padding-free anyway)
+        padding_free=bool(data.padding_free),  # null until settle_padding_free decides; (bfd packing is padding-free anyway)
         torch_compile=train.compile,
         ddp_find_unused_parameters=False,  # every LoRA (or full) weight is used in each step: no extra graph walk
         dataset_num_proc=data.num_proc,
