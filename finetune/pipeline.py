@@ -218,7 +218,7 @@ def build(s: Session):
                             eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
     trainer = build_trainer(model, s.tokenizer, s.train_tok.dataset, s.eval_tok.dataset if has_eval else None,
                             build_peft_config(cfg.lora), args, [MetricsCallback(s.metrics, s.device.type)],
-                            optimizer_of(cfg.train, args))
+                            optimizer=optimizer_of(cfg.train, args))
     if cfg.data.packing:
         s.packing = packing_efficiency(trainer.train_dataset, cfg.data.max_length)
         log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(s.train_tok.dataset),

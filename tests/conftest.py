@@ -33,6 +33,18 @@ DEMO_SAVE = DEMO_STEPS // 2  # a checkpoint half way, and one at the end
 TINY_RUN_STEPS = 16  # the shared tiny run: 91 training rows / micro-batch 8 = 12 steps per epoch, 13-16 in the second
 
 
+def pytest_collection_finish(session):
+    """Import the training stack once and move everything alive to the garbage collector's permanent generation: the
+    Trainer calls gc.collect() after every training run (accelerate's free_memory), and in a test session holding
+    torch, transformers, TRL and every collected test each call walked all of it (0.3 s a run here)."""
+    import gc
+
+    import peft  # noqa: F401
+    import trl.trainer.sft_trainer  # noqa: F401
+
+    gc.freeze()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A subprocess that ran past its timeout is one line saying so, not a traceback (tests/helpers.py too_slow)."""

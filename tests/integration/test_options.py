@@ -73,7 +73,7 @@ def test_full_fine_tuning_keeps_small_updates_in_mixed_precision_and_loses_them_
     weights (the default) add them up, pure bf16 weights round them away (with a warning), and Kahan summation
     (train.optim=adamw_kahan) keeps them with bf16 weights."""
     full = ["lora=off", "quant=none", "train.precision=bf16", "train.learning_rate=1e-5", "train.lr_scheduler=constant",
-            "train.warmup_ratio=0", "train.max_steps=8"]
+            "train.warmup_ratio=0", "train.max_steps=8", "train.micro_batch_size=4", "data.eval_max_samples=2"]
     shares = {}
     for name, extra in [("mixed", []), ("pure", ["train.master_weights=16bit", "train.optim=adamw_torch"]),
                         ("kahan", ["train.master_weights=16bit", "train.optim=adamw_kahan"])]:

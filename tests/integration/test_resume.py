@@ -116,7 +116,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(args, cli, tmp_path, mo
                 os.kill(os.getpid(), signal.SIGTERM)
 
     real = pipeline.build_trainer
-    monkeypatch.setattr(pipeline, "build_trainer", lambda *a: real(*a[:-1], [*a[-1], SignalAtStep3()]))
+    monkeypatch.setattr(pipeline, "build_trainer", lambda *a, **k: real(*a[:-1], [*a[-1], SignalAtStep3()], **k))
     out = tmp_path / "run"
     stopped = cli(*args(out, "train.save_steps=100"))
     monkeypatch.undo()
