@@ -136,7 +136,7 @@ DEFAULT_SKIP = ["lm_head", "embed_out"]  # output heads (Llama-likes, GPT-NeoX):
 def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, sharded: bool = False, offload: bool = False):
     """`sharded`: FSDP will shard the model. FSDP shards only floating-point tensors of one dtype, so the packed
     4-bit weights are stored in the compute dtype (the same bytes: four 4-bit values per bf16 element). `offload`:
-    model.offload places some layers off the GPU, which bitsandbytes keeps unquantized in fp32 there."""
+    model.offload places some layers off the GPU, which bitsandbytes leaves unquantized (in the compute dtype)."""
     from transformers import BitsAndBytesConfig
 
     # A skip list replaces transformers' default one (the output head): keep the head out of it too.
@@ -184,10 +184,10 @@ def placement(cfg: ModelConfig, quant: QuantConfig, device: Device, world=None) 
         memory["cpu"] = cfg.max_memory.cpu
     elif cfg.offload == "disk" and device.type == "cuda":
         memory["cpu"] = 0  # straight from the GPU to disk: RAM holds a layer only while it streams in
-    kwargs = {"device_map": "auto", "max_memory": memory}
-    if cfg.offload in ("auto", "disk"):
-        kwargs["offload_folder"] = cfg.offload_folder or temporary_folder("finetune-offload-")
-    return kwargs
+    # A folder even for offload=cpu: what does not fit is written there (else transformers writes it under the working
+    # directory) before check_placement refuses it
+    return {"device_map": "auto", "max_memory": memory,
+            "offload_folder": cfg.offload_folder or temporary_folder("finetune-offload-")}
 
 
 def temporary_folder(prefix: str) -> str:
@@ -410,10 +410,7 @@ def offloaded_placement(model) -> dict:
     device_map = getattr(model, "hf_device_map", None) or {}
     if not {"cpu", "disk"} & set(device_map.values()):
         return {}
-    folder = next((m._hf_hook.weights_map.dataset.save_folder for m in model.modules()
-                   if getattr(getattr(getattr(m, "_hf_hook", None), "weights_map", None), "dataset", None)), None)
-    return {"device_map": {f"base_model.model.{k}" if k else "": v for k, v in device_map.items()},
-            **({"offload_folder": folder} if folder else {})}
+    return {"device_map": {f"base_model.model.{k}" if k else "": v for k, v in device_map.items()}}
 
 
 def attach_adapter(model, adapter_dir: Path):
@@ -422,9 +419,33 @@ def attach_adapter(model, adapter_dir: Path):
 
     from peft import PeftModel
 
+    placement = offloaded_placement(model)
     with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(adapter_dir), **offloaded_placement(model))
+        if not placement:
+            return PeftModel.from_pretrained(model, str(adapter_dir))
+        return attach_to_offloaded(model, Path(adapter_dir).resolve(), placement)
+
+
+def attach_to_offloaded(model, adapter_dir: Path, placement: dict):
+    """PEFT rewrites the disk-offloaded safetensors files with the adapter's weights in, under a path relative to the
+    working directory (peft 0.21 PeftModel._update_offload): let it write them in a temporary folder, and make the
+    offload index point there."""
+    from peft import PeftModel
+
+    folder, cwd = temporary_folder("finetune-offload-peft-"), os.getcwd()
+    os.chdir(folder)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), **placement)
+    finally:
+        os.chdir(cwd)
+    for module in peft_model.modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        index = getattr(getattr(weights, "dataset", weights), "index", None) or {}
+        for entry in index.values():
+            if entry.get("safetensors_file") and not os.path.isabs(entry["safetensors_file"]):
+                entry["safetensors_file"] = os.path.join(folder, entry["safetensors_file"])
+    return peft_model
 
 
 def keep_4bit_cpu_layers_differentiable(model) -> int:

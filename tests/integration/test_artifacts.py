@@ -166,11 +166,14 @@ def test_generate_streams_layers_offloaded_to_disk_and_answers_the_same(demo_run
     answers = {}
     for name, extra in [("whole", []), ("disk", ["model.offload=disk", "model.max_memory.cpu=2MB"])]:
         caplog.clear()
-        result = cli("generate", f"run={demo_run}", f"prompts_file={prompts}", "quant=none", "stream=false", *extra)
+        (tmp_path / "cwd").mkdir(exist_ok=True)
+        result = cli("generate", f"run={demo_run}", f"prompts_file={prompts}", "quant=none", "stream=false", *extra,
+                     cwd=tmp_path / "cwd")
         assert result.returncode == 0, result.stderr[-2000:]
         answers[name] = [line for line in result.stdout.splitlines() if line.strip()]
     assert "model.offload=disk: 3 modules on cpu, 5 modules on disk" in caplog.text
     assert answers["disk"] == answers["whole"] and len(answers["whole"]) >= 4
+    assert not any((tmp_path / "cwd").iterdir())  # PEFT's rewritten offload files went to a temporary folder
 
 
 @pytest.mark.parametrize("args, message", [
