@@ -413,8 +413,9 @@ def training_problems(cfg: FinetuneConfig) -> list[str]:
         problems.append("train.master_weights=16bit is for full fine-tuning (lora=off); LoRA keeps the frozen base in "
                         "16 bits anyway. Remove it, or set lora=off.")
     if t.master_weights == "16bit" and t.precision in ("fp16", "fp32"):
-        problems.append(f"train.master_weights=16bit trains bf16 weights, but train.precision={t.precision}: pure fp16 "
-                        "weights overflow without loss scaling. Set train.precision=bf16 (or auto on a GPU with bf16).")
+        problems.append(f"train.master_weights=16bit trains bf16 weights, but train.precision={t.precision}: they need "
+                        "bf16 compute (fp16 weights overflow without loss scaling). Set train.precision=bf16 (or auto on a "
+                        "GPU with bf16).")
     if lora.use_dora and q.method == "int8":
         problems.append("lora.use_dora=true is not supported on an 8-bit base: use quant=nf4 or quant=none.")
     if lora.target_parameters and (lora.dropout > 0 or lora.use_dora):
@@ -458,15 +459,18 @@ def output_problems(cfg: FinetuneConfig) -> list[str]:
 
 def offload_problems(model: ModelConfig) -> list[str]:
     """model.max_memory: sizes accelerate reads (10GiB, 500MB, a number of bytes), and an offload to limit."""
-    from accelerate.utils import convert_file_size_to_int
+    given = model.max_memory.given()
+    if not given:
+        return []
+    from accelerate.utils import convert_file_size_to_int  # (imports torch: only when there is a size to read)
 
     problems = []
-    for device, size in model.max_memory.given().items():
+    for device, size in given.items():
         try:
             convert_file_size_to_int(str(size))
         except ValueError:
             problems.append(f"model.max_memory.{device}={size} is not a size: write it like 10GiB, 500MB or 2GB.")
-    if model.max_memory.given() and model.offload == "none":
+    if model.offload == "none":
         problems.append("model.max_memory limits what model.offload places, and model.offload=none: set "
                         "model.offload=auto, cpu or disk.")
     return problems

@@ -10,12 +10,15 @@ is added up per component, the way our pipeline really stores it:
   norms and biases stay in the compute dtype.
 - LoRA weights, their gradients and optimizer states (TRL keeps adapters of a quantized base in bf16;
   PEFT keeps them in fp32 otherwise). bitsandbytes' 8-bit AdamW keeps two 1-byte states per parameter for
-  tensors of 4096+ elements (32-bit below that). Full fine-tuning trains every weight in the compute dtype.
+  tensors of 4096+ elements (32-bit below that). Full fine-tuning trains every weight: in fp32 under 16-bit
+  autocast by default (train.master_weights=fp32), or in the compute dtype (16bit, with Kahan buffers for
+  adamw_kahan).
 - activations per token and layer, measured with autograd's saved-tensor hooks on Llama layers (see
-  tests/unit/test_plan.py): 12h + 2*kv + 4i elements for a gated MLP (2i for a plain one), the LoRA
-  branch's inputs, and dropout copies with masks. Gradient checkpointing keeps only each layer's input
-  (h) plus one layer recomputed at a time. Logits cost vocab x (2 x dtype + 8) bytes per token (the
-  16-bit logits, their fp32 copy for the loss, the saved log-softmax and its gradient).
+  activation_bytes_per_token and tests/unit/test_plan.py): what a frozen layer saves, what LoRA's adapters add
+  (by their dtype, targets and dropout), or every linear input for full fine-tuning; checkpointing keeps only each
+  layer's input (h) plus one layer recomputed at a time; eager attention its scores. The logits and the loss as the
+  installed TRL computes them (plan.loss). Offloaded activations, paged optimizer states and offloaded layers are
+  counted off the card, and what crosses PCIe slows the step.
 - PyTorch's allocator: 5% fragmentation plus 0.25 GiB of workspaces; the CUDA context (0.5 GiB) is not
   in torch.cuda.max_memory_reserved but is on the card.
 """
@@ -410,9 +413,11 @@ def trl_fused_head() -> bool:
 
 def size(text: Optional[str]) -> Optional[float]:
     """Bytes of a size as accelerate reads it (10GiB, 500MB), or None."""
+    if text is None:
+        return None
     from accelerate.utils import convert_file_size_to_int
 
-    return None if text is None else float(convert_file_size_to_int(text))
+    return float(convert_file_size_to_int(text))
 
 
 def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: str = "train") -> list[tuple[str, float]]:
