@@ -506,9 +506,10 @@ def offloaded_activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -
 
 
 def place_layers(arch: Arch, s: Setting, p: int, gpu: GPU, rows: list) -> tuple[list, list, dict]:
-    """model.offload for inference, as accelerate's device map does it: embeddings, head and norms stay on the GPU, and
-    whole decoder layers fill what the GPU has left for weights (model.max_memory.gpu, else the card less the KV
-    cache, activations and overhead), keeping room for one offloaded layer streamed in at a time; the rest goes to CPU
+    """model.offload for inference, as accelerate's device map does it (checked against infer_auto_device_map in the
+    tests): the embeddings and norms stay on the GPU, and whole decoder layers fill what the GPU has left for weights
+    (model.max_memory.gpu, else the card less the KV cache, activations and overhead), keeping room for the largest
+    offloaded module, streamed in for its forward; the rest, an untied lm_head (last in the map) included, goes to CPU
     RAM (up to model.max_memory.cpu; none with model.offload=disk), then to disk. bitsandbytes leaves offloaded layers
     unquantized (transformers' llm_int8_enable_fp32_cpu_offload), in the compute dtype. Returns (rows on the card, rows
     off it, {"gpu", "cpu", "disk": decoder layers on each, "allowed": whether model.offload allows it})."""
