@@ -15,8 +15,10 @@ VERBS = {
     "generate": "answer prompts with a run's adapter or merged model; compare=true shows base and tuned",
     "publish": "push a run's adapter or merged model to the Hugging Face Hub with a model card",
     "eval": "loss, perplexity and task metrics of a run's adapter (run=) or a base (recipe=), at each eval.quant precision",
+    "prune": "drop the decoder layers that change the hidden state least (prune.layers=N or prune.target_params=P) from "
+             "a run's model (run=) or a base (recipe=); prune.heal=sft then trains LoRA on it",
 }
-RUN_VERBS = ("export", "generate", "publish", "eval")  # they work on an existing run directory: run=RUN_DIR
+RUN_VERBS = ("export", "generate", "publish", "eval", "prune")  # on an existing run directory: run=RUN_DIR
 
 
 def key_line(key: str, f, suffix: str = "") -> str:
@@ -57,6 +59,8 @@ def run_verb(verb: str, argv: list[str]) -> int:
             from finetune.eval import eval_run
 
             print_eval(*eval_run(run, args.checkpoint))
+        elif verb == "prune":
+            prune_verb(run.cfg, None, run)
         elif verb == "export":
             from finetune.export import export
 
@@ -168,7 +172,7 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     if world.distributed and verb != "train":
         raise UserError(f"`{verb}` runs in one process: python -m finetune {verb} ... (accelerate launch is for "
                         "training).")
-    if verb in RUN_VERBS and (verb != "eval" or any(a.startswith("run=") for a in argv)):  # eval: or recipe=
+    if verb in RUN_VERBS and (verb not in ("eval", "prune") or any(a.startswith("run=") for a in argv)):  # or recipe=
         setup_logging()
         return run_verb(verb, argv)
     if "--cfg" in argv:
@@ -180,7 +184,7 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     cfg = registry.load_config(argv)
     if verb == "plan":
         return plan_verb(cfg, argv)
-    return {"data": data_verb, "eval": eval_base_verb}.get(verb, train_verb)(cfg, world)
+    return {"data": data_verb, "eval": eval_base_verb, "prune": prune_verb}.get(verb, train_verb)(cfg, world)
 
 
 def print_config(argv: list[str]) -> int:
@@ -221,6 +225,21 @@ def eval_base_verb(cfg, world) -> int:
     from finetune.eval import eval_base
 
     print_eval(*eval_base(cfg))
+    return 0
+
+
+def prune_verb(cfg, world, run=None) -> int:
+    """`prune`: the smaller model, its figures before and after, and (prune.heal=sft) the healing run."""
+    from finetune.prune import heal, prune
+
+    out, report = prune(cfg, run)
+    print(f"pruned: layers {report['dropped']} of {report['layers_before']} dropped, {report['params_before'] / 1e6:.3g}M -> "
+          f"{report['params_after'] / 1e6:.3g}M parameters; before {report['before']}, after {report['after']}")
+    print(f"written to {out} (a plain transformers model; prune.json says what was measured)")
+    healed = heal(cfg, out)
+    if healed:
+        print(f"healed (LoRA on the recipe's data): eval loss {healed['eval_loss']:.4g}, exact match "
+              f"{healed.get('exact_match')}; run directory {cfg.output_dir}")
     return 0
 
 

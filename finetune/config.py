@@ -302,6 +302,18 @@ class PlanConfig:
 
 
 @dataclass
+class PruneConfig:
+    layers: Optional[int] = opt(None, "`prune`: drop this many of the least influential decoder layers", min=1)
+    target_params: Optional[float] = opt(None, "`prune`: drop the fewest least influential layers that bring the model "
+                                         "to this many parameters or fewer (instead of prune.layers)", min=1)
+    samples: int = opt(32, "`prune`: eval rows the layers' block influence is measured on", min=1)
+    output_dir: Optional[str] = opt(None, "`prune`: where the pruned model is written; null = RUN_DIR/pruned (run=), "
+                                    "or output_dir/pruned")
+    heal: str = opt("none", "`prune`: then recover quality with a LoRA run of the recipe on the pruned model (sft), "
+                    "or not", ["none", "sft"])
+
+
+@dataclass
 class FinetuneConfig:
     recipe: str = opt("tiny_qlora", "the recipe this run was composed from (set by recipe=NAME)")
     output_dir: str = opt("outputs/${recipe}/${now:%Y-%m-%d_%H-%M-%S}", "run directory")
@@ -317,6 +329,7 @@ class FinetuneConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 GROUPS = [f.name for f in dataclasses.fields(FinetuneConfig) if dataclasses.is_dataclass(f.default_factory)]

@@ -58,13 +58,20 @@ class PublishArgs:
     run: str = opt(MISSING, "run directory (holds config.yaml, summary.json and adapter/ or merged/)")
 
 
+@dataclass
+class PruneArgs:
+    run: str = opt(MISSING, "run directory: its merged/ model, or its base with the adapter merged in, is pruned")
+
+
 # Each verb's own arguments, and the keys of the run's config it may override (a prefix ending in '.' = a group).
 OFFLOAD = ["model.offload", "model.max_memory.", "model.offload_folder"]  # a model bigger than the GPU
 VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (GenerateArgs, OFFLOAD),
              "publish": (PublishArgs, ["hub.", "model.hub_id"]),
              "eval": (EvalArgs, ["eval.quant", "eval.task", "eval.max_new_tokens", "eval.batch_size", "eval.harness_tasks",
                                  "eval.harness_include", "eval.harness_limit", "quant.skip_modules",
-                                 "data.eval_max_samples", *OFFLOAD])}
+                                 "data.eval_max_samples", *OFFLOAD]),
+             "prune": (PruneArgs, ["prune.", "data.eval_max_samples", "eval.exact_match_samples", "eval.max_new_tokens",
+                                   "overwrite"])}
 
 
 def overridable(verb: str) -> list[str]:

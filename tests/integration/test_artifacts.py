@@ -344,3 +344,41 @@ def test_publish_checks_every_file_before_creating_anything(run_copy, cli):
         result = cli("publish", f"run={run_copy}", "hub.repo_id=alice/x", env=hub_env(hub))
     assert result.returncode == 2 and "adapter_model.safetensors is unreadable" in result.stderr
     assert "Nothing was uploaded" in result.stderr and hub.repos == {} and not hub.requests
+
+
+# ---- prune --------------------------------------------------------------------------------------
+
+def test_prune_drops_the_least_influential_layers_into_a_model_plain_transformers_loads(demo_run, cli, tmp_path):
+    """Block influence ranks the demo's 4 layers; the 2 lowest go, the others keep their weights, and the result is a
+    plain 2-layer Llama with its own config, measured before and after."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    result = cli("prune", f"run={demo_run}", "prune.layers=2", f"prune.output_dir={out}", "eval.exact_match_samples=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "prune.json").read_text())
+    scores, dropped = report["scores"], report["dropped"]
+    assert len(scores) == 4 and sorted(dropped) == sorted(sorted(range(4), key=scores.__getitem__)[:2])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == len(model.model.layers) == 2 == report["layers_after"]
+    kept = [i for i in range(4) if i not in dropped]
+    source = load_file(str(demo_run / "merged" / "model.safetensors"))
+    pruned = load_file(str(out / "model.safetensors"))
+    for new, old in enumerate(kept):
+        name = "model.layers.{}.mlp.down_proj.weight"
+        assert torch.equal(pruned[name.format(new)], source[name.format(old)])
+    assert report["params_after"] < report["params_before"] and report["after"]["eval_loss"] > 0
+    assert set(report["before"]) == set(report["after"]) == {"eval_loss", "exact_match"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune.layers=4"], "prune.layers=4 would drop 4 of the model's 4 decoder layers: at least one must stay"),
+    ([], "`prune` needs one of prune.layers=N"),
+    (["prune.layers=1", "prune.target_params=1000"], "`prune` needs one of prune.layers=N"),
+    (["prune.layers=0"], "prune.layers=0 is out of range"),
+])
+def test_prune_user_errors(demo_run, cli, tmp_path, args, message):
+    result = cli("prune", f"run={demo_run}", f"prune.output_dir={tmp_path / 'p'}", *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "p").exists()
