@@ -64,16 +64,20 @@ def layers_to_drop(scores: list[float], layer_params: int, total_params: int, p:
     prune.target_params or below."""
     order = sorted(range(len(scores)), key=lambda i: scores[i])
     n = p.layers if p.layers is not None else -(-(total_params - p.target_params) // layer_params)
+    if n <= 0:
+        raise UserError(f"prune.target_params={p.target_params:g}: the model has {total_params:,} parameters "
+                        "already, no more than that: no layer needs to go. Give a smaller target, or prune.layers=N.")
     if n >= len(scores):
         why = (f"prune.layers={p.layers}" if p.layers is not None else
                f"prune.target_params={p.target_params:g} ({total_params / 1e9:.3g}B now, {layer_params / 1e6:.3g}M a layer)")
         raise UserError(f"{why} would drop {n} of the model's {len(scores)} decoder layers: at least one must stay. "
                         f"Drop at most {len(scores) - 1}.")
-    return sorted(order[:max(n, 0)])
+    return sorted(order[:n])
 
 
 def drop_layers(model, drop: list[int]) -> None:
-    """Remove these decoder layers in place: the config's depth and its per-layer lists follow, and each remaining
+    """Remove these decoder layers in place: the config's depth and its per-layer lists follow (those with one entry a
+    layer; lists of layer indices, such as Qwen-MoE's mlp_only_layers, are not remapped), and each remaining
     attention's layer index (its slot in the KV cache) is renumbered."""
     layers, config = decoder_layers(model), model.config.get_text_config()
     depth = len(layers)
@@ -81,8 +85,8 @@ def drop_layers(model, drop: list[int]) -> None:
     layers_kept = [layers[i] for i in keep]
     for i in sorted(drop, reverse=True):
         del layers[i]
-    for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == depth and key != "architectures":
+    for key, value in list(vars(config).items()):  # one entry per layer: layer_types, no_rope_layers, ...
+        if "layer" in key and isinstance(value, list) and len(value) == depth:
             setattr(config, key, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
     for new, layer in enumerate(layers_kept):
