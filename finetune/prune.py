@@ -66,7 +66,7 @@ def layers_to_drop(scores: list[float], layer_params: int, total_params: int, p:
     n = p.layers if p.layers is not None else -(-(total_params - p.target_params) // layer_params)
     if n <= 0:
         raise UserError(f"prune.target_params={p.target_params:g}: the model has {total_params:,} parameters "
-                        "already, no more than that: no layer needs to go. Give a smaller target, or prune.layers=N.")
+                        "(within the target already): no layer needs to go. Give a smaller target, or prune.layers=N.")
     if n >= len(scores):
         why = (f"prune.layers={p.layers}" if p.layers is not None else
                f"prune.target_params={p.target_params:g} ({total_params / 1e9:.3g}B now, {layer_params / 1e6:.3g}M a layer)")
