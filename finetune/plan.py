@@ -465,8 +465,7 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
         rows.append((f"optimizer states: {s.optim}{sharded}", states / n_sh))
         if s.gpus > 1 and n_sh == 1:  # DDP all-reduces the gradients through buckets: one more copy of them
             rows.append(("DDP gradient buckets (a copy of the gradients)", grads))
-        act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing, s.loss,
-                                         s.attention, s.max_length, adapters_16bit(s, p))
+        act = activations(arch, cfg, s, p)
         tokens = s.micro_batch * s.max_length
         kept = act["layers"] if not s.activation_offloading else min(act["layers"], 2 * act["layers"] / arch.layers)
         rows.append((f"activations: {s.micro_batch} x {s.max_length} tokens, checkpointing "
@@ -497,12 +496,16 @@ def with_overhead(rows: list) -> list:
                    ("CUDA context (outside PyTorch's allocator)", CONTEXT_GIB * GIB)]
 
 
+def activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -> dict:
+    """activation_bytes_per_token for this setting."""
+    return activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing, s.loss, s.attention,
+                                      s.max_length, adapters_16bit(s, p))
+
+
 def offloaded_activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -> float:
     """train.activation_offloading: the bytes of a micro-batch's activations that wait in CPU RAM for the backward
     pass (every layer's; TRL keeps the two in flight on the GPU)."""
-    act = activation_bytes_per_token(arch, cfg.lora, s.r if s.lora else None, p, s.checkpointing, s.loss,
-                                     s.attention, s.max_length, adapters_16bit(s, p))
-    return s.micro_batch * s.max_length * act["layers"]
+    return s.micro_batch * s.max_length * activations(arch, cfg, s, p)["layers"]
 
 
 def place_layers(arch: Arch, s: Setting, p: int, gpu: GPU, rows: list) -> tuple[list, list, dict]:

@@ -95,21 +95,12 @@ def drop_layers(model, drop: list[int]) -> None:
                 module.layer_idx = new
 
 
-def source_model(cfg: FinetuneConfig, run=None):
-    """(model in 16 bits on the CPU or the GPU, tokenizer, where it came from): a run's merged/ or its base with the
-    adapter merged in (run=...), or the recipe's base model."""
-    from finetune.model import detect_device, load_base_model
-    from finetune.config import QuantConfig
-
-    none = QuantConfig(method="none")
-    device = detect_device(cfg.train, none, cfg.model)
-    if run is None:
-        from finetune.data.templates import apply_chat_template_choice
-        from finetune.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model)
-        apply_chat_template_choice(tokenizer, cfg.data.chat_template)
-        return load_base_model(cfg.model, none, device), tokenizer, cfg.model.name_or_path
+def source_model(run):
+    """(model in 16 bits on the CPU or the GPU, tokenizer, where it came from): a run's merged/, or its base with the
+    adapter merged in; or, for Run.for_base, the recipe's base model. Loaded as `generate` and `eval` load them."""
+    if run.is_base:
+        loaded = run.load_for_inference(quant="none")
+        return loaded.model, loaded.tokenizer, run.cfg.model.name_or_path
     if (run.merged_dir / "config.json").is_file():
         loaded = run.load_for_inference(quant="none", merged=True)
         return loaded.model, loaded.tokenizer, str(run.merged_dir)
@@ -140,12 +131,15 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     if (p.layers is None) == (p.target_params is None):
         raise UserError("`prune` needs one of prune.layers=N (the number of decoder layers to drop) or "
                         "prune.target_params=P (the most parameters the pruned model may keep).")
-    out = Path(p.output_dir or (Path(run.dir) / "pruned" if run is not None else Path(cfg.output_dir) / "pruned"))
+    from finetune.run import Run
+
+    run = run or Run.for_base(cfg)
+    out = Path(p.output_dir or run.dir / "pruned")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"{out} is not empty: choose another prune.output_dir, or overwrite=true to replace it.")
     splits = load_splits(cfg.data, cfg.train.seed)
     rows = splits.eval if splits.eval is not None else splits.train
-    model, tokenizer, source = source_model(cfg, run)
+    model, tokenizer, source = source_model(run)
     items = loss_items(tokenizer, rows.select(range(min(len(rows), p.samples))), cfg.data)
     scores = block_influence(model, items)
     total = sum(t.numel() for t in model.parameters())
