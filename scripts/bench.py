@@ -4,6 +4,7 @@
     python scripts/bench.py --arch llama3_8b --seq 2048 --steps 40 --out scripts/bench_results/h100_llama3.json
     python scripts/bench.py --arch llama3_8b --longest 16 24 --out scripts/bench_results/h100_longest.json
     python scripts/bench.py --cpu-smoke --out /tmp/bench.json                     # tiny model, CPU, seconds (CI)
+    python scripts/bench.py ... --variant no_liger:train.liger_kernel=false       # also ours with one lever off
 
 Both paths train the same model (the architecture built from its config with random weights: nothing is
 downloaded), on the same synthetic text rows (lengths spread up to --seq tokens), with the same LoRA
@@ -174,9 +175,10 @@ def ours_overrides(args, cuda: bool, run_dir: Path) -> list[str]:
            *(["train.liger_kernel=true", "train.auto_fit=true"] if cuda else [])]
 
 
-def ours(args, cuda: bool) -> dict:
-    run_dir = args.workdir / f"ours-{int(time.time())}"
-    cmd = [sys.executable, "-m", "finetune", *ours_overrides(args, cuda, run_dir)]
+def ours(args, cuda: bool, extra: tuple = ()) -> dict:
+    """Our path; `extra` overrides make a --variant of it (one lever switched off, say)."""
+    run_dir = args.workdir / f"ours-{time.time():.0f}{'-' + '-'.join(extra) if extra else ''}".replace("=", "_")
+    cmd = [sys.executable, "-m", "finetune", *ours_overrides(args, cuda, run_dir), *extra]
     print(" ".join(cmd), flush=True)
     if args.cpu_smoke:
         from finetune.__main__ import main as cli
@@ -192,6 +194,16 @@ def ours(args, cuda: bool) -> dict:
                peak_allocated_gb=summary["peak_memory_gb"] if cuda else None, auto_fit=summary.get("auto_fit"))
     out["losses"] = [r["loss"] for r in records if "loss" in r]
     return out
+
+
+def attempt(path, *args) -> dict:
+    """A path's figures, or what made it fail (the others are still measured)."""
+    try:
+        return path(*args)
+    except (subprocess.CalledProcessError, AssertionError, OSError) as e:
+        print(f"path failed: {e}", file=sys.stderr, flush=True)
+        return {"failed": str(e), "tokens_per_second": None, "median_step_s": None, "peak_reserved_gb": None,
+                "peak_allocated_gb": None, "losses": []}
 
 
 # ---- the longest sequence under a memory budget -------------------------------------------------
@@ -248,6 +260,9 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, CPU, a few steps: checks that it runs")
     ap.add_argument("--longest", type=float, nargs="*", metavar="GB",
                     help="instead: the longest sequence each path trains within these GPU memory budgets, e.g. 16 24")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="also run our path with these overrides (e.g. no_liger:train.liger_kernel=false): what one "
+                         "lever gives")
     ap.add_argument("--budget-gb", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["vanilla", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -255,7 +270,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.child == "vanilla":
         result = vanilla(args)
-        (args.workdir / "vanilla.json").write_text(json.dumps(result))
+        (args.workdir / f"vanilla-{args.arch}.json").write_text(json.dumps(result))
         return 0
     if args.child == "ours":  # the real CLI, in this process, under the memory budget
         import torch
@@ -293,14 +308,20 @@ def main() -> int:
     args.data = args.workdir / f"rows-{args.seq}.jsonl"
     mean_words = write_rows(args.data, args.seq, rows=max(64, 2 * args.steps * args.micro_batch * args.grad_accum))
 
+    baseline = args.workdir / f"vanilla-{args.arch}.json"
+    baseline.unlink(missing_ok=True)
     if args.cpu_smoke:  # it checks that the script works: both paths in this process (no memory is measured)
-        (args.workdir / "vanilla.json").write_text(json.dumps(vanilla(args)))
+        baseline.write_text(json.dumps(vanilla(args)))
     else:
-        child = [sys.executable, __file__, "--child", "vanilla", "--model", str(args.model), "--data", str(args.data),
+        child = [sys.executable, __file__, "--child", "vanilla", "--arch", args.arch, "--model", str(args.model),
+                 "--data", str(args.data),
                  "--workdir", str(args.workdir), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
                  str(args.warmup), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum)]
         subprocess.run(child, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    results = {"vanilla": json.loads((args.workdir / "vanilla.json").read_text()), "ours": ours(args, cuda)}
+    results = {"vanilla": json.loads(baseline.read_text()), "ours": attempt(ours, args, cuda)}
+    for variant in args.variant:
+        name, _, overrides = variant.partition(":")
+        results[f"ours, {name}"] = attempt(ours, args, cuda, tuple(overrides.split(",")))
 
     from finetune.plan import local_gpu
 
@@ -308,34 +329,36 @@ def main() -> int:
     fpt = model_flops_per_token(rar.ARCHS[args.arch], min(args.seq, mean_words))
     for r in results.values():
         r["mfu"] = r["tokens_per_second"] * fpt / (gpu.tflops * 1e12) if gpu and r["tokens_per_second"] else None
-    v, o = results["vanilla"], results["ours"]
-    ratio = lambda k: o[k] / v[k] if o.get(k) and v.get(k) else None  # noqa: E731
-    n = min(50, len(v["losses"]), len(o["losses"]))
+    v = results["vanilla"]
+    keys = ("tokens_per_second", "median_step_s", "peak_reserved_gb", "peak_allocated_gb")
+    ratios = {name: {k: r[k] / v[k] if r.get(k) and v.get(k) else None for k in keys}
+              for name, r in results.items() if name != "vanilla"}
+    n = min(50, *(len(r["losses"]) for r in results.values() if r["losses"]))
     report = {
         "arch": args.arch, "seq": args.seq, "steps": args.steps, "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum, "gpu": gpu.name if gpu else "cpu (smoke: figures mean nothing)",
         "mfu_formula": "(4N + 6*L*h*s_mean) FLOPs per trained token / the GPU's dense 16-bit peak",
-        "flops_per_token": fpt, **results,
-        "ratios": {"tokens_per_second": ratio("tokens_per_second"), "median_step_s": ratio("median_step_s"),
-                   "peak_reserved_gb": ratio("peak_reserved_gb"), "peak_allocated_gb": ratio("peak_allocated_gb")},
-        "loss_max_rel_diff_first_steps": max((abs(a - b) / abs(a) for a, b in zip(v["losses"][:n], o["losses"][:n])),
-                                             default=None),
+        "flops_per_token": fpt, **results, "ratios": ratios["ours"],
+        "variant_ratios": {name: r for name, r in ratios.items() if name != "ours"},
+        "loss_max_rel_diff_first_steps": max((abs(a - b) / abs(a) for r in results.values() if r is not v
+                                              for a, b in zip(v["losses"][:n], r["losses"][:n])), default=None),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     fmt = lambda x, f="{:.3g}": "-" if x is None else f.format(x)  # noqa: E731
+    times = lambda x: "-" if x is None else f"{x:.3g}x"  # noqa: E731
     table = ["| path | tokens/s | median step (s) | peak reserved (GB) | peak allocated (GB) | MFU |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         table.append(f"| {name} | {fmt(r['tokens_per_second'], '{:,.0f}')} | {fmt(r['median_step_s'])} | "
                      f"{fmt(r['peak_reserved_gb'])} | {fmt(r['peak_allocated_gb'])} | {fmt(r['mfu'], '{:.1%}')} |")
-    rr = report["ratios"]
-    times = lambda x: "-" if x is None else f"{x:.3g}x"  # noqa: E731
-    table.append(f"| ours / vanilla | {times(rr['tokens_per_second'])} | {times(rr['median_step_s'])} | "
-                 f"{times(rr['peak_reserved_gb'])} | {times(rr['peak_allocated_gb'])} | |")
+    for name, rr in ratios.items():
+        table.append(f"| {name} / vanilla | {times(rr['tokens_per_second'])} | {times(rr['median_step_s'])} | "
+                     f"{times(rr['peak_reserved_gb'])} | {times(rr['peak_allocated_gb'])} | |")
     text = (f"# {args.arch}, seq {args.seq}, {report['gpu']}\n\n" + "\n".join(table) +
-            f"\n\nlargest relative loss difference over the first {n} steps: "
+            f"\n\nlargest relative loss difference (any path against vanilla) over the first {n} steps: "
             f"{fmt(report['loss_max_rel_diff_first_steps'])}\n")
+    report["table"] = "\n".join(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(text)
     print(text)
     return 0

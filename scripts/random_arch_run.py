@@ -46,6 +46,9 @@ def build_model(arch: str, path: Path) -> None:
     with torch.device(device):  # random init on the GPU takes seconds, on CPU cores minutes
         model = LlamaForCausalLM(LlamaConfig(**ARCHS[arch], dtype="bfloat16")).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the caller goes on to measure other processes: hold no GPU memory
 
 
 def write_data(path: Path, seq: int, rows: int) -> None:

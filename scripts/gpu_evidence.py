@@ -1,0 +1,454 @@
+"""Every GPU figure of ours in one run of under nine minutes on one H100/H200, proven first on CPU.
+
+    bash scripts/gpu_evidence.sh --out DIR               # GPU: installs the carried wheels (.whl/), then this
+    bash scripts/gpu_evidence.sh --cpu-smoke --out DIR   # CPU: the same sequence on the tiny model (CI runs it)
+
+Stages, each a fresh process on the GPU (so its peak memory is its own), in this order:
+1. planner: `plan`'s predicted peak reserved memory against torch.cuda.max_memory_reserved of the real CLI for
+   QLoRA with and without gradient checkpointing, two micro-batches, LoRA on a 16-bit base, int8, inference
+   (prefill + decode), and one QLoRA run that also merges (export=merged: the merge's time, peak and fidelity).
+   The Llama-2-7B architecture with random weights (scripts/random_arch_run.py; nothing is downloaded).
+2. fsdp: configs/accelerate/fsdp_qlora.yaml and fsdp.yaml launched on one GPU (--num_processes 1): they train,
+   the adapter loads back onto the base and changes its output, the run's peak memory.
+3. bench: scripts/bench.py on the Llama-2-7B and Llama-3-8B architectures, seq 2048: the vanilla stack against
+   ours (and, on the first, ours without Liger's kernels: what that lever gives), 15 measured steps after 3 of
+   warm-up.
+Stages 1 and 2 measure memory only, so they run side by side (--parallel); stage 3 measures time and runs alone.
+Each stage is cut off where the time budget (--budget-s) would be passed; what finished is kept.
+
+Writes DIR/evidence.json, DIR/evidence.md (printed at the end too) and DIR/logs.tar.gz (every process's log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TOKENIZER = ROOT / "finetune" / "assets" / "tiny_llama"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# (name, quant, max_length, micro_batch, gradient checkpointing, extra overrides)
+TRAIN_POINTS = [
+    ("QLoRA, checkpointing", "nf4", 2048, 1, True, []),
+    ("QLoRA, no checkpointing", "nf4", 2048, 1, False, []),
+    ("QLoRA, checkpointing, micro-batch 4", "nf4", 2048, 4, True, []),
+    ("QLoRA + merge (export=merged)", "nf4", 1024, 2, True,
+     ["export=merged", "export.merge_base=original", "export.max_kl=10"]),  # random weights: KL reported, not judged
+    ("LoRA on int8", "int8", 1024, 1, True, []),
+    ("LoRA on a 16-bit base", "none", 1024, 1, True, []),
+]
+INFERENCE_POINT = ("inference NF4: prefill + 8 new tokens", "nf4", 2048, 4)
+FSDP_POINTS = [("FSDP-QLoRA", "fsdp_qlora.yaml", "nf4"), ("FSDP, 16-bit base", "fsdp.yaml", "none")]
+BENCH_ARCHS = ["llama2_7b", "llama3_8b"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Job:
+    """One measured process: the CLI's training (train), under accelerate launch (fsdp), or inference."""
+    name: str
+    kind: str                   # train | fsdp | inference
+    overrides: list             # the CLI's (train, fsdp) or the config inference loads the model with
+    run_dir: Path
+    planned: dict = field(default_factory=dict)
+    shown: dict = field(default_factory=dict)   # the setting, as the table shows it
+    launch: list = field(default_factory=list)  # fsdp: accelerate launch's arguments before `-m finetune`
+    result: dict = field(default_factory=dict)
+
+    def argv(self) -> list:
+        """After the interpreter, in a fresh process (GPU)."""
+        if self.kind == "inference":
+            return [__file__, "--child-inference", str(self.run_dir), *self.overrides]
+        return [*self.launch, "-m", "finetune", *self.overrides]
+
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.start, self.budget = time.time(), budget_s
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+
+# ---- the settings -------------------------------------------------------------------------------
+
+def base_overrides(model: Path, data: Path, seq: int, steps: int) -> list[str]:
+    return ["recipe=qlora_llama7b", f"model.name_or_path={model}", f"model.tokenizer={TOKENIZER}",
+            f"data.path={data}", "data.eval_path=null", "data.eval_split=null", "data.eval_fraction=0.05",
+            "data.eval_max_samples=2", "data.too_long=truncate", f"data.max_length={seq}",
+            f"train.max_steps={steps}", f"train.save_steps={10 * steps}", "train.eval_steps=0",
+            "train.logging_steps=1", "eval.exact_match_samples=0", "tracking=none", "export=adapter"]
+
+
+def setting(quant: str, mb: int, ckpt: bool) -> list[str]:
+    return [f"quant={quant}", f"quant.double_quant={'true' if quant == 'nf4' else 'false'}",
+            f"train.micro_batch_size={mb}", "train.grad_accum=1",
+            f"train.gradient_checkpointing={'true' if ckpt else 'false'}"]
+
+
+def planned(overrides: list[str], gpu: str, mode: str = "train") -> dict:
+    from finetune.plan import GIB, make_plan
+    from finetune.registry import load_config
+
+    plan = make_plan(load_config(overrides + [f"plan.gpu={gpu}"]), mode=mode)
+    return {"peak_reserved_gb": plan["peak_reserved_gib"] * GIB / 1e9,
+            "tokens_per_second": plan.get("tokens_per_second")}
+
+
+def jobs_for(args, model: Path) -> list[Job]:
+    rar = load_script("random_arch_run")
+    jobs, seqs = [], {p[2] for p in TRAIN_POINTS} | {INFERENCE_POINT[2], 1024}
+    for seq in seqs:
+        rar.write_data(args.workdir / f"data-{seq}.jsonl", min(seq, args.max_seq), rows=64)
+    seq_of = lambda seq: min(seq, args.max_seq)  # noqa: E731  (the smoke's tiny model: short rows)
+    for i, (name, quant, seq, mb, ckpt, extra) in enumerate(TRAIN_POINTS):
+        over = base_overrides(model, args.workdir / f"data-{seq}.jsonl", seq_of(seq), args.steps) + \
+            setting(quant, mb, ckpt) + extra
+        run_dir = args.workdir / f"train-{i}"
+        jobs.append(Job(name, "train", [*over, f"output_dir={run_dir}", "overwrite=true"], run_dir,
+                        planned(over, args.plan_gpu),
+                        {"quant": quant, "seq": seq_of(seq), "micro_batch": mb, "checkpointing": ckpt}))
+    name, quant, seq, mb = INFERENCE_POINT
+    over = base_overrides(model, args.workdir / f"data-{seq}.jsonl", seq_of(seq), 1) + setting(quant, mb, False)
+    jobs.append(Job(name, "inference", over, args.workdir / "inference", planned(over, args.plan_gpu, "inference"),
+                    {"quant": quant, "seq": seq_of(seq), "micro_batch": mb}))
+    for i, (name, config, quant) in enumerate(FSDP_POINTS):
+        over = base_overrides(model, args.workdir / "data-1024.jsonl", seq_of(1024), args.steps) + setting(quant, 1, True)
+        run_dir = args.workdir / f"fsdp-{i}"
+        launch = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+                  "--num_processes", "1", "--main_process_port", str(29500 + i)]
+        jobs.append(Job(name, "fsdp", [*over, f"output_dir={run_dir}", "overwrite=true"], run_dir,
+                        planned(over, args.plan_gpu), {"quant": quant, "seq": seq_of(1024), "micro_batch": 1,
+                                                       "checkpointing": True}, launch))
+    return jobs
+
+
+# ---- running them -------------------------------------------------------------------------------
+
+def run_jobs(jobs: list[Job], args, clock: Clock) -> None:
+    """GPU: up to --parallel fresh processes at a time, each killed if the time budget runs out.
+    CPU smoke: one after another in this process (the same code paths, without a second interpreter's start)."""
+    if args.cpu_smoke:
+        for job in jobs:
+            t0 = time.time()
+            with open(args.logs / f"{job.run_dir.name}.log", "w") as log, contextlib.redirect_stderr(log):
+                code = run_inline(job)
+            job.result = collect(job, code, time.time() - t0, args)
+            print(f"[evidence] done {job.name}: {json.dumps(job.result)}", flush=True)
+        return
+    waiting, running = list(jobs), []
+    while waiting or running:
+        while waiting and len(running) < args.parallel and clock.left() > args.reserve_s:
+            job = waiting.pop(0)
+            log = open(args.logs / f"{job.run_dir.name}.log", "w")
+            print(f"[evidence] start {job.name}: python {' '.join(map(str, job.argv()))}", flush=True)
+            running.append((job, subprocess.Popen([sys.executable, *job.argv()], stdout=log, stderr=subprocess.STDOUT,
+                                                  cwd=ROOT, env=ENV), log, time.time()))
+        if not running:  # no time left to start the rest
+            for job in waiting:
+                job.result = {"skipped": "the time budget ran out"}
+            break
+        time.sleep(1)
+        for item in list(running):
+            job, proc, log, t0 = item
+            if proc.poll() is None and clock.left() > args.reserve_s / 2:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            log.close()
+            running.remove(item)
+            job.result = collect(job, proc.returncode, time.time() - t0, args)
+            print(f"[evidence] done {job.name}: {json.dumps(job.result)}", flush=True)
+            write_report(args, jobs=jobs)
+
+
+def run_inline(job: Job) -> int:
+    """The CPU smoke's run of a job, in this process. An FSDP config is refused on a CPU (exit 2, one message):
+    the smoke checks that it gets that far."""
+    from finetune.__main__ import main as cli
+
+    if job.kind == "inference":
+        return child_inference(job.run_dir, job.overrides)
+    if job.kind == "fsdp":
+        os.environ["ACCELERATE_USE_FSDP"] = "true"  # what accelerate launch sets for an FSDP config
+    try:
+        return cli(job.overrides)
+    finally:
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
+
+
+def collect(job: Job, code: int, wall: float, args) -> dict:
+    """What a finished process measured, read back from its run directory."""
+    out = {"exit": code, "wall_s": round(wall, 1)}
+    if code != 0:
+        log = args.logs / f"{job.run_dir.name}.log"
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        return out | {"failed": next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "")}
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    out["measured_reserved_gb"] = summary.get("peak_memory_reserved_gb")
+    out["measured_allocated_gb"] = summary.get("peak_memory_gb")
+    keys = ("tokens_per_second", "export_runtime_s", "export_peak_memory_gb", "merge_base", "merge_mean_kl")
+    out.update({k: summary[k] for k in keys if summary.get(k) is not None})
+    if job.kind == "fsdp" or (args.cpu_smoke and job.run_dir.name == "train-0"):  # the smoke proves the check
+        out.update(adapter_check(job.run_dir, args.cpu_smoke))
+    return out
+
+
+def adapter_check(run_dir: Path, inline: bool) -> dict:
+    """The run's adapter loads back onto its base (16-bit; in a fresh process on a GPU) and changes its output."""
+    if inline:
+        return check_adapter(run_dir)
+    done = subprocess.run([sys.executable, __file__, "--child-adapter", str(run_dir)], capture_output=True, text=True,
+                          cwd=ROOT, env=ENV)
+    if done.returncode:
+        return {"adapter_loads": False, "adapter_error": (done.stderr.strip().splitlines() or [""])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_adapter(run_dir: Path) -> dict:
+    import torch
+
+    from finetune.run import Run
+
+    model = Run.open(str(run_dir)).load_for_inference(quant="none").model
+    ids = torch.arange(3, 67)[None].to(model.device)
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float()
+    return {"adapter_loads": True, "adapter_max_logit_change": (tuned - base).abs().max().item()}
+
+
+def child_inference(run_dir: Path, overrides: list[str]) -> int:
+    """The base loaded as `generate` loads it; prefill micro_batch x (max_length - 8) tokens, then 8 greedy tokens."""
+    import torch
+
+    from finetune.model import detect_device, load_base_model
+    from finetune.registry import load_config
+
+    cfg = load_config(overrides)
+    device = detect_device(cfg.train, cfg.quant, cfg.model)
+    model = load_base_model(cfg.model, cfg.quant, device)
+    ids = torch.randint(3, 1000, (cfg.train.micro_batch_size, cfg.data.max_length - 8), device=model.device)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                       do_sample=False)
+    cuda = torch.cuda.is_available()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps({
+        "peak_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}))
+    return 0
+
+
+def bench(args, clock: Clock) -> dict:
+    """scripts/bench.py per architecture (vanilla, ours; ours without Liger on the first), alone on the GPU, while
+    time is left."""
+    results = {}
+    for arch in BENCH_ARCHS if not args.cpu_smoke else ["tiny"]:
+        if clock.left() < args.reserve_s + (0 if args.cpu_smoke else 90):
+            results[arch] = {"skipped": "the time budget ran out"}
+            continue
+        out = args.workdir / f"bench-{arch}.json"
+        argv = (["--cpu-smoke"] if args.cpu_smoke else
+                ["--arch", arch, "--seq", "2048", "--steps", "18", "--warmup", "3", "--micro-batch", "2",
+                 "--grad-accum", "2"])
+        argv += ["--workdir", str(args.workdir), "--out", str(out)]
+        if not results:  # the first architecture: what Liger's kernels give, alone
+            argv += ["--variant", "no_liger:train.liger_kernel=false"]
+        code = run_bench(argv, args, clock, arch)
+        results[arch] = json.loads(out.read_text()) if code == 0 and out.exists() else {"failed": f"exit {code}"}
+        write_report(args, bench=results)
+    return results
+
+
+def run_bench(argv: list[str], args, clock: Clock, arch: str):
+    if args.cpu_smoke:  # in this process, as tests/helpers.run_script does
+        saved, sys.argv = sys.argv, [str(ROOT / "scripts" / "bench.py"), *argv]
+        try:
+            return load_script("bench").main()
+        finally:
+            sys.argv = saved
+    with open(args.logs / f"bench-{arch}.log", "w") as log:
+        try:
+            return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *argv], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT, env=ENV,
+                                  timeout=max(1.0, clock.left() - args.reserve_s / 2)).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+REPORT: dict = {}
+
+
+def write_report(args, **parts) -> None:
+    """evidence.json and evidence.md under --out, rewritten after every finished step (a cut-off run keeps them)."""
+    for key, value in parts.items():
+        REPORT[key] = [job_row(j) for j in value] if key == "jobs" else value
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evidence.json").write_text(json.dumps(REPORT, indent=2, default=str) + "\n")
+    (args.out / "evidence.md").write_text(markdown(REPORT))
+
+
+def job_row(job: Job) -> dict:
+    row = {"name": job.name, "kind": job.kind, **job.shown, "planned_gb": job.planned.get("peak_reserved_gb"),
+           "planned_tokens_per_second": job.planned.get("tokens_per_second"), **job.result}
+    if row.get("measured_reserved_gb") and row["planned_gb"]:
+        row["error"] = row["planned_gb"] / row["measured_reserved_gb"] - 1
+    return row
+
+
+def fmt(x, f="{:.2f}") -> str:
+    return "-" if x is None else f.format(x)
+
+
+def markdown(report: dict) -> str:
+    env = report.get("environment", {})
+    lines = [f"# GPU evidence: {env.get('gpu', '?')}", "",
+             f"torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, trl "
+             f"{env.get('trl')}, bitsandbytes {env.get('bitsandbytes')}, liger-kernel {env.get('liger_kernel')}. "
+             f"Architecture {env.get('arch')} with random weights; GB = 1e9 bytes.", ""]
+    rows = report.get("jobs", [])
+    if rows:
+        lines += ["## plan against measured peak memory (torch.cuda.max_memory_reserved)", "",
+                  "| setting | quant | seq | micro-batch | checkpointing | planned GB | measured GB | error | notes |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            notes = r.get("failed") or r.get("skipped") or notes_of(r)
+            lines.append(f"| {r['name']} | {r.get('quant')} | {r.get('seq')} | {r.get('micro_batch')} | "
+                         f"{ {True: 'on', False: 'off', None: '-'}[r.get('checkpointing')]} | {fmt(r['planned_gb'])} | "
+                         f"{fmt(r.get('measured_reserved_gb'))} | {fmt(r.get('error'), '{:+.1%}')} | {notes} |")
+        errors = [abs(r["error"]) for r in rows if r.get("error") is not None and r["kind"] != "fsdp"]
+        if errors:
+            lines += ["", f"{sum(e <= 0.10 for e in errors)} of {len(errors)} single-GPU settings within ±10% "
+                          f"(FSDP rows are planned as one unsharded GPU)."]
+    for arch, b in report.get("bench", {}).items():
+        lines += ["", f"## bench: {arch}, seq {b.get('seq', '-')}", ""]
+        lines += [b["table"]] if "table" in b else [f"{b.get('failed') or b.get('skipped')}"]
+    return "\n".join(lines) + "\n"
+
+
+def notes_of(r: dict) -> str:
+    notes = []
+    if r.get("merge_base"):
+        notes.append(f"merge {r['export_runtime_s']:.0f} s, export GPU peak {fmt(r.get('export_peak_memory_gb'))} GB, "
+                     f"merge KL {fmt(r.get('merge_mean_kl'), '{:.2g}')} ({r.get('merge_base')} base)")
+    if "adapter_loads" in r:
+        notes.append(f"adapter loads: {r['adapter_loads']}, max logit change {fmt(r.get('adapter_max_logit_change'), '{:.2g}')}"
+                     if r["adapter_loads"] else f"adapter does not load: {r.get('adapter_error')}")
+    if r.get("wall_s") is not None:
+        notes.append(f"{r['wall_s']:.0f} s")
+    return "; ".join(notes)
+
+
+def environment(arch: str) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke: figures mean nothing)",
+            "arch": arch, **{k.replace("-", "_"): version(k) for k in
+                             ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger-kernel")}}
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def workdir_default() -> Path:
+    """RAM (/dev/shm) where it has room for the random models (about 45 GB with a merged copy), else /tmp."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 60e9:
+        return shm / "finetune_evidence"
+    return Path("/tmp/finetune_evidence")
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_evidence")))
+    ap.add_argument("--cpu-smoke", action="store_true", help="the tiny model on CPU: checks every stage runs (CI)")
+    ap.add_argument("--workdir", type=Path, help="models and runs (default: /dev/shm where it has room, else /tmp)")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting work after this many seconds")
+    ap.add_argument("--reserve-s", type=float, default=40, help="kept free at the end: a process running then is killed")
+    ap.add_argument("--parallel", type=int, default=5, help="memory-only processes at a time on the GPU")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["planner", "bench"], help="stages to leave out")
+    ap.add_argument("--child-inference", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--child-adapter", type=Path, help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args(argv)
+    args.overrides = rest
+    smoke = args.cpu_smoke
+    args.arch, args.steps, args.max_seq = ("tiny", 2, 256) if smoke else ("llama2_7b", 3, 1 << 20)
+    args.plan_gpu = "h200" if smoke else "auto"
+    args.workdir = args.workdir or (args.out / "work" if smoke else workdir_default())
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.child_inference:
+        return child_inference(args.child_inference, args.overrides)
+    if args.child_adapter:
+        print(json.dumps(check_adapter(args.child_adapter)))
+        return 0
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_evidence measures a CUDA GPU and this machine has none: run it on one, or pass --cpu-smoke to "
+              "check that every stage runs.", file=sys.stderr)
+        return 2
+    try:  # every library the stages need, before any time is spent on them
+        import bitsandbytes, datasets, hydra, peft, trl  # noqa: F401, E401
+    except ImportError as e:
+        print(f"gpu_evidence: {e}: install finetune's requirements, or carry them as wheels in .whl/ "
+              "(bash scripts/gpu_evidence.sh --download).", file=sys.stderr)
+        return 2
+    clock = Clock(args.budget_s)
+    args.logs = args.workdir / "logs"
+    args.logs.mkdir(parents=True, exist_ok=True)
+    write_report(args, environment=environment(args.arch))
+    model = args.workdir / f"{args.arch}-random"
+    load_script("random_arch_run").build_model(args.arch, model)
+    print(f"[evidence] {args.arch} built in {time.time() - clock.start:.0f} s", flush=True)
+    if "planner" not in args.skip:
+        jobs = jobs_for(args, model)
+        write_report(args, jobs=jobs)
+        run_jobs(jobs, args, clock)
+        write_report(args, jobs=jobs)
+    if "bench" not in args.skip:
+        bench(args, clock)
+    REPORT["wall_s"] = round(time.time() - clock.start, 1)
+    write_report(args)
+    with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(args.logs, arcname="logs")
+    print((args.out / "evidence.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
