@@ -50,8 +50,15 @@ TRAIN_POINTS = [
     ("LoRA on a 16-bit base", "none", 1024, 1, True, []),
 ]
 INFERENCE_POINT = ("inference NF4: prefill + 8 new tokens", "nf4", 2048, 4)
-FSDP_POINTS = [("FSDP-QLoRA", "fsdp_qlora.yaml", "nf4"), ("FSDP, 16-bit base", "fsdp.yaml", "none")]
+# (name, accelerate config, quant, extra overrides): bitsandbytes' optimizers cannot update FSDP2's DTensors
+FSDP_POINTS = [("FSDP-QLoRA", "fsdp_qlora.yaml", "nf4", []),
+               ("FSDP2, 16-bit base, AdamW", "fsdp.yaml", "none", ["train.optim=adamw_torch"])]
+# the same setting on 2 and 6 decoder layers of the 7B's width: the plan's per-layer and fixed parts, apart
+DEPTH_POINTS = [("QLoRA, no checkpointing", "nf4", 2048, 1, False), ("QLoRA, checkpointing, micro-batch 4", "nf4", 2048, 4, True),
+                ("LoRA on int8", "int8", 1024, 1, True), ("LoRA on a 16-bit base, no checkpointing", "none", 1024, 1, False)]
+DEPTHS = (2, 6)
 BENCH_ARCHS = ["llama2_7b", "llama3_8b"]
+STAGES = ["planner", "fsdp", "depth", "saved", "bench"]
 
 
 def load_script(name: str):
@@ -71,6 +78,7 @@ class Job:
     planned: dict = field(default_factory=dict)
     shown: dict = field(default_factory=dict)   # the setting, as the table shows it
     launch: list = field(default_factory=list)  # fsdp: accelerate launch's arguments before `-m finetune`
+    check_adapter: bool = False                 # load the adapter back onto its base and see it change the output
     result: dict = field(default_factory=dict)
 
     def argv(self) -> list:
@@ -113,32 +121,47 @@ def planned(overrides: list[str], gpu: str, mode: str = "train") -> dict:
             "tokens_per_second": plan.get("tokens_per_second")}
 
 
-def jobs_for(args, model: Path) -> list[Job]:
-    rar = load_script("random_arch_run")
-    jobs, seqs = [], {p[2] for p in TRAIN_POINTS} | {INFERENCE_POINT[2], 1024}
-    for seq in seqs:
-        rar.write_data(args.workdir / f"data-{seq}.jsonl", min(seq, args.max_seq), rows=64)
-    seq_of = lambda seq: min(seq, args.max_seq)  # noqa: E731  (the smoke's tiny model: short rows)
-    for i, (name, quant, seq, mb, ckpt, extra) in enumerate(TRAIN_POINTS):
-        over = base_overrides(model, args.workdir / f"data-{seq}.jsonl", seq_of(seq), args.steps) + \
-            setting(quant, mb, ckpt) + extra
-        run_dir = args.workdir / f"train-{i}"
-        jobs.append(Job(name, "train", [*over, f"output_dir={run_dir}", "overwrite=true"], run_dir,
-                        planned(over, args.plan_gpu),
-                        {"quant": quant, "seq": seq_of(seq), "micro_batch": mb, "checkpointing": ckpt}))
+def write_rows(args) -> None:
+    """data-1024.jsonl and data-2048.jsonl: conversations whose replies fill the length (the smoke's: --max-seq)."""
+    for seq in (1024, 2048):
+        load_script("random_arch_run").write_data(args.workdir / f"data-{seq}.jsonl", min(seq, args.max_seq), rows=64)
+
+
+def job(args, name: str, kind: str, model: Path, quant: str, seq: int, mb: int, ckpt: bool, extra: list, run_dir: Path,
+        launch: list = (), **shown) -> Job:
+    """A measured run of the CLI (train, fsdp) or of inference, with the plan's prediction for it."""
+    cut = min(seq, args.max_seq)
+    over = base_overrides(model, args.workdir / f"data-{seq}.jsonl", cut, args.steps) + setting(quant, mb, ckpt) + extra
+    if kind != "inference":
+        over += [f"output_dir={run_dir}", "overwrite=true"]
+    return Job(name, kind, over, run_dir, planned(over, args.plan_gpu, "inference" if kind == "inference" else "train"),
+               {"quant": quant, "seq": cut, "micro_batch": mb, "checkpointing": None if kind == "inference" else ckpt,
+                **shown}, list(launch), check_adapter=kind == "fsdp")
+
+
+def planner_jobs(args, model: Path) -> list[Job]:
+    jobs = [job(args, name, "train", model, quant, seq, mb, ckpt, extra, args.workdir / f"train-{i}")
+            for i, (name, quant, seq, mb, ckpt, extra) in enumerate(TRAIN_POINTS)]
     name, quant, seq, mb = INFERENCE_POINT
-    over = base_overrides(model, args.workdir / f"data-{seq}.jsonl", seq_of(seq), 1) + setting(quant, mb, False)
-    jobs.append(Job(name, "inference", over, args.workdir / "inference", planned(over, args.plan_gpu, "inference"),
-                    {"quant": quant, "seq": seq_of(seq), "micro_batch": mb}))
-    for i, (name, config, quant) in enumerate(FSDP_POINTS):
-        over = base_overrides(model, args.workdir / "data-1024.jsonl", seq_of(1024), args.steps) + setting(quant, 1, True)
-        run_dir = args.workdir / f"fsdp-{i}"
-        launch = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
-                  "--num_processes", "1", "--main_process_port", str(29500 + i)]
-        jobs.append(Job(name, "fsdp", [*over, f"output_dir={run_dir}", "overwrite=true"], run_dir,
-                        planned(over, args.plan_gpu), {"quant": quant, "seq": seq_of(1024), "micro_batch": 1,
-                                                       "checkpointing": True}, launch))
-    return jobs
+    return jobs + [job(args, name, "inference", model, quant, seq, mb, False, [], args.workdir / "inference")]
+
+
+def fsdp_jobs(args, model: Path) -> list[Job]:
+    """Each accelerate config on one GPU (--num_processes 1): FSDP wraps the model all the same."""
+    return [job(args, name, "fsdp", model, quant, 1024, 1, True, extra, args.workdir / f"fsdp-{i}",
+                ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+                 "--num_processes", "1", "--main_process_port", str(29500 + i)])
+            for i, (name, config, quant, extra) in enumerate(FSDP_POINTS)]
+
+
+def depth_jobs(args) -> list[Job]:
+    """Each DEPTH_POINTS setting on the architecture cut to 2 and to 6 layers (models built here)."""
+    rar = load_script("random_arch_run")
+    for layers in DEPTHS:
+        rar.build_model(args.arch, args.workdir / f"{args.arch}-{layers}l", layers)
+    return [job(args, f"{name}, {layers} layers", "train", args.workdir / f"{args.arch}-{layers}l", quant, seq, mb, ckpt,
+                [], args.workdir / f"depth-{i}-{layers}", layers=layers)
+            for i, (name, quant, seq, mb, ckpt) in enumerate(DEPTH_POINTS) for layers in DEPTHS]
 
 
 # ---- running them -------------------------------------------------------------------------------
@@ -208,7 +231,7 @@ def collect(job: Job, code: int, wall: float, args) -> dict:
     out["measured_allocated_gb"] = summary.get("peak_memory_gb")
     keys = ("tokens_per_second", "export_runtime_s", "export_peak_memory_gb", "merge_base", "merge_mean_kl")
     out.update({k: summary[k] for k in keys if summary.get(k) is not None})
-    if job.kind == "fsdp" or (args.cpu_smoke and job.run_dir.name == "train-0"):  # the smoke proves the check
+    if job.check_adapter:
         out.update(adapter_check(job.run_dir, args.cpu_smoke))
     return out
 
@@ -229,13 +252,92 @@ def check_adapter(run_dir: Path) -> dict:
 
     from finetune.run import Run
 
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     model = Run.open(str(run_dir)).load_for_inference(quant="none").model
     ids = torch.arange(3, 67)[None].to(model.device)
     with torch.no_grad():
         tuned = model(input_ids=ids).logits.float()
         with model.disable_adapter():
             base = model(input_ids=ids).logits.float()
-    return {"adapter_loads": True, "adapter_max_logit_change": (tuned - base).abs().max().item()}
+    loaded = [p for n, p in model.named_parameters() if "lora_B" in n]
+    return {"adapter_loads": True, "adapter_max_logit_change": (tuned - base).abs().max().item(),
+            "adapter_tensors": len(saved), "adapter_dtypes": sorted({str(t.dtype) for t in saved.values()}),
+            "saved_lora_B_max": max((t.abs().max().item() for k, t in saved.items() if "lora_B" in k), default=None),
+            "loaded_lora_B_max": max((p.abs().max().item() for p in loaded), default=None),
+            "first_key": next(iter(saved), None)}
+
+
+def saved_stage(args) -> dict:
+    """What autograd keeps per token and decoder layer on this device, against the plan's activation model: the
+    real loader, LoRA as TRL makes it (bf16 adapters on a quantized base, fp32 ones on a 16-bit base), under the
+    Trainer's bf16 autocast, one row of --saved-seq tokens, no checkpointing; 1 and 2 layers of the architecture."""
+    rar, out = load_script("random_arch_run"), {}
+    for layers in (1, 2):
+        rar.build_model(args.arch, args.workdir / f"{args.arch}-{layers}l", layers)
+    for quant in ("nf4", "int8", "none"):
+        try:
+            kept = {n: saved_by_kind(args.workdir / f"{args.arch}-{n}l", quant, args.saved_seq) for n in (1, 2)}
+        except Exception as e:  # noqa: BLE001 (a diagnosis: report what broke, measure the rest)
+            out[quant] = {"failed": f"{type(e).__name__}: {e}"}
+            continue
+        kinds = {k: (kept[2].get(k, 0) - kept[1].get(k, 0)) / args.saved_seq for k in kept[1].keys() | kept[2].keys()}
+        out[quant] = {"measured_bytes_per_token_layer": sum(kinds.values()),
+                      "planned_bytes_per_token_layer": planned_saved(args, quant),
+                      "by_dtype_and_width": {k: v for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v}}
+        print(f"[evidence] saved per token and layer, {quant}: {json.dumps(out[quant])}", flush=True)
+    return out
+
+
+def saved_by_kind(path: Path, quant: str, seq: int) -> dict:
+    """Bytes of every storage autograd saves in one forward, by 'dtype x last dimension' (parameters excluded)."""
+    import torch
+
+    from finetune.lora import build_peft_config
+    from finetune.model import detect_device, load_base_model
+    from finetune.registry import load_config
+    from peft import get_peft_model
+
+    cfg = load_config(["recipe=qlora_llama7b", f"model.name_or_path={path}", *setting(quant, 1, False)])
+    device = detect_device(cfg.train, cfg.quant, cfg.model)
+    model = get_peft_model(load_base_model(cfg.model, cfg.quant, device), build_peft_config(cfg.lora))
+    if quant != "none":  # TRL's QLoRA adapters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = (f"{str(t.dtype).removeprefix('torch.')} x {t.shape[-1] if t.dim() else 1}",
+                                                    t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(3, 1000, (1, seq), device=model.device)
+    cuda = model.device.type == "cuda"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cuda):
+        model.train()(input_ids=ids, labels=ids)
+    kinds = {}
+    for kind, nbytes in seen.values():
+        kinds[kind] = kinds.get(kind, 0) + nbytes
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return kinds
+
+
+def planned_saved(args, quant: str) -> float:
+    from finetune.plan import activation_bytes_per_token, load_arch
+    from finetune.registry import load_config
+
+    cfg = load_config(["recipe=qlora_llama7b", f"model.name_or_path={args.workdir / f'{args.arch}-1l'}",
+                       *setting(quant, 1, False)])
+    arch = load_arch(cfg.model, cfg.lora)
+    return activation_bytes_per_token(arch, cfg.lora, cfg.lora.r, 2, False, adapters_16bit=quant != "none")["layers"] \
+        / arch.layers
 
 
 def child_inference(run_dir: Path, overrides: list[str]) -> int:
@@ -396,7 +498,11 @@ def parse(argv=None):
     ap.add_argument("--budget-s", type=float, default=480, help="stop starting work after this many seconds")
     ap.add_argument("--reserve-s", type=float, default=40, help="kept free at the end: a process running then is killed")
     ap.add_argument("--parallel", type=int, default=5, help="memory-only processes at a time on the GPU")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["planner", "bench"], help="stages to leave out")
+    ap.add_argument("--stages", nargs="*", default=["planner", "fsdp", "bench"], choices=STAGES,
+                    help="what to run: planner, fsdp and bench by default; depth (the plan's per-layer and fixed parts "
+                         "on 2- and 6-layer cuts) and saved (what autograd keeps per layer on this GPU) on request")
+    ap.add_argument("--saved-seq", type=int, default=2048, help="saved stage: tokens in the row")
+    ap.add_argument("--layers", type=int, default=0, help="planner and fsdp stages: cut the model to this many layers")
     ap.add_argument("--child-inference", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-adapter", type=Path, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
@@ -431,15 +537,23 @@ def main(argv=None) -> int:
     args.logs = args.workdir / "logs"
     args.logs.mkdir(parents=True, exist_ok=True)
     write_report(args, environment=environment(args.arch))
-    model = args.workdir / f"{args.arch}-random"
-    load_script("random_arch_run").build_model(args.arch, model)
-    print(f"[evidence] {args.arch} built in {time.time() - clock.start:.0f} s", flush=True)
-    if "planner" not in args.skip:
-        jobs = jobs_for(args, model)
-        write_report(args, jobs=jobs)
-        run_jobs(jobs, args, clock)
-        write_report(args, jobs=jobs)
-    if "bench" not in args.skip:
+    write_rows(args)
+    jobs = []
+    if {"planner", "fsdp"} & set(args.stages):
+        model = args.workdir / f"{args.arch}-{args.layers or 'random'}{'l' if args.layers else ''}"
+        load_script("random_arch_run").build_model(args.arch, model, args.layers)
+        print(f"[evidence] {model.name} built in {time.time() - clock.start:.0f} s", flush=True)
+        jobs += planner_jobs(args, model) if "planner" in args.stages else []
+        jobs += fsdp_jobs(args, model) if "fsdp" in args.stages else []
+    jobs += depth_jobs(args) if "depth" in args.stages else []
+    for first in [j for j in jobs if j.kind == "train"][:1]:  # one run without FSDP too: the check is checked
+        first.check_adapter = True
+    write_report(args, jobs=jobs)
+    run_jobs(jobs, args, clock)
+    write_report(args, jobs=jobs)
+    if "saved" in args.stages:
+        write_report(args, saved=saved_stage(args))
+    if "bench" in args.stages:
         bench(args, clock)
     REPORT["wall_s"] = round(time.time() - clock.start, 1)
     write_report(args)

@@ -35,7 +35,8 @@ ARCHS = {
 }
 
 
-def build_model(arch: str, path: Path) -> None:
+def build_model(arch: str, path: Path, layers: int = 0) -> None:
+    """The architecture with random weights, saved to `path` (once); `layers` > 0: that many decoder layers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,8 +44,9 @@ def build_model(arch: str, path: Path) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
+    config = LlamaConfig(**(ARCHS[arch] | ({"num_hidden_layers": layers} if layers else {})), dtype="bfloat16")
     with torch.device(device):  # random init on the GPU takes seconds, on CPU cores minutes
-        model = LlamaForCausalLM(LlamaConfig(**ARCHS[arch], dtype="bfloat16")).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     del model
     if torch.cuda.is_available():
