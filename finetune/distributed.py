@@ -195,8 +195,16 @@ def base_eval_loss(trainer) -> Optional[float]:
 
 
 def model_to_export(w: World, trainer):
-    """The trained model as export saves it: FSDP's root module unwrapped (its weights come gathered, below)."""
-    return trainer.accelerator.unwrap_model(trainer.model) if w.sharded else trainer.model
+    """The trained model as export saves it (its weights come gathered, below): under FSDP every wrapper taken out,
+    the decoder layers' too. PEFT picks the adapter's entries of the gathered state dict by the names of the modules
+    it sees, and FSDP1's nested wrappers put `_fsdp_wrapped_module` in those names but not in the gathered keys:
+    unwrapped at the top only, the adapter was saved empty (seen on an H200 with fsdp_qlora.yaml). This takes the
+    wrappers out of the model in place; export is the last use of it."""
+    if not w.sharded:
+        return trainer.model
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(trainer.model, recursive=True)
 
 
 def gather_for_export(w: World, trainer, cfg, tokenizer, rows) -> dict:

@@ -73,6 +73,51 @@ def test_what_a_launch_cannot_do():
     distributed.check_launch(load_config(["quant=int8"]), World(2, 0, 0, "ddp"), "cpu")  # DDP takes any recipe
 
 
+def test_fsdp2_refuses_bitsandbytes_optimizers(monkeypatch):
+    """Seen on an H200: bitsandbytes' 8-bit AdamW update got FSDP2's DTensor parameters and crashed on its first step."""
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match=r"train.optim=paged_adamw_8bit is a bitsandbytes optimizer.*adamw_torch"):
+        distributed.check_launch(load_config(["quant=none"]), World(2, 0, 0, "fsdp"), "cuda")
+    distributed.check_launch(load_config(["quant=none", "train.optim=adamw_torch"]), World(2, 0, 0, "fsdp"), "cuda")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # fsdp_qlora.yaml: FSDP1's flat parameters are plain tensors
+    distributed.check_launch(load_config([]), World(2, 0, 0, "fsdp"), "cuda")
+
+
+def test_an_fsdp1_wrapped_adapter_is_exported_whole(tmp_path, monkeypatch):
+    """FSDP1 (fsdp_qlora.yaml) wraps each decoder layer; PEFT finds the adapter by module names that then carry the
+    wrapper. Seen on an H200: the adapter was saved empty. Here FSDP1 runs on CPU (gloo, one process): the model
+    export gets saves every LoRA tensor, with the trained values, under names plain PEFT loads."""
+    import torch.distributed as dist
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # "trained": B is no longer zero
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                       device_id=torch.device("cpu"))
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+            state = wrapped.state_dict()  # what accelerator.get_state_dict gathers
+        trainer = type("Trainer", (), {"model": wrapped})()
+        distributed.model_to_export(World(1, 0, 0, "fsdp"), trainer).save_pretrained(tmp_path, state_dict=state)
+    finally:
+        dist.destroy_process_group()
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM(config), tmp_path)
+    loaded = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(trained) == 28
+    assert all(torch.equal(loaded[n], trained[n]) for n in trained)
+
+
 def test_plan_per_gpu():
     base = ["recipe=qlora_llama7b", "plan.gpu=rtx3090"]
     one, ddp, fsdp = (make_plan(load_config([*base, *extra])) for extra in
