@@ -136,7 +136,7 @@ def job(args, name: str, kind: str, model: Path, quant: str, seq: int, mb: int, 
         over += [f"output_dir={run_dir}", "overwrite=true"]
     return Job(name, kind, over, run_dir, planned(over, args.plan_gpu, "inference" if kind == "inference" else "train"),
                {"quant": quant, "seq": cut, "micro_batch": mb, "checkpointing": None if kind == "inference" else ckpt,
-                **shown}, list(launch), check_adapter=kind == "fsdp")
+                **({"layers": args.layers} if args.layers else {}), **shown}, list(launch), check_adapter=kind == "fsdp")
 
 
 def planner_jobs(args, model: Path) -> list[Job]:
@@ -225,7 +225,8 @@ def collect(job: Job, code: int, wall: float, args) -> dict:
     if code != 0:
         log = args.logs / f"{job.run_dir.name}.log"
         lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-        return out | {"failed": next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "")}
+        said = [x.strip() for x in lines if x.startswith("error:") or "Error: " in x]  # ours, else Python's
+        return out | {"failed": said[-1] if said else (lines[-1] if lines else "")}
     summary = json.loads((job.run_dir / "summary.json").read_text())
     out["measured_reserved_gb"] = summary.get("peak_memory_reserved_gb")
     out["measured_allocated_gb"] = summary.get("peak_memory_gb")
@@ -284,7 +285,7 @@ def saved_stage(args) -> dict:
             continue
         kinds = {k: (kept[2].get(k, 0) - kept[1].get(k, 0)) / args.saved_seq for k in kept[1].keys() | kept[2].keys()}
         out[quant] = {"measured_bytes_per_token_layer": sum(kinds.values()),
-                      "planned_bytes_per_token_layer": planned_saved(args, quant),
+                      "planned_bytes_per_token_layer": planned_saved(args.workdir / f"{args.arch}-1l", quant),
                       "by_dtype_and_width": {k: v for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v}}
         print(f"[evidence] saved per token and layer, {quant}: {json.dumps(out[quant])}", flush=True)
     return out
@@ -329,15 +330,15 @@ def saved_by_kind(path: Path, quant: str, seq: int) -> dict:
     return kinds
 
 
-def planned_saved(args, quant: str) -> float:
+def planned_saved(model: Path, quant: str) -> float:
+    """What plan says autograd saves per token and layer (16-bit adapters: the Trainer's autocast computes fp32 ones
+    in 16 bits too), before what a CUDA GPU holds beside (finetune.plan.activations)."""
     from finetune.plan import activation_bytes_per_token, load_arch
     from finetune.registry import load_config
 
-    cfg = load_config(["recipe=qlora_llama7b", f"model.name_or_path={args.workdir / f'{args.arch}-1l'}",
-                       *setting(quant, 1, False)])
+    cfg = load_config(["recipe=qlora_llama7b", f"model.name_or_path={model}", *setting(quant, 1, False)])
     arch = load_arch(cfg.model, cfg.lora)
-    return activation_bytes_per_token(arch, cfg.lora, cfg.lora.r, 2, False, adapters_16bit=quant != "none")["layers"] \
-        / arch.layers
+    return activation_bytes_per_token(arch, cfg.lora, cfg.lora.r, 2, False, adapters_16bit=True)["layers"] / arch.layers
 
 
 def child_inference(run_dir: Path, overrides: list[str]) -> int:
@@ -432,23 +433,74 @@ def markdown(report: dict) -> str:
              f"{env.get('trl')}, bitsandbytes {env.get('bitsandbytes')}, liger-kernel {env.get('liger_kernel')}. "
              f"Architecture {env.get('arch')} with random weights; GB = 1e9 bytes.", ""]
     rows = report.get("jobs", [])
+    now = any("planned_now_gb" in r for r in rows)
     if rows:
         lines += ["## plan against measured peak memory (torch.cuda.max_memory_reserved)", "",
-                  "| setting | quant | seq | micro-batch | checkpointing | planned GB | measured GB | error | notes |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| setting | layers | quant | seq | micro-batch | checkpointing | planned GB | measured GB | error |"
+                  + (" planned now | error now |" if now else "") + " notes |",
+                  "|" + " --- |" * (10 + 2 * now)]
         for r in rows:
             notes = r.get("failed") or r.get("skipped") or notes_of(r)
-            lines.append(f"| {r['name']} | {r.get('quant')} | {r.get('seq')} | {r.get('micro_batch')} | "
-                         f"{ {True: 'on', False: 'off', None: '-'}[r.get('checkpointing')]} | {fmt(r['planned_gb'])} | "
-                         f"{fmt(r.get('measured_reserved_gb'))} | {fmt(r.get('error'), '{:+.1%}')} | {notes} |")
-        errors = [abs(r["error"]) for r in rows if r.get("error") is not None and r["kind"] != "fsdp"]
-        if errors:
-            lines += ["", f"{sum(e <= 0.10 for e in errors)} of {len(errors)} single-GPU settings within ±10% "
-                          f"(FSDP rows are planned as one unsharded GPU)."]
+            lines.append(f"| {r['name']} | {r.get('layers') or 'all'} | {r.get('quant')} | {r.get('seq')} | "
+                         f"{r.get('micro_batch')} | { {True: 'on', False: 'off', None: '-'}[r.get('checkpointing')]} | "
+                         f"{fmt(r['planned_gb'])} | {fmt(r.get('measured_reserved_gb'))} | {fmt(r.get('error'), '{:+.1%}')} |"
+                         + (f" {fmt(r.get('planned_now_gb'))} | {fmt(r.get('error_now'), '{:+.1%}')} |" if now else "")
+                         + f" {notes} |")
+        for key, label in (("error", "as planned at the run"), ("error_now", "as planned now")):
+            errors = [abs(r[key]) for r in rows if r.get(key) is not None and r["kind"] != "fsdp" and not r.get("layers")]
+            if errors:
+                lines += ["", f"{label}: {sum(e <= 0.10 for e in errors)} of {len(errors)} single-GPU settings of the "
+                              f"whole model within ±10% (FSDP rows are planned as one unsharded GPU)."]
+    for quant, r in report.get("saved", {}).items():
+        lines += ["", f"saved per token and layer, {quant}: " + (r.get("failed") or
+                  f"{fmt(r['measured_bytes_per_token_layer'], '{:,.0f}')} bytes measured (autograd's hooks), "
+                  f"{fmt(r['planned_bytes_per_token_layer'], '{:,.0f}')} planned at the run"
+                  + (f", {fmt(r['planned_now'], '{:,.0f}')} now" if "planned_now" in r else ""))]
     for arch, b in report.get("bench", {}).items():
         lines += ["", f"## bench: {arch}, seq {b.get('seq', '-')}", ""]
         lines += [b["table"]] if "table" in b else [f"{b.get('failed') or b.get('skipped')}"]
     return "\n".join(lines) + "\n"
+
+
+def replan(paths: list[Path], out: Path) -> int:
+    """Merge evidence.json files of one GPU (their jobs in order, with the run they came from) and plan every
+    measured setting again with today's plan (offline: the architecture's config alone): out.json and out.md."""
+    import tempfile
+
+    from finetune.plan import GPUS
+
+    merged: dict = {"jobs": []}
+    for i, path in enumerate(paths, 1):
+        report = json.loads(path.read_text())
+        merged["jobs"] += [r | {"run": r.get("run", i)} for r in report.pop("jobs", [])]
+        merged.update({k: v for k, v in report.items() if k not in merged or k in ("bench", "saved")})
+    env = merged.get("environment", {})
+    gpu = next((k for k in GPUS if k.replace("-", "") in env.get("gpu", "").lower().replace(" ", "")), "h200")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in merged["jobs"]:
+            if r.get("measured_reserved_gb") is None or r["kind"] == "fsdp":
+                continue
+            folder = Path(tmp) / f"{env.get('arch', 'llama2_7b')}-{r.get('layers') or 'all'}"
+            config_only(env.get("arch", "llama2_7b"), folder, r.get("layers") or 0)
+            over = base_overrides(folder, Path(tmp) / "rows.jsonl", r["seq"], 3) + \
+                setting(r["quant"], r["micro_batch"], bool(r.get("checkpointing")))
+            r["planned_now_gb"] = planned(over, gpu, r["kind"] if r["kind"] == "inference" else "train")["peak_reserved_gb"]
+            r["error_now"] = r["planned_now_gb"] / r["measured_reserved_gb"] - 1
+        config_only(env.get("arch", "llama2_7b"), Path(tmp) / "one-layer", 1)
+        for quant, r in merged.get("saved", {}).items():
+            r["planned_now"] = planned_saved(Path(tmp) / "one-layer", quant)
+    out.with_suffix(".json").write_text(json.dumps(merged, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(merged))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+def config_only(arch: str, folder: Path, layers: int) -> None:
+    """The architecture's config.json, no weights: all that `plan` reads."""
+    from transformers import LlamaConfig
+
+    spec = load_script("random_arch_run").ARCHS[arch] | ({"num_hidden_layers": layers} if layers else {})
+    LlamaConfig(**spec).save_pretrained(folder)
 
 
 def notes_of(r: dict) -> str:
@@ -456,11 +508,13 @@ def notes_of(r: dict) -> str:
     if r.get("merge_base"):
         notes.append(f"merge {r['export_runtime_s']:.0f} s, export GPU peak {fmt(r.get('export_peak_memory_gb'))} GB, "
                      f"merge KL {fmt(r.get('merge_mean_kl'), '{:.2g}')} ({r.get('merge_base')} base)")
+    if r.get("adapter_tensors") == 0:
+        notes.append("the adapter file holds no tensor")
     if "adapter_loads" in r:
         notes.append(f"adapter loads: {r['adapter_loads']}, max logit change {fmt(r.get('adapter_max_logit_change'), '{:.2g}')}"
                      if r["adapter_loads"] else f"adapter does not load: {r.get('adapter_error')}")
     if r.get("wall_s") is not None:
-        notes.append(f"{r['wall_s']:.0f} s")
+        notes.append(f"{r['wall_s']:.0f} s" + (f", run {r['run']}" if r.get("run") else ""))
     return "; ".join(notes)
 
 
@@ -503,6 +557,9 @@ def parse(argv=None):
                          "on 2- and 6-layer cuts) and saved (what autograd keeps per layer on this GPU) on request")
     ap.add_argument("--saved-seq", type=int, default=2048, help="saved stage: tokens in the row")
     ap.add_argument("--layers", type=int, default=0, help="planner and fsdp stages: cut the model to this many layers")
+    ap.add_argument("--replan", type=Path, nargs="*", metavar="EVIDENCE_JSON",
+                    help="no GPU: merge these evidence.json files and plan every measured setting again with today's "
+                         "plan, into --out (a path without suffix: .json and .md are written)")
     ap.add_argument("--child-inference", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-adapter", type=Path, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
@@ -516,6 +573,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.replan:
+        return replan(args.replan, args.out)
     if args.child_inference:
         return child_inference(args.child_inference, args.overrides)
     if args.child_adapter:

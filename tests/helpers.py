@@ -126,6 +126,7 @@ def run_script(name: str, *argv: str) -> int:
 
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     saved = sys.argv
     sys.argv = [str(ROOT / "scripts" / f"{name}.py"), *argv]

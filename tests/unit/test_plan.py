@@ -9,8 +9,8 @@ import torch
 
 from finetune.config import LoraConfig
 from finetune.errors import UserError
-from finetune.plan import (GIB, GPUS, activation_bytes_per_token, auto_fit, load_arch, make_plan, setting_of,
-                           weight_bits)
+from finetune.plan import (FRAGMENTATION, GIB, GPUS, HOPPER_REACH, activation_bytes_per_token, auto_fit, load_arch,
+                           make_plan, setting_of, weight_bits)
 from finetune.registry import load_config, recipes
 
 GB = 1e9
@@ -106,9 +106,9 @@ def test_a_recipe_that_fits_and_its_cost():
     # 1000 steps x 16 sequences x 2048 tokens, at the stated tokens/s
     assert plan["train_tokens"] == 1000 * 16 * 2048
     assert plan["gpu_hours"] == pytest.approx(plan["train_tokens"] / plan["tokens_per_second"] / 3600)
-    # the same recipe is ~3.6x faster on an H100 than on an RTX 3060 at the same efficiency: the TFLOP/s ratio
+    # the same recipe on an H100: the TFLOP/s ratio, at the share of the efficiency Hopper reached on the H200
     h100 = plan_of("recipe=qlora_llama7b", gpu="h100")
-    assert h100["tokens_per_second"] / plan["tokens_per_second"] == pytest.approx(989 / 25.6)
+    assert h100["tokens_per_second"] / plan["tokens_per_second"] == pytest.approx(989 * HOPPER_REACH / 25.6)
 
 
 def test_checkpointing_and_quantization_change_the_peak_the_right_way():
@@ -134,14 +134,15 @@ def test_phi2_full_fine_tune_in_mixed_precision_is_the_standard_50_gb_and_pure_b
         return sum(v for k, v in plan["memory_gib"].items() if k.startswith(("base", "embed", "gradients", "optim")))
 
     mixed = plan_of(*FULL_PHI2, gpu="a100-80gb")
-    assert mixed["peak_gib"] * GIB / GB == pytest.approx(50, rel=0.05)
+    assert mixed["peak_gib"] * GIB / GB == pytest.approx(50, rel=0.06)  # "about 50 GB": a round figure
     assert weights_states(mixed) * GIB / mixed["params"] == pytest.approx(16, rel=0.01)
     pure = plan_of(*FULL_PHI2, "train.master_weights=16bit", gpu="a100-80gb")
     kahan = plan_of(*FULL_PHI2, "train.master_weights=16bit", "train.optim=adamw_kahan", gpu="a100-80gb")
     assert weights_states(pure) * GIB / pure["params"] == pytest.approx(8, rel=0.01)
     assert weights_states(kahan) * GIB / kahan["params"] == pytest.approx(10, rel=0.01)
     accumulating = plan_of(*FULL_PHI2, "train.grad_accum=4", gpu="a100-80gb")  # autocast's copies beside the gradients
-    assert (accumulating["peak_gib"] - mixed["peak_gib"]) * GIB / mixed["params"] == pytest.approx(2 * 1.05, rel=0.02)
+    assert (accumulating["peak_gib"] - mixed["peak_gib"]) * GIB / mixed["params"] == pytest.approx(
+        2 * (1 + FRAGMENTATION["none"]), rel=0.02)
 
 
 def test_every_suggestion_really_fits_when_applied():
@@ -423,3 +424,19 @@ def test_plan_holds_against_published_measurements(tmp_path):
     assert all(abs(r["error"]) <= 0.25 for r in result["speed"] if r["calibrates"])
     committed = ROOT / "scripts" / "bench_results" / "plan_vs_published.md"
     assert committed.read_text() == (tmp_path / "table.md").read_text(), "run scripts/plan_vs_published.py again"
+
+
+def test_plan_holds_against_the_h200_measurements(tmp_path):
+    """scripts/bench_results/h200.json: peaks measured on an H200 (scripts/gpu_evidence.sh). Planned again with today's
+    plan, every setting of the whole 7B model is within 10% of its measured peak reserved memory; the committed table
+    is what --replan writes today."""
+    from tests.helpers import ROOT, run_script
+
+    committed = ROOT / "scripts" / "bench_results" / "h200"
+    assert run_script("gpu_evidence", "--replan", str(committed.with_suffix(".json")), "--out", str(tmp_path / "h200")) == 0
+    rows = json.loads((tmp_path / "h200.json").read_text())["jobs"]
+    whole = [r for r in rows if "error_now" in r and not r.get("layers")]
+    assert len(whole) >= 6 and {r["quant"] for r in whole} == {"nf4", "int8", "none"}
+    assert all(abs(r["error_now"]) <= 0.10 for r in whole), [(r["name"], r["error_now"]) for r in whole]
+    assert committed.with_suffix(".md").read_text() == (tmp_path / "h200.md").read_text(), \
+        "run scripts/gpu_evidence.py --replan scripts/bench_results/h200.json --out scripts/bench_results/h200"
