@@ -199,7 +199,9 @@ class TrainConfig:
     activation_offloading: bool = opt(False, "move the activations kept for the backward pass to CPU RAM while the "
                                       "forward runs and back for the backward (TRL's, on CUDA streams: overlapped "
                                       "with compute): long sequences at a fraction of the GPU memory")
-    liger_kernel: bool = opt(False, "use Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]')")
+    liger_kernel: Optional[bool] = opt(None, "Liger's fused Triton kernels (CUDA only; pip install 'finetune[gpu]'); "
+                                       "null = on where they were measured to help with the same losses (the Llama "
+                                       "family on a CUDA GPU, liger-kernel installed), else off")
     compile: bool = opt(False, "torch.compile the model (CUDA; the first steps are slower while it compiles)")
     seed: int = opt(42, "seed for adapter init, data order and dropout", min=0, max=SEED_MAX)
     logging_steps: int = opt(10, "log loss, lr and throughput every N steps", min=1)

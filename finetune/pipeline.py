@@ -39,7 +39,7 @@ from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
 from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_sft_config,
-                              build_trainer, optimizer_of, packing_efficiency, settle_padding_free,
+                              build_trainer, optimizer_of, packing_efficiency, settle_liger, settle_padding_free,
                               unmark_prepared)
 
 log = logging.getLogger("finetune")
@@ -211,6 +211,7 @@ def build(s: Session):
     model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
                             world=s.world)
     s.concatenation_kl = settle_padding_free(cfg.data, model, s.train_tok.dataset, s.world.sharded)
+    settle_liger(cfg.train, s.device.type, model)
     has_eval = s.eval_tok is not None
     args = build_sft_config(cfg.train, cfg.data, s.device, s.run_dir / "checkpoints",
                             report_to="wandb" if s.wandb_run is not None else "none", run_name=s.run_dir.name,
@@ -396,6 +397,7 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
         "rows_truncated": tok.too_long if cfg.data.too_long == "truncate" else 0,
         "packing_efficiency": s.packing,
         "padding_free": cfg.data.padding_free, "concatenation_kl": s.concatenation_kl,
+        "liger_kernel": cfg.train.liger_kernel,
         "exact_match_examples": after["examples"],
         **wandb_link(s.wandb_run),
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run (scripts/gpu_evidence.py says what it measures), on a machine that has PyTorch,
 # transformers, peft and accelerate but not the rest: they come as wheels carried in .whl/ (ignored by git), made
-# here with `bash scripts/gpu_evidence.sh --download` (python 3.12, x86-64; about 47 MB, bitsandbytes 43 of it).
+# here with `bash scripts/gpu_evidence.sh --download` (python 3.12, x86-64; about 45 MB, bitsandbytes 43 of it).
 #   bash scripts/gpu_evidence.sh --out DIR              # GPU: under 9 minutes on one H100/H200
 #   bash scripts/gpu_evidence.sh --cpu-smoke --out DIR  # CPU: the same stages on the tiny model
 set -euo pipefail

@@ -137,6 +137,29 @@ def test_cpu_precision_and_kernels(monkeypatch):
     assert len(e.value.problems) == 4 and "train.compile=true is for CUDA GPUs" in str(e.value)
 
 
+@pytest.mark.parametrize("device, model_type, installed, on", [
+    ("cuda", "llama", True, True), ("cuda", "llama", False, False), ("cuda", "qwen3", True, False),
+    ("cpu", "llama", True, False)])
+def test_liger_is_on_by_default_only_where_it_was_measured(monkeypatch, device, model_type, installed, on):
+    """train.liger_kernel=null: on for the Llama family on a CUDA GPU with liger-kernel installed (the H200 run:
+    faster, less memory, the same losses); another family or no GPU: off; a value given is kept."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from finetune.trainer import settle_liger
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if installed and name == "liger_kernel"
+                        else None if name == "liger_kernel" else real(name, *a))
+    model = SimpleNamespace(config=SimpleNamespace(model_type=model_type))
+    train = TrainConfig()
+    settle_liger(train, device, model)
+    assert train.liger_kernel is on
+    given = TrainConfig(liger_kernel=False)
+    settle_liger(given, device, model)
+    assert given.liger_kernel is False
+
+
 def test_a_users_own_file_holds_out_its_eval_rows(caplog):
     """data.path alone: the demo group's eval file is not the user's; data.eval_fraction of theirs is held out."""
     import logging
