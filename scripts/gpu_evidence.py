@@ -565,7 +565,7 @@ def parse(argv=None):
     args, rest = ap.parse_known_args(argv)
     args.overrides = rest
     smoke = args.cpu_smoke
-    args.arch, args.steps, args.max_seq = ("tiny", 2, 256) if smoke else ("llama2_7b", 3, 1 << 20)
+    args.arch, args.steps, args.max_seq = ("tiny", 2, 64) if smoke else ("llama2_7b", 3, 1 << 20)
     args.plan_gpu = "h200" if smoke else "auto"
     args.workdir = args.workdir or (args.out / "work" if smoke else workdir_default())
     return args
