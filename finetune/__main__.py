@@ -17,6 +17,8 @@ VERBS = {
     "eval": "loss, perplexity and task metrics of a run's adapter (run=) or a base (recipe=), at each eval.quant precision",
     "prune": "drop the decoder layers that change the hidden state least (prune.layers=N or prune.target_params=P) from "
              "a run's model (run=) or a base (recipe=); prune.heal=sft then trains LoRA on it",
+    "distill": "train the recipe's model (the student) on a teacher's next-token distributions: teacher=RUN_DIR|MODEL "
+               "[distill.top_k=32 distill.alpha=0.5 distill.loss=forward|reverse|jsd distill.temperature=1]",
 }
 RUN_VERBS = ("export", "generate", "publish", "eval", "prune")  # on an existing run directory: run=RUN_DIR
 
@@ -181,7 +183,15 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     from finetune import registry
 
     setup_logging()
+    if verb == "distill":  # teacher=X is distill.teacher=X
+        argv = [f"distill.{a}" if a.startswith("teacher=") else a for a in argv]
     cfg = registry.load_config(argv)
+    if verb == "distill" and not cfg.distill.teacher:
+        raise UserError("distill needs its teacher: python -m finetune distill teacher=RUN_DIR|MODEL recipe=STUDENT "
+                        "(a finished run's directory, or a model's Hub id or folder, with the student's tokenizer).")
+    if cfg.distill.teacher and cfg.data.packing:
+        raise UserError("distill.teacher with data.packing=true: packing splits and reorders rows, and the teacher's "
+                        "top-k is stored row by row. Set data.packing=false (padding-free batches waste nothing).")
     if verb == "plan":
         return plan_verb(cfg, argv)
     return {"data": data_verb, "eval": eval_base_verb, "prune": prune_verb}.get(verb, train_verb)(cfg, world)

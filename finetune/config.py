@@ -316,6 +316,20 @@ class PruneConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: Optional[str] = opt(None, "`distill`: the teacher, a run directory (its merged/ model, else its base with "
+                                 "the adapter) or a model (Hub id or folder); the recipe's model is the student")
+    top_k: int = opt(32, "`distill`: the teacher's most probable next words kept per trained token (stored on disk)",
+                     min=1)
+    alpha: float = opt(0.5, "`distill`: the loss is alpha x divergence from the teacher + (1 - alpha) x cross-entropy "
+                       "on the data's tokens", min=0, max=1)
+    loss: str = opt("forward", "`distill`: forward KL (teacher || student: the classic), reverse KL (student || "
+                    "teacher: mode seeking) or jsd (Jensen-Shannon)", ["forward", "reverse", "jsd"])
+    temperature: float = opt(1.0, "`distill`: both distributions softened by this temperature (the loss is scaled "
+                             "by its square)", min=0, min_exclusive=True)
+
+
+@dataclass
 class FinetuneConfig:
     recipe: str = opt("tiny_qlora", "the recipe this run was composed from (set by recipe=NAME)")
     output_dir: str = opt("outputs/${recipe}/${now:%Y-%m-%d_%H-%M-%S}", "run directory")
@@ -332,6 +346,7 @@ class FinetuneConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 GROUPS = [f.name for f in dataclasses.fields(FinetuneConfig) if dataclasses.is_dataclass(f.default_factory)]

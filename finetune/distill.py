@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,35 +73,100 @@ def store_dir() -> Path:
     return cache_dir().parent / "teacher"
 
 
-def teacher_store(model, dataset, top_k: int, teacher_id: str):
+def teacher_store(load_model, dataset, top_k: int, teacher_id: str):
     """The tokenized rows with teacher_ids [n, k] and teacher_logprobs [n, k] (float16) per row, n its trained tokens;
-    computed once per (rows, teacher, k) and read back from the store after that. Returns (dataset, read back)."""
+    computed once per (rows, teacher, k), read back from the store after that: `load_model()` is called only when
+    the store has no such entry, and the model it gives is let go before this returns. Returns (dataset, read back)."""
     import datasets
 
     from finetune.data.tokenize import keep_cache_small, map_cached
 
-    check_top_k(top_k, model.config.vocab_size)
     path = store_dir() / f"topk-{store_key(dataset, teacher_id, top_k)}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
-    ids_type = "uint16" if model.config.vocab_size <= 2**16 else "uint32"
     feats = dataset.features.copy()
-    feats["teacher_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value(ids_type)))
+    feats["teacher_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value("uint32")))
     feats["teacher_logprobs"] = datasets.Sequence(datasets.Sequence(datasets.Value("float16")))
+    held: list = []
 
     def add(row):
-        ids, logprobs = topk_of_row(model, row["input_ids"], row["labels"], top_k)
+        if not held:
+            held.append(load_model().eval())
+            check_top_k(top_k, held[0].config.vocab_size)
+        ids, logprobs = topk_of_row(held[0], row["input_ids"], row["labels"], top_k)
         return {"teacher_ids": ids.tolist(), "teacher_logprobs": logprobs.half().tolist()}
 
-    was_eval = not model.training
-    model.eval()
     try:
         out, cached = map_cached(dataset, path, function=add, features=feats, desc="Teacher's top-k")
     finally:
-        model.train(not was_eval)
+        held.clear()  # the teacher goes: only the student is in memory while it trains
+        release_memory()
     keep_cache_small(path)
     log.info("teacher's top-%d over %d rows %s %s (%.1f MB)", top_k, len(out), "read back from" if cached else
              "stored in", path.parent, sum(f.stat().st_size for f in path.parent.glob(path.stem + "*")) / 1e6)
     return out, cached
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Teacher:
+    """distill.teacher resolved: how to load it, its tokenizer, and what identifies its weights (the store's key)."""
+    spec: str
+    identity: str
+    tokenizer: object
+    load: Callable[[], object]
+
+    @classmethod
+    def of(cls, spec: str, device) -> "Teacher":
+        folder = Path(spec).expanduser()
+        if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
+            return cls.of_run(spec, folder)
+        from finetune.config import ModelConfig, QuantConfig
+        from finetune.model import load_base_model
+        from finetune.tokenizer import load_tokenizer
+
+        model_cfg = ModelConfig(name_or_path=spec)
+        identity = fingerprint(folder) if folder.is_dir() else spec
+        return cls(spec, identity, load_tokenizer(model_cfg),
+                   lambda: load_base_model(model_cfg, QuantConfig(method="none"), device))
+
+    @classmethod
+    def of_run(cls, spec: str, folder: Path) -> "Teacher":
+        """A finished run: its merged/ model (16-bit) where there is one, else its base as trained with its adapter,
+        or the model/ a full fine-tune wrote."""
+        from finetune.run import Run
+
+        run = Run.open(spec)
+        for source, kwargs in ((run.merged_dir, {"merged": True}), (run.adapter_dir, {})):
+            if (source / "config.json").is_file() or (source / "adapter_config.json").is_file():
+                return cls(spec, fingerprint(source), run.tokenizer(source),
+                           lambda: run.load_for_inference(**kwargs).model)
+        if (run.model_dir / "config.json").is_file():
+            return cls.of(str(run.model_dir), None)
+        raise UserError(f"teacher={spec} is a run directory with neither an adapter (adapter/) nor a merged model "
+                        f"(merged/) to teach with: it did not finish. Name a finished run, or write its merged model "
+                        f"with python -m finetune export run={spec} export.merge=true.")
+
+
+def fingerprint(folder: Path) -> str:
+    """A folder of weights: its path and each weight file's size and modification time (no reading of gigabytes)."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
+    return str(folder.resolve()) + "|" + "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def teach(distill, device, tokenizer, dataset):
+    """The training rows with the teacher's top-k (distill.teacher, checked to share the student's words)."""
+    teacher = Teacher.of(distill.teacher, device)
+    check_tokenizers(teacher.tokenizer, tokenizer)
+    check_top_k(distill.top_k, len(teacher.tokenizer))
+    out, _ = teacher_store(teacher.load, dataset, distill.top_k, teacher.identity)
+    return out
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,

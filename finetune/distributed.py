@@ -75,6 +75,9 @@ def check_launch(cfg, w: World, device_type: str) -> None:
         raise UserError("quant=int8 cannot be sharded by FSDP (LLM.int8 weights are integers, FSDP shards floating-point "
                         "tensors): use quant=nf4 with configs/accelerate/fsdp_qlora.yaml, or keep int8 under "
                         "configs/accelerate/ddp.yaml.")
+    if w.distributed and cfg.distill.teacher:
+        raise UserError("distill.teacher: distillation runs in one process (the teacher's pass is stored once, then "
+                        "the student trains): python -m finetune distill teacher=... without accelerate launch.")
     if w.sharded and os.environ.get("FSDP_VERSION") == "2" and cfg.train.optim in BITSANDBYTES_OPTIMIZERS:
         raise UserError(f"train.optim={cfg.train.optim} is a bitsandbytes optimizer, and its update kernels cannot take "
                         "FSDP2's sharded (DTensor) parameters (configs/accelerate/fsdp.yaml): set train.optim=adamw_torch "

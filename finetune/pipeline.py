@@ -12,6 +12,7 @@ Several processes (`accelerate launch`) run the same stages; what differs for th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -208,6 +209,10 @@ def build(s: Session):
     if s.world.sharded and cfg.eval.exact_match_samples:
         log.info("eval.exact_match_samples=%d: exact match is not measured under FSDP (generation needs the whole "
                  "model in one process); the eval loss is.", cfg.eval.exact_match_samples)
+    if cfg.distill.teacher:  # the teacher's pass first: it is let go before the student is loaded
+        from finetune.distill import teach
+
+        s.train_tok.dataset = teach(cfg.distill, s.device, s.tokenizer, s.train_tok.dataset)
     model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
                             world=s.world)
     s.concatenation_kl = settle_padding_free(cfg.data, model, s.train_tok.dataset, s.world.sharded)
@@ -216,10 +221,11 @@ def build(s: Session):
     args = build_sft_config(cfg.train, cfg.data, s.device, s.run_dir / "checkpoints",
                             report_to="wandb" if s.wandb_run is not None else "none", run_name=s.run_dir.name,
                             eos_token=s.tokenizer.eos_token, has_eval=has_eval,
-                            eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
+                            eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval),
+                            keep_columns=bool(cfg.distill.teacher))
     trainer = build_trainer(model, s.tokenizer, s.train_tok.dataset, s.eval_tok.dataset if has_eval else None,
                             build_peft_config(cfg.lora), args, [MetricsCallback(s.metrics, s.device.type)],
-                            optimizer=optimizer_of(cfg.train, args))
+                            optimizer=optimizer_of(cfg.train, args), distill=cfg.distill if cfg.distill.teacher else None)
     if cfg.data.packing:
         s.packing = packing_efficiency(trainer.train_dataset, cfg.data.max_length)
         log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(s.train_tok.dataset),
@@ -398,6 +404,7 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
         "packing_efficiency": s.packing,
         "padding_free": cfg.data.padding_free, "concatenation_kl": s.concatenation_kl,
         "liger_kernel": cfg.train.liger_kernel,
+        "distill": dataclasses.asdict(cfg.distill) if cfg.distill.teacher else None,
         "exact_match_examples": after["examples"],
         **wandb_link(s.wandb_run),
     }

@@ -119,7 +119,7 @@ def version_dependent_args(sft_config, train: TrainConfig) -> dict:
 
 def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
                      report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True,
-                     eval_on_start: bool = False):
+                     eval_on_start: bool = False, keep_columns: bool = False):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -148,6 +148,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         use_liger_kernel=train.liger_kernel,
         activation_offloading=train.activation_offloading,  # TRL's: saved tensors to pinned CPU memory, on streams
         dataloader_pin_memory=device.type == "cuda",
+        remove_unused_columns=not keep_columns,  # distillation: the teacher's columns reach our collator
         # Logging, evaluation, checkpoints
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -176,11 +177,28 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
 
 def trainer_class():
     """TRL's SFTTrainer with checkpoints written atomically and resumes that keep the adapter's dtype. (Its two
-    overrides are of the Trainer's private methods: tests/unit/test_internals.py fails the day they move.)"""
+    overrides are of the Trainer's private methods: tests/unit/test_internals.py fails the day they move.) With
+    `distill` set (a DistillConfig), its training loss is the distillation loss on the teacher's stored top-k."""
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
         _staging: Optional[str] = None
+        distill = None  # finetune.config.DistillConfig: distil (set by build_trainer)
+        _parts: Optional[dict] = None  # the distillation loss's two terms since the last log
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.distill is None or "teacher_ids" not in inputs:  # SFT, and eval (its loss: cross-entropy)
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs, parts = distillation_loss(model, inputs, self.distill)
+            self._parts = {k: (self._parts or {}).get(k, 0.0) + v for k, v in parts.items()}
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self._parts and "loss" in logs:  # the mean of each term over the steps this log covers
+                n = self._parts.pop("n")
+                logs |= {k: v / n for k, v in self._parts.items()}
+                self._parts = None
+            return super().log(logs, *args, **kwargs)
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)
@@ -200,6 +218,45 @@ def trainer_class():
                     p.data = p.data.to(dtypes[n])
 
     return Trainer
+
+
+def distillation_loss(model, inputs: dict, distill) -> tuple:
+    """alpha x distill_loss + (1 - alpha) x cross-entropy over the batch's trained tokens, whose teacher top-k the
+    collator (TeacherCollator) laid out in the same order: row by row, position by position. The student's logits are
+    computed whole here (TRL's fused head gives a loss, not logits). Returns (loss, outputs, the terms for the log)."""
+    import torch.nn.functional as F
+
+    from finetune.distill import distill_loss
+
+    ids, logprobs = inputs.pop("teacher_ids"), inputs.pop("teacher_logprobs")
+    labels = inputs.pop("labels")
+    outputs = model(**inputs)
+    targets = labels[:, 1:]
+    trained = targets != -100
+    logits = outputs.logits[:, :-1][trained]
+    if logits.shape[0] != ids.shape[0]:
+        raise RuntimeError(f"{logits.shape[0]} trained tokens in the batch, {ids.shape[0]} rows of the teacher's top-k")
+    ce = F.cross_entropy(logits.float(), targets[trained])
+    kl = distill_loss(logits, ids, logprobs, distill.loss, distill.temperature)
+    loss = distill.alpha * kl + (1 - distill.alpha) * ce
+    return loss, outputs, {"distill_divergence": kl.item(), "distill_cross_entropy": ce.item(), "n": 1}
+
+
+class TeacherCollator:
+    """TRL's collator, with each row's teacher top-k taken out first and put back after, concatenated in row order
+    (every row has a trained token: finetune.data.tokenize refuses one without)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        if "teacher_ids" not in features[0]:  # eval rows: no teacher
+            return self.inner(features)
+        ids = torch.cat([torch.tensor(f.pop("teacher_ids"), dtype=torch.long) for f in features])
+        logprobs = torch.cat([torch.tensor(f.pop("teacher_logprobs"), dtype=torch.float32) for f in features])
+        return self.inner(features) | {"teacher_ids": ids, "teacher_logprobs": logprobs}
 
 
 def save_atomically(trainer, root: str, write) -> None:
@@ -277,9 +334,11 @@ def optimizer_of(train: TrainConfig, args) -> Optional[tuple]:
                    "weight_decay": args.weight_decay, "kahan_sum": None}
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks, optimizer=None):
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks, optimizer=None,
+                  distill=None):
     """The trainer, printing one progress line per log (ProgressLine) instead of its dicts (PrinterCallback, which
-    it adds when its bars are off); `optimizer`: optimizer_of()'s (class, kwargs), or None."""
+    it adds when its bars are off); `optimizer`: optimizer_of()'s (class, kwargs), or None; `distill`: the
+    DistillConfig when train_dataset carries the teacher's top-k (finetune.distill.teach)."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
@@ -300,6 +359,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, ar
         if shown:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)
+    if distill is not None:
+        trainer.distill, trainer.data_collator = distill, TeacherCollator(trainer.data_collator)
+        trainer.model_accepts_loss_kwargs = False  # a mean per micro-batch: the Trainer divides by the accumulation
     return trainer
 
 
