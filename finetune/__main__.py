@@ -16,7 +16,8 @@ VERBS = {
     "publish": "push a run's adapter or merged model to the Hugging Face Hub with a model card",
     "eval": "loss, perplexity and task metrics of a run's adapter (run=) or a base (recipe=), at each eval.quant precision",
     "prune": "drop the decoder layers that change the hidden state least (prune.layers=N or prune.target_params=P) from "
-             "a run's model (run=) or a base (recipe=); prune.heal=sft then trains LoRA on it",
+             "a run's model (run=) or a base (recipe=); prune.heal=sft|distill then trains LoRA on it (distill: taught by the "
+             "unpruned model)",
     "distill": "train the recipe's model (the student) on a teacher's next-token distributions: teacher=RUN_DIR|MODEL "
                "[distill.top_k=32 distill.alpha=0.5 distill.loss=forward|reverse|jsd distill.temperature=1]",
 }
@@ -246,7 +247,7 @@ def prune_verb(cfg, world, run=None) -> int:
     print(f"pruned: layers {report['dropped']} of {report['layers_before']} dropped, {report['params_before'] / 1e6:.3g}M -> "
           f"{report['params_after'] / 1e6:.3g}M parameters; before {report['before']}, after {report['after']}")
     print(f"written to {out} (a plain transformers model; prune.json says what was measured)")
-    healed = heal(cfg, out)
+    healed = heal(cfg, out, run)
     if healed:
         print(f"healed (LoRA on the recipe's data): eval loss {healed['eval_loss']:.4g}, exact match "
               f"{healed.get('exact_match')}; run directory {cfg.output_dir}")

@@ -312,7 +312,8 @@ class PruneConfig:
     output_dir: Optional[str] = opt(None, "`prune`: where the pruned model is written; null = RUN_DIR/pruned (run=), "
                                     "or output_dir/pruned")
     heal: str = opt("none", "`prune`: then recover quality with a LoRA run of the recipe on the pruned model (sft), "
-                    "or not", ["none", "sft"])
+                    "the same run taught by the unpruned model (distill: distill.* settings), or not",
+                    ["none", "sft", "distill"])
 
 
 @dataclass

@@ -125,8 +125,8 @@ class Teacher:
     @classmethod
     def of(cls, spec: str, device) -> "Teacher":
         folder = Path(spec).expanduser()
-        if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
-            return cls.of_run(spec, folder)
+        if (folder / "config.yaml").is_file():  # a run directory (a model folder has config.json)
+            return cls.of_run(spec, device)
         from finetune.config import ModelConfig, QuantConfig
         from finetune.model import load_base_model
         from finetune.tokenizer import load_tokenizer
@@ -137,7 +137,7 @@ class Teacher:
                    lambda: load_base_model(model_cfg, QuantConfig(method="none"), device))
 
     @classmethod
-    def of_run(cls, spec: str, folder: Path) -> "Teacher":
+    def of_run(cls, spec: str, device) -> "Teacher":
         """A finished run: its merged/ model (16-bit) where there is one, else its base as trained with its adapter,
         or the model/ a full fine-tune wrote."""
         from finetune.run import Run
@@ -148,7 +148,7 @@ class Teacher:
                 return cls(spec, fingerprint(source), run.tokenizer(source),
                            lambda: run.load_for_inference(**kwargs).model)
         if (run.model_dir / "config.json").is_file():
-            return cls.of(str(run.model_dir), None)
+            return cls.of(str(run.model_dir), device)
         raise UserError(f"teacher={spec} is a run directory with neither an adapter (adapter/) nor a merged model "
                         f"(merged/) to teach with: it did not finish. Name a finished run, or write its merged model "
                         f"with python -m finetune export run={spec} export.merge=true.")
@@ -160,13 +160,17 @@ def fingerprint(folder: Path) -> str:
     return str(folder.resolve()) + "|" + "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
-def teach(distill, device, tokenizer, dataset):
-    """The training rows with the teacher's top-k (distill.teacher, checked to share the student's words)."""
+def check_teacher(distill, device, tokenizer) -> Teacher:
+    """distill.teacher resolved and checked against the student's tokenizer (no weights loaded): before the run starts."""
     teacher = Teacher.of(distill.teacher, device)
     check_tokenizers(teacher.tokenizer, tokenizer)
     check_top_k(distill.top_k, len(teacher.tokenizer))
-    out, _ = teacher_store(teacher.load, dataset, distill.top_k, teacher.identity)
-    return out
+    return teacher
+
+
+def teach(teacher: Teacher, distill, dataset):
+    """The training rows with the teacher's top-k: stored (or read back), the teacher let go."""
+    return teacher_store(teacher.load, dataset, distill.top_k, teacher.identity)[0]
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,

@@ -69,6 +69,7 @@ class Session:
     reasoning: bool = False            # the training replies carry reasoning (trained to think first)
     bad_steps: list = field(default_factory=list)
     totals: Optional[RunTotals] = None  # tokens and seconds of training over the whole run, across resumes
+    teacher: object = None             # distill.teacher resolved (finetune.distill.Teacher)
 
 
 def train(cfg: FinetuneConfig) -> dict:
@@ -120,6 +121,10 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # Rank 0 goes first (downloads, reports bad rows, fills datasets' cache); the others then read the cache.
     with distributed.main_process_first():
         load_data(s)
+    if cfg.distill.teacher:  # the teacher checked against the student's tokenizer before anything is written
+        from finetune.distill import check_teacher
+
+        s.teacher = check_teacher(cfg.distill, device, s.tokenizer)
     # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
     distributed.barrier()  # every process has checked the run directory before rank 0 writes into it
     if world.is_main:
@@ -209,10 +214,10 @@ def build(s: Session):
     if s.world.sharded and cfg.eval.exact_match_samples:
         log.info("eval.exact_match_samples=%d: exact match is not measured under FSDP (generation needs the whole "
                  "model in one process); the eval loss is.", cfg.eval.exact_match_samples)
-    if cfg.distill.teacher:  # the teacher's pass first: it is let go before the student is loaded
+    if s.teacher is not None:  # the teacher's pass first: it is let go before the student is loaded
         from finetune.distill import teach
 
-        s.train_tok.dataset = teach(cfg.distill, s.device, s.tokenizer, s.train_tok.dataset)
+        s.train_tok.dataset = teach(s.teacher, cfg.distill, s.train_tok.dataset)
     model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
                             world=s.world)
     s.concatenation_kl = settle_padding_free(cfg.data, model, s.train_tok.dataset, s.world.sharded)

@@ -401,9 +401,12 @@ def setting_of(cfg: FinetuneConfig, arch: Optional[Arch] = None) -> Setting:
 def loss_of(cfg: FinetuneConfig) -> str:
     """plan.loss=auto: what this installation computes. TRL's SFTTrainer computes the loss through its fused LM head
     (tiles of the logits, never all of them) since its 1.x releases, Liger's kernels through their fused
-    cross-entropy; before, transformers' loss over the whole fp32 logits."""
+    cross-entropy; before, transformers' loss over the whole fp32 logits. Distillation (distill.teacher) computes the
+    student's whole logits: its loss compares them with the teacher's top-k."""
     if cfg.plan.loss != "auto":
         return cfg.plan.loss
+    if cfg.distill.teacher:
+        return "full"
     return "chunked" if cfg.train.liger_kernel or trl_fused_head() else "full"
 
 

@@ -160,12 +160,15 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     return out, report
 
 
-def heal(cfg: FinetuneConfig, pruned: Path) -> Optional[dict]:
-    """prune.heal=sft: a LoRA run of the recipe on the pruned model (the recipe's own settings), into pruned/heal."""
+def heal(cfg: FinetuneConfig, pruned: Path, run=None) -> Optional[dict]:
+    """prune.heal=sft: a LoRA run of the recipe on the pruned model (the recipe's own settings), into pruned/heal;
+    prune.heal=distill: the same run taught by the unpruned model (the run's, or the recipe's base), finetune.distill."""
     if cfg.prune.heal == "none":
         return None
     from finetune import pipeline
 
+    if cfg.prune.heal == "distill":
+        cfg.distill.teacher = str(run.dir) if run is not None else cfg.model.name_or_path
     cfg.model.name_or_path, cfg.model.tokenizer = str(pruned), str(pruned)
     cfg.output_dir = str(pruned / "heal")
     return pipeline.train(cfg)

@@ -70,7 +70,8 @@ VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (G
              "eval": (EvalArgs, ["eval.quant", "eval.task", "eval.max_new_tokens", "eval.batch_size", "eval.harness_tasks",
                                  "eval.harness_include", "eval.harness_limit", "quant.skip_modules",
                                  "data.eval_max_samples", *OFFLOAD]),
-             "prune": (PruneArgs, ["prune.", "data.eval_max_samples", "eval.exact_match_samples", "eval.max_new_tokens",
+             "prune": (PruneArgs, ["prune.", "distill.top_k", "distill.alpha", "distill.loss", "distill.temperature",
+                                   "data.eval_max_samples", "eval.exact_match_samples", "eval.max_new_tokens",
                                    "overwrite"])}
 
 

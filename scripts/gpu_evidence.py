@@ -139,9 +139,14 @@ def job(args, name: str, kind: str, model: Path, quant: str, seq: int, mb: int, 
                 **({"layers": args.layers} if args.layers else {}), **shown}, list(launch), check_adapter=kind == "fsdp")
 
 
+SMOKE_SKIPS = ("QLoRA, no checkpointing", "QLoRA, checkpointing, micro-batch 4")  # on CPU: the first point's path
+
+
 def planner_jobs(args, model: Path) -> list[Job]:
+    """TRAIN_POINTS and the inference point; the CPU smoke leaves out the points whose path another one takes."""
     jobs = [job(args, name, "train", model, quant, seq, mb, ckpt, extra, args.workdir / f"train-{i}")
-            for i, (name, quant, seq, mb, ckpt, extra) in enumerate(TRAIN_POINTS)]
+            for i, (name, quant, seq, mb, ckpt, extra) in enumerate(TRAIN_POINTS)
+            if not (args.cpu_smoke and name in SMOKE_SKIPS)]
     name, quant, seq, mb = INFERENCE_POINT
     return jobs + [job(args, name, "inference", model, quant, seq, mb, False, [], args.workdir / "inference")]
 
@@ -376,7 +381,7 @@ def bench(args, clock: Clock) -> dict:
                 ["--arch", arch, "--seq", "2048", "--steps", "18", "--warmup", "3", "--micro-batch", "2",
                  "--grad-accum", "2"])
         argv += ["--workdir", str(args.workdir), "--out", str(out)]
-        if not results:  # the first architecture: what Liger's kernels give, alone
+        if not results and not args.cpu_smoke:  # the first architecture: what Liger's kernels give, alone (CUDA)
             argv += ["--variant", "no_liger:train.liger_kernel=false"]
         code = run_bench(argv, args, clock, arch)
         results[arch] = json.loads(out.read_text()) if code == 0 and out.exists() else {"failed": f"exit {code}"}

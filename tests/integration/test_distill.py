@@ -3,12 +3,18 @@ The teacher runs once, is let go before the student trains, and is not needed ag
 
 import gc
 import json
+import os
 import shutil
+import signal
 import weakref
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import finetune.distill
+import finetune.pipeline
 import finetune.trainer
 
 pytestmark = pytest.mark.slow
@@ -42,9 +48,28 @@ def test_a_student_learns_from_the_stored_teacher_alone(tiny_run, tiny_args, cli
                for r in logs)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distill"]["teacher"] == str(teacher) and summary["eval_loss"] < summary["eval_loss_base"]
-    calls = len(teachers)
-    again = cli("distill", f"teacher={teacher}", *tiny_args(tmp_path / "again", "distill.top_k=8"))
-    assert again.returncode == 0 and len(teachers) == calls  # the store was read back: no teacher pass
+    # SIGTERM during step 3, then resume=true: the store is read back (no teacher pass) and the adapter is the
+    # uninterrupted run's, bit for bit
+    calls, again = len(teachers), tmp_path / "again"
+    real_build = finetune.pipeline.build_trainer
+    monkeypatch.setattr(finetune.pipeline, "build_trainer", lambda *a, **k: real_build(*a[:-1], [*a[-1], SigtermAt(2)], **k))
+    settings = tiny_args(again, "distill.top_k=8", "distill.alpha=0.9", "train.save_steps=1")
+    assert cli("distill", f"teacher={teacher}", *settings).returncode == 75
+    monkeypatch.setattr(finetune.pipeline, "build_trainer", real_build)
+    resumed = cli("distill", f"teacher={teacher}", *settings, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(teachers) == calls
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (out, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class SigtermAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_what_distill_refuses(tiny_run, tiny_args, cli, tmp_path):
