@@ -189,8 +189,11 @@ def trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.distill is None or "teacher_ids" not in inputs:  # SFT, and eval (its loss: cross-entropy)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            tokens = inputs["attention_mask"].sum().item() if "attention_mask" in inputs else inputs["position_ids"].size(1)
             loss, outputs, parts = distillation_loss(model, inputs, self.distill)
             self._parts = {k: (self._parts or {}).get(k, 0.0) + v for k, v in parts.items()}
+            self._total_train_tokens += tokens  # as TRL's own loss counts them (tokens/s, summary.json)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):

@@ -48,6 +48,7 @@ def test_a_student_learns_from_the_stored_teacher_alone(tiny_run, tiny_args, cli
                for r in logs)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distill"]["teacher"] == str(teacher) and summary["eval_loss"] < summary["eval_loss_base"]
+    assert summary["tokens_per_second"] > 0 and all(r["tokens_per_second"] > 0 for r in logs[1:])
     # SIGTERM during step 3, then resume=true: the store is read back (no teacher pass) and the adapter is the
     # uninterrupted run's, bit for bit
     calls, again = len(teachers), tmp_path / "again"
