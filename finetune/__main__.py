@@ -190,9 +190,6 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     if verb == "distill" and not cfg.distill.teacher:
         raise UserError("distill needs its teacher: python -m finetune distill teacher=RUN_DIR|MODEL recipe=STUDENT "
                         "(a finished run's directory, or a model's Hub id or folder, with the student's tokenizer).")
-    if cfg.distill.teacher and cfg.data.packing:
-        raise UserError("distill.teacher with data.packing=true: packing splits and reorders rows, and the teacher's "
-                        "top-k is stored row by row. Set data.packing=false (padding-free batches waste nothing).")
     if verb == "plan":
         return plan_verb(cfg, argv)
     return {"data": data_verb, "eval": eval_base_verb, "prune": prune_verb}.get(verb, train_verb)(cfg, world)

@@ -160,8 +160,11 @@ def fingerprint(folder: Path) -> str:
     return str(folder.resolve()) + "|" + "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
-def check_teacher(distill, device, tokenizer) -> Teacher:
+def check_teacher(distill, data, device, tokenizer) -> Teacher:
     """distill.teacher resolved and checked against the student's tokenizer (no weights loaded): before the run starts."""
+    if data.packing:
+        raise UserError("distill.teacher with data.packing=true: packing splits and reorders rows, and the teacher's "
+                        "top-k is stored row by row. Set data.packing=false (padding-free batches waste nothing).")
     teacher = Teacher.of(distill.teacher, device)
     check_tokenizers(teacher.tokenizer, tokenizer)
     check_top_k(distill.top_k, len(teacher.tokenizer))

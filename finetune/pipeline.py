@@ -124,7 +124,7 @@ def prepare(cfg: FinetuneConfig) -> Session:
     if cfg.distill.teacher:  # the teacher checked against the student's tokenizer before anything is written
         from finetune.distill import check_teacher
 
-        s.teacher = check_teacher(cfg.distill, device, s.tokenizer)
+        s.teacher = check_teacher(cfg.distill, cfg.data, device, s.tokenizer)
     # The inputs are good: now the run directory, and tracking (so a typo leaves no empty W&B run behind).
     distributed.barrier()  # every process has checked the run directory before rank 0 writes into it
     if world.is_main:
