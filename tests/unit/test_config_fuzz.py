@@ -68,7 +68,7 @@ def test_any_value_on_the_command_line_is_a_config_or_one_message(tmp_path_facto
     on_the_command_line(key, value, tmp_path_factory.mktemp("fuzz"))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_a_run_is_a_config_or_one_message(run_config, key, value):
     on_a_run(key, value, run_config)
@@ -82,7 +82,7 @@ def test_any_value_on_the_command_line_at_length(tmp_path_factory, key, value):
 
 
 @pytest.mark.slow
-@settings(max_examples=int(200 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(120 * AT_LENGTH), deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_value_on_a_run_at_length(run_config, key, value):
     on_a_run(key, value, run_config)
