@@ -127,7 +127,7 @@ def plot_loss(records: list[dict], png: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.91)  # fixed margins: tight_layout costs 0.07 s a run
     write_whole(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
