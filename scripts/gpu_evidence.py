@@ -13,7 +13,10 @@ Stages, each a fresh process on the GPU (so its peak memory is its own), in this
 3. bench: scripts/bench.py on the Llama-2-7B and Llama-3-8B architectures, seq 2048: the vanilla stack against
    ours (and, on the first, ours without Liger's kernels: what that lever gives), 15 measured steps after 3 of
    warm-up.
+On request (--stages): depth (each of DEPTH_POINTS on 2- and 6-layer cuts: what a layer holds, apart from what the
+model holds once) and saved (autograd's saved bytes per token and layer on this device, against plan's model).
 Stages 1 and 2 measure memory only, so they run side by side (--parallel); stage 3 measures time and runs alone.
+--replan (no GPU) merges evidence.json files and plans every measured setting again with today's plan.
 Each stage is cut off where the time budget (--budget-s) would be passed; what finished is kept.
 
 Writes DIR/evidence.json, DIR/evidence.md (printed at the end too) and DIR/logs.tar.gz (every process's log).
