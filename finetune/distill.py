@@ -58,12 +58,12 @@ def topk_of_row(model, input_ids: list[int], labels: list[int], top_k: int) -> t
 
 def store_key(dataset, teacher_id: str, top_k: int) -> str:
     """The rows (their token ids and labels) and the teacher (its folder or Hub id and what identifies its weights)."""
+    from finetune.data.tokenize import digest_rows
+
     h = hashlib.sha256()
     for part in (VERSION, teacher_id, str(top_k)):
         h.update(part.encode() + b"\0")
-    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
-        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-        h.update(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
+    digest_rows(h, dataset.select_columns(["input_ids", "labels"]))
     return h.hexdigest()[:24]
 
 
@@ -80,6 +80,7 @@ def teacher_store(load_model, dataset, top_k: int, teacher_id: str):
     import datasets
 
     from finetune.data.tokenize import keep_cache_small, map_cached
+    from finetune.model import release_memory
 
     path = store_dir() / f"topk-{store_key(dataset, teacher_id, top_k)}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,14 +105,6 @@ def teacher_store(load_model, dataset, top_k: int, teacher_id: str):
     log.info("teacher's top-%d over %d rows %s %s (%.1f MB)", top_k, len(out), "read back from" if cached else
              "stored in", path.parent, sum(f.stat().st_size for f in path.parent.glob(path.stem + "*")) / 1e6)
     return out, cached
-
-
-def release_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass

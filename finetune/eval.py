@@ -12,18 +12,16 @@ table; a run's summary.json and model cards get the figures. The measures themse
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
-from finetune.model import check_skeleton
+from finetune.model import check_skeleton, release_memory
 from finetune.run import Run, write_whole
 from finetune.scoring import eval_loss, measures_of, scored_answers
 
@@ -102,9 +100,7 @@ def measure(run: Run, variant: Variant, rows, conversational: bool, checkpoint: 
         return row
     finally:
         del model, loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
 
 def check_gguf(run: Run, checkpoint: Optional[str]) -> None:

@@ -448,6 +448,15 @@ def attach_to_offloaded(model, adapter_dir: Path, placement: dict):
     return peft_model
 
 
+def release_memory() -> None:
+    """After the last reference to a model is dropped: its memory back, on the GPU too (the allocator's cache)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def keep_4bit_cpu_layers_differentiable(model) -> int:
     """Turn off bitsandbytes' AVX512-BF16 CPU inference repacking of 4-bit weights.
 

@@ -19,8 +19,10 @@ is added up per component, the way our pipeline really stores it:
   layer's input (h) plus one layer recomputed at a time; eager attention its scores. The logits and the loss as the
   installed TRL computes them (plan.loss). Offloaded activations, paged optimizer states and offloaded layers are
   counted off the card, and what crosses PCIe slows the step.
-- PyTorch's allocator: 5% fragmentation plus 0.25 GiB of workspaces; the CUDA context (0.5 GiB) is not
-  in torch.cuda.max_memory_reserved but is on the card.
+- what a CUDA GPU holds beyond the saved tensors (dropout_held), and LLM.int8's inputs kept past checkpointing,
+  both measured on an H200 (scripts/bench_results/h200.md).
+- PyTorch's allocator: its fragmentation by quantization (FRAGMENTATION, measured on the H200) plus 0.25 GiB of
+  workspaces; the CUDA context (0.5 GiB) is not in torch.cuda.max_memory_reserved but is on the card.
 """
 
 from __future__ import annotations
@@ -507,7 +509,7 @@ def with_overhead(rows: list, method: str) -> list:
 
 
 def activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -> dict:
-    """activation_bytes_per_token for this setting, as a CUDA GPU holds it (CUDA_HELD). The Trainer runs a 16-bit
+    """activation_bytes_per_token for this setting, as a CUDA GPU holds it (dropout_held). The Trainer runs a 16-bit
     model under 16-bit autocast, so fp32 adapters compute, and save, in 16 bits like TRL's bf16 ones. LLM.int8's
     matmul keeps its 16-bit input as an attribute of its autograd context, where checkpointing cannot drop it: the
     inputs of a layer's matmuls (3h + i) stay for every layer."""

@@ -153,7 +153,6 @@ def char_limit(max_length: int, longest: int) -> int:
 
 def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
     """The rows' Arrow data (fast and exact), the tokenizer, the template and the settings that change the result."""
-    import pyarrow as pa
 
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, (str, type(None))) else json.dumps(
         tokenizer.chat_template, sort_keys=True)
@@ -162,12 +161,20 @@ def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
                  str(tokenizer.bos_token), str(cfg.train_on_inputs), cfg.turns,
                  f"{cfg.max_length} {cfg.too_long == 'truncate'}"):  # rows too long to tokenize whole: see _rows
         h.update(part.encode() + b"\0")
-    table = ds.with_format("arrow")[:]  # the selected rows only, whatever index mapping the dataset carries
+    digest_rows(h, ds)
+    return h.hexdigest()[:24]
+
+
+def digest_rows(h, ds) -> None:
+    """Feed the dataset's selected rows (whatever index mapping it carries) to the hash `h`: their Arrow data, fast
+    and exact."""
+    import pyarrow as pa
+
+    table = ds.with_format("arrow")[:]
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     h.update(sink.getvalue())
-    return h.hexdigest()[:24]
 
 
 def features(tokenizer):
