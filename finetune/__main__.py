@@ -10,11 +10,13 @@ import sys
 VERBS = {
     "train": "load base -> attach LoRA -> SFT with TRL -> evaluate -> export (the default)",
     "data": "load, check and tokenize the recipe's data; print counts, lengths and one marked example",
-    "plan": "predict peak GPU memory, tokens/s and GPU-hours on a named GPU (plan.gpu=), without loading weights",
+    "plan": "predict peak GPU memory, tokens/s and GPU-hours on a named GPU (plan.gpu=), without loading weights; "
+            "with teacher=, distillation's teacher pass and its store too",
     "export": "write a run's adapter/ and merged/ again (or a checkpoint's), with the merge fidelity check",
     "generate": "answer prompts with a run's adapter or merged model; compare=true shows base and tuned",
     "publish": "push a run's adapter or merged model to the Hugging Face Hub with a model card",
-    "eval": "loss, perplexity and task metrics of a run's adapter (run=) or a base (recipe=), at each eval.quant precision",
+    "eval": "loss, perplexity and task metrics of a run's adapter (run=) or a base (recipe=), at each eval.quant precision; "
+            "compare=A,B,... puts the models made from the run (pruned, healed, distilled) beside it, with their GPU-hours",
     "prune": "drop the decoder layers that change the hidden state least (prune.layers=N or prune.target_params=P) from "
              "a run's model (run=) or a base (recipe=); prune.heal=sft|distill then trains LoRA on it (distill: taught by the "
              "unpruned model)",
@@ -58,7 +60,11 @@ def run_verb(verb: str, argv: list[str]) -> int:
         generate(run, args)
         return 0
     with run.locked():  # the others write into the run, or upload it: not while another process writes it
-        if verb == "eval":
+        if verb == "eval" and args.compare:
+            from finetune.compare import compare
+
+            print_compare(*compare(run, [p for p in args.compare.split(",") if p], args.checkpoint))
+        elif verb == "eval":
             from finetune.eval import eval_run
 
             print_eval(*eval_run(run, args.checkpoint))
@@ -79,6 +85,19 @@ def print_eval(out_dir, result: dict) -> None:
     from finetune.eval import table
 
     print(table(result))
+    print(f"eval.json and eval.png in {out_dir}")
+
+
+def print_compare(out_dir, result: dict) -> None:
+    from finetune.eval import table
+
+    print(table(result))
+    print(f"GPU-hours on the {result['gpu']} (plan's speed):" if result["gpu"] else
+          "GPU-hours: name a GPU to plan them on with plan.gpu=NAME")
+    for r in result["rows"] if result["gpu"] else []:
+        steps = "; ".join(f"{s['step']} {s['gpu_hours']:.3g} h" if s["gpu_hours"] is not None else f"{s['step']} ?"
+                          for s in r.get("made_by", []))
+        print(f"  {r['label']}: {steps or 'not made here'}")
     print(f"eval.json and eval.png in {out_dir}")
 
 
@@ -184,7 +203,7 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     from finetune import registry
 
     setup_logging()
-    if verb == "distill":  # teacher=X is distill.teacher=X
+    if verb in ("distill", "plan"):  # teacher=X is distill.teacher=X
         argv = [f"distill.{a}" if a.startswith("teacher=") else a for a in argv]
     cfg = registry.load_config(argv)
     if verb == "distill" and not cfg.distill.teacher:
@@ -244,6 +263,12 @@ def prune_verb(cfg, world, run=None) -> int:
     print(f"pruned: layers {report['dropped']} of {report['layers_before']} dropped, {report['params_before'] / 1e6:.3g}M -> "
           f"{report['params_after'] / 1e6:.3g}M parameters; before {report['before']}, after {report['after']}")
     print(f"written to {out} (a plain transformers model; prune.json says what was measured)")
+    if report["plan"]:
+        b, a = report["plan"]["before"], report["plan"]["after"]
+        print(f"plan on the {report['plan']['gpu']}: training peak {b['train_peak_gib']:.2f} -> {a['train_peak_gib']:.2f} "
+              f"GiB, {b['train_tokens_per_second']:,.0f} -> {a['train_tokens_per_second']:,.0f} tokens/s "
+              f"({report['plan']['train_speedup']:.2f}x); decoding {b['decode_tokens_per_second']:,.0f} -> "
+              f"{a['decode_tokens_per_second']:,.0f} tokens/s ({report['plan']['decode_speedup']:.2f}x)")
     healed = heal(cfg, out, run)
     if healed:
         print(f"healed (LoRA on the recipe's data): eval loss {healed['eval_loss']:.4g}, exact match "

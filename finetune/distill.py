@@ -147,6 +147,22 @@ class Teacher:
                         f"with python -m finetune export run={spec} export.merge=true.")
 
 
+def teacher_model(spec: str):
+    """(ModelConfig, QuantConfig) of the model distill.teacher loads, as Teacher.of loads it, for `plan`: nothing
+    loaded, no tokenizer read."""
+    from finetune.config import ModelConfig, QuantConfig
+    from finetune.run import Run
+
+    if not (Path(spec).expanduser() / "config.yaml").is_file():
+        return ModelConfig(name_or_path=spec), QuantConfig(method="none")
+    run = Run.open(spec)
+    if (run.merged_dir / "config.json").is_file():
+        return ModelConfig(name_or_path=str(run.merged_dir)), QuantConfig(method="none")
+    if (run.adapter_dir / "adapter_config.json").is_file():
+        return run.cfg.model, run.cfg.quant
+    return ModelConfig(name_or_path=str(run.model_dir)), QuantConfig(method="none")
+
+
 def fingerprint(folder: Path) -> str:
     """A folder of weights: its path and each weight file's size and modification time (no reading of gigabytes)."""
     files = sorted(f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
@@ -165,8 +181,12 @@ def check_teacher(distill, data, device, tokenizer) -> Teacher:
 
 
 def teach(teacher: Teacher, distill, dataset):
-    """The training rows with the teacher's top-k: stored (or read back), the teacher let go."""
-    return teacher_store(teacher.load, dataset, distill.top_k, teacher.identity)[0]
+    """(the training rows with the teacher's top-k: stored, or read back; the teacher let go, the tokens its pass
+    covers: what `plan` and `eval compare=` count its GPU-hours by)."""
+    import pyarrow.compute as pc
+
+    tokens = pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0
+    return teacher_store(teacher.load, dataset, distill.top_k, teacher.identity)[0], tokens
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,

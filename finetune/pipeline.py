@@ -70,6 +70,7 @@ class Session:
     bad_steps: list = field(default_factory=list)
     totals: Optional[RunTotals] = None  # tokens and seconds of training over the whole run, across resumes
     teacher: object = None             # distill.teacher resolved (finetune.distill.Teacher)
+    teacher_tokens: int = 0            # the tokens its pass covered
 
 
 def train(cfg: FinetuneConfig) -> dict:
@@ -217,7 +218,7 @@ def build(s: Session):
     if s.teacher is not None:  # the teacher's pass first: it is let go before the student is loaded
         from finetune.distill import teach
 
-        s.train_tok.dataset = teach(s.teacher, cfg.distill, s.train_tok.dataset)
+        s.train_tok.dataset, s.teacher_tokens = teach(s.teacher, cfg.distill, s.train_tok.dataset)
     model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
                             world=s.world)
     s.concatenation_kl = settle_padding_free(cfg.data, model, s.train_tok.dataset, s.world.sharded)
@@ -409,7 +410,7 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
         "packing_efficiency": s.packing,
         "padding_free": cfg.data.padding_free, "concatenation_kl": s.concatenation_kl,
         "liger_kernel": cfg.train.liger_kernel,
-        "distill": dataclasses.asdict(cfg.distill) if cfg.distill.teacher else None,
+        "distill": dataclasses.asdict(cfg.distill) | {"teacher_tokens": s.teacher_tokens} if cfg.distill.teacher else None,
         "exact_match_examples": after["examples"],
         **wandb_link(s.wandb_run),
     }

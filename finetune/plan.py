@@ -116,6 +116,18 @@ def pick_gpu(name: str) -> GPU:
     return GPUS[name]
 
 
+def planned_gpu(name: str, what: str) -> Optional[str]:
+    """plan.gpu for figures beside a measurement (prune.json, `eval compare=`): a preset, or for auto the local GPU;
+    None, with a line naming the key, where plan.gpu=auto and this machine has no GPU."""
+    import torch
+
+    if name == "auto" and not torch.cuda.is_available():
+        log.info("%s: no GPU here to plan for; name one with plan.gpu=NAME (%s)", what, ", ".join(GPUS))
+        return None
+    pick_gpu(name)  # a name that is not a preset: its error now
+    return name
+
+
 # ---- architecture -------------------------------------------------------------------------------
 
 @dataclass
@@ -600,24 +612,31 @@ def peak(rows) -> tuple[float, float]:
 
 # ---- speed and cost -----------------------------------------------------------------------------
 
+def matmul_params(arch: Arch) -> float:
+    """The weights a token's matmuls run through: the layers', the lm_head and the experts it is routed to."""
+    return arch.quantized_params + arch.vocab * arch.hidden + arch.active_expert_params
+
+
 def flops_per_token(arch: Arch, s: Setting) -> float:
     """Training FLOPs per token: forward 2N; backward 2N for the input gradients plus 2N for weight
     gradients when the weights train (LoRA's are negligible); one more forward with checkpointing; and
     causal attention, 2 x layers x seq x hidden per forward."""
-    n = arch.quantized_params + arch.vocab * arch.hidden + arch.active_expert_params  # matmul weights: the layers,
-    # the lm_head and the experts a token runs through
     passes = 2 + 2 + (0 if s.lora else 2) + (2 if s.checkpointing else 0)
     attention = 2 * arch.layers * s.max_length * arch.hidden * (3 + (1 if s.checkpointing else 0))
-    return passes * n + attention
+    return passes * matmul_params(arch) + attention
 
 
-def dataset_steps(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
-    """Optimizer steps of the recipe, and how they were counted (None where the row count is unknown)."""
-    t, d = cfg.train, cfg.data
-    if t.max_steps > 0:
-        return t.max_steps, f"train.max_steps={t.max_steps}"
-    rows = d.max_samples
-    how = f"data.max_samples={rows}"
+def forward_speed(arch: Arch, gpu: GPU, method: str, max_length: int) -> float:
+    """Tokens/s of a forward pass without gradients (distillation's teacher, prune's scoring): 2N FLOPs a token plus
+    causal attention, at the share of the peak training reaches with that quantization."""
+    flops = 2 * matmul_params(arch) + 2 * arch.layers * max_length * arch.hidden
+    return gpu.tflops * 1e12 * EFFICIENCY[method] * gpu.reach / flops
+
+
+def dataset_rows(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
+    """Training rows of the recipe (the eval split taken out) and how they were counted (None where unknown)."""
+    d = cfg.data
+    rows, how = d.max_samples, f"data.max_samples={d.max_samples}"
     if rows is None and d.path and Path(d.path).expanduser().is_file() and d.path.endswith(".jsonl"):
         with open(Path(d.path).expanduser(), "rb") as f:
             rows = sum(1 for line in f if line.strip())
@@ -626,8 +645,46 @@ def dataset_steps(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
         return None, "the row count of the data is unknown without loading it: set train.max_steps or data.max_samples"
     if not (d.eval_path or d.eval_split):
         rows = int(rows * (1 - d.eval_fraction))
+    return rows, how
+
+
+def dataset_steps(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
+    """Optimizer steps of the recipe, and how they were counted (None where the row count is unknown)."""
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps, f"train.max_steps={t.max_steps}"
+    rows, how = dataset_rows(cfg)
+    if rows is None:
+        return None, how
     steps = math.ceil(rows / (t.micro_batch_size * t.grad_accum * cfg.plan.gpus)) * t.epochs
     return math.ceil(steps), f"{how}, {t.epochs:g} epochs"
+
+
+def teacher_pass(cfg: FinetuneConfig, gpu: GPU, tokens: Optional[float] = None) -> dict:
+    """distill.teacher's pass over the training rows, one row at a time, before the student is loaded: its peak on
+    the card, its hours over `tokens` (default: every training row at data.max_length, so at most) and the store it
+    writes (per trained token, k word ids in uint32 and k log-probs in float16, and Arrow's offsets: at most, as if
+    every token were trained)."""
+    from finetune.distill import teacher_model
+
+    model_cfg, quant = teacher_model(cfg.distill.teacher)
+    arch = load_arch(model_cfg)
+    teacher_cfg = dataclasses.replace(cfg, model=model_cfg, quant=quant)
+    s = dataclasses.replace(setting_of(teacher_cfg, arch), micro_batch=1, gpus=1, offload="none")
+    p = dtype_bytes_of(cfg)
+    rows = [r for r in memory(arch, teacher_cfg, s, p, "inference") if not r[0].startswith("logits of the last")]
+    rows.append((f"logits of every position: {s.max_length} x {arch.vocab}, and their fp32 log-softmax",
+                 s.max_length * arch.vocab * (p + 8)))
+    reserved, total = peak(with_overhead(rows, s.method))
+    how = "the tokens given"
+    if tokens is None:
+        n, how = dataset_rows(cfg)
+        tokens, how = (n * s.max_length, f"{how} x {s.max_length} tokens (at most)") if n else (None, how)
+    tps = forward_speed(arch, gpu, s.method, s.max_length)
+    return {"model": arch.name, "params": arch.params, "quant": s.method, "memory_gib": {k: b / GIB for k, b in rows},
+            "peak_gib": total, "fits": total <= gpu.memory_gib, "tokens": tokens, "tokens_from": how,
+            "tokens_per_second": tps, "hours": tokens / tps / 3600 if tokens else None, "top_k": cfg.distill.top_k,
+            "store_gb": tokens * (6 * cfg.distill.top_k + 8) / 1e9 if tokens else None}
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -821,6 +878,8 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
         out.update({"flops_per_token": fpt, "efficiency": efficiency, "tokens_per_second": tps,
                     "steps": steps, "steps_from": how, "train_tokens": tokens,
                     "hours": hours, "gpu_hours": hours * s.gpus if hours else None})
+        if cfg.distill.teacher:
+            out["teacher"] = teacher_pass(cfg, gpu)
     return out
 
 
@@ -951,7 +1010,25 @@ def render(plan: dict) -> str:
                          f"{plan['hours']:.2f} h = {plan['gpu_hours']:.2f} GPU-hours")
         else:
             lines.append(f"cost: {plan['steps_from']}")
+    if plan.get("teacher"):
+        lines += ["", *render_teacher(plan["teacher"], plan["gpu_memory_gib"])]
     return "\n".join(lines)
+
+
+def render_teacher(t: dict, gpu_gib: float) -> list[str]:
+    """The lines of distill.teacher's pass."""
+    fits = (f"fits: {gpu_gib - t['peak_gib']:.2f} GiB to spare" if t["fits"] else
+            f"does NOT fit: {t['peak_gib'] - gpu_gib:.2f} GiB over (a smaller teacher, or a larger GPU)")
+    lines = [f"teacher pass (distill.teacher): {t['model']}, {t['params'] / 1e9:.2f}B parameters, "
+             f"{t['quant'] if t['quant'] != 'none' else '16-bit'}, one row at a time, let go before the student loads: "
+             f"peak {t['peak_gib']:.2f} GiB; {fits}"]
+    if t["tokens"]:
+        lines.append(f"  {t['tokens'] / 1e6:,.1f}M tokens ({t['tokens_from']}) at ~{t['tokens_per_second']:,.0f} "
+                     f"tokens/s -> {t['hours']:.3g} GPU-hours; store of its top-{t['top_k']}: at most "
+                     f"{t['store_gb']:.3g} GB on disk (read back by later runs on the same rows)")
+    else:
+        lines.append(f"  time and store: {t['tokens_from']}")
+    return lines
 
 
 def auto_fit(cfg: FinetuneConfig, processes: int = 1, strategy: str = "single") -> dict:

@@ -9,6 +9,7 @@ rows are measured before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -56,6 +57,7 @@ def block_influence(model, items: list[dict]) -> list[float]:
         model.train(training)
         for h in handles:
             h.remove()
+    model.scored_tokens = count  # the pass's cost (prune.json, `eval compare=`'s GPU-hours)
     return [t / max(count, 1) for t in totals]
 
 
@@ -148,16 +150,43 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     before = measured(model, tokenizer, rows, cfg)
     drop_layers(model, drop)
     after = measured(model, tokenizer, rows, cfg)
-    report = {"source": source, "scores": scores, "dropped": drop, "layers_before": len(scores),
+    report = {"source": source, "source_run": None if run.is_base else str(run.dir.resolve()),
+              "source_model": cfg.model.name_or_path, "scores": scores,
+              "scored_tokens": model.scored_tokens, "dropped": drop, "layers_before": len(scores),
               "layers_after": len(scores) - len(drop), "params_before": total,
               "params_after": sum(t.numel() for t in model.parameters()), "before": before, "after": after}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    report["plan"] = planned(cfg, out)
     (out / "prune.json").write_text(json.dumps(report, indent=1))
     log.info("prune: dropped layers %s of %d (block influence %s); %s -> %s", drop, len(scores),
              ", ".join(f"{s:.3f}" for s in scores), before, after)
     return out, report
+
+
+def planned(cfg: FinetuneConfig, pruned: Path) -> Optional[dict]:
+    """`plan`'s figures for the model before and after, on plan.gpu (the local GPU for auto; none where there is no
+    GPU to plan for): parameters, the peak and tokens/s of the recipe's training (what healing runs), and the peak
+    and decode tokens/s of inference."""
+    from finetune.config import ModelConfig
+    from finetune.plan import make_plan, pick_gpu, planned_gpu
+
+    gpu = planned_gpu(cfg.plan.gpu, "prune.json's plan")
+    if gpu is None:
+        return None
+
+    def figures(model_cfg) -> dict:
+        c = dataclasses.replace(cfg, model=model_cfg, distill=dataclasses.replace(cfg.distill, teacher=None))
+        train, serve = make_plan(c, gpu, "train"), make_plan(c, gpu, "inference")
+        return {"params": train["params"], "train_peak_gib": train["peak_gib"],
+                "train_tokens_per_second": train["tokens_per_second"], "inference_peak_gib": serve["peak_gib"],
+                "decode_tokens_per_second": serve["decode_tokens_per_second"]}
+
+    before, after = figures(cfg.model), figures(ModelConfig(name_or_path=str(pruned)))
+    return {"gpu": pick_gpu(gpu).name, "before": before, "after": after,
+            "train_speedup": after["train_tokens_per_second"] / before["train_tokens_per_second"],
+            "decode_speedup": after["decode_tokens_per_second"] / before["decode_tokens_per_second"]}
 
 
 def heal(cfg: FinetuneConfig, pruned: Path, run=None) -> Optional[dict]:

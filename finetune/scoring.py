@@ -22,7 +22,9 @@ from finetune.errors import UserError
 MEASURES = [("loss", "loss", "loss", "{:.4f}"), ("perplexity", "ppl", "perplexity", "{:.3g}"),
             ("exact_match", "exact", "exact match", "{:.3f}"), ("task_accuracy", "task", "task accuracy", "{:.3f}"),
             ("agreement", "agree w/ none", "answers as unquantized", "{:.3f}"),
-            ("weights_gb", "weights GB", "weights (GB)", "{:.4f}"), ("tokens_per_second", "tok/s", "tokens/s", "{:,.0f}")]
+            ("agreement_original", "agree w/ orig", "answers as the original's", "{:.3f}"),
+            ("weights_gb", "weights GB", "weights (GB)", "{:.4f}"), ("tokens_per_second", "tok/s", "tokens/s", "{:,.0f}"),
+            ("gpu_hours", "GPU-h", "GPU-hours to make", "{:.3g}"), ("gpu_hours_total", "GPU-h in all", "GPU-hours in all", "{:.3g}")]
 
 
 def measures_of(rows: list) -> list:

@@ -51,6 +51,9 @@ class EvalArgs:
     run: str = opt(MISSING, "run directory (holds config.yaml and adapter/); or recipe=NAME for a bare base model")
     checkpoint: Optional[str] = opt(None, "evaluate checkpoints/checkpoint-N's adapter: N, the folder name, or last; "
                                     "written to RUN_DIR/exports/checkpoint-N/")
+    compare: Optional[str] = opt(None, "models made from the run, side by side with it: run directories (prune.heal, "
+                                 "distill) and model folders (prune) separated by commas; with the GPU-hours each took "
+                                 "on plan.gpu; written to RUN_DIR/compare/")
 
 
 @dataclass
@@ -69,10 +72,10 @@ VERB_ARGS = {"export": (ExportArgs, ["export.", "model.hub_id"]), "generate": (G
              "publish": (PublishArgs, ["hub.", "model.hub_id"]),
              "eval": (EvalArgs, ["eval.quant", "eval.task", "eval.max_new_tokens", "eval.batch_size", "eval.harness_tasks",
                                  "eval.harness_include", "eval.harness_limit", "quant.skip_modules",
-                                 "data.eval_max_samples", *OFFLOAD]),
+                                 "data.eval_max_samples", "plan.gpu", *OFFLOAD]),
              "prune": (PruneArgs, ["prune.", "distill.top_k", "distill.alpha", "distill.loss", "distill.temperature",
                                    "data.eval_max_samples", "eval.exact_match_samples", "eval.max_new_tokens",
-                                   "overwrite"])}
+                                   "overwrite", "plan.gpu"])}
 
 
 def overridable(verb: str) -> list[str]:

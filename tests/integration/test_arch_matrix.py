@@ -293,3 +293,17 @@ def test_quant_none_dequantizes_a_checkpoint_shipped_in_mxfp4(gpt_oss, tmp_path,
         cfg = ModelConfig(name_or_path=str(folder))
         load_base_model(cfg, quant, detect_device(TrainConfig(), quant, cfg))
     assert type(asked[0]).__name__ == "Mxfp4Config" and asked[0].dequantize and asked[1] is None
+
+
+@pytest.mark.slow
+def test_healing_restores_the_exact_match_pruning_took(trained, tmp_path):
+    """prune.heal=sft on the Llama 3.1 replica taught to answer "yes": dropping one of its two layers loses the answer,
+    and the healing run (the recipe's own 6 steps, LoRA on the pruned model) brings it back."""
+    _, out = trained("llama3_1")
+    pruned = tmp_path / "pruned"
+    result = run_main("prune", f"run={out}", "prune.layers=1", "prune.heal=sft", f"prune.output_dir={pruned}",
+                      "eval.exact_match_samples=7", wandb_mode=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((pruned / "prune.json").read_text())
+    healed = json.loads((pruned / "heal" / "summary.json").read_text())
+    assert report["before"]["exact_match"] == 1 and report["after"]["exact_match"] < 0.5 and healed["exact_match"] == 1

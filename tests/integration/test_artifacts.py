@@ -348,14 +348,16 @@ def test_publish_checks_every_file_before_creating_anything(run_copy, cli):
 
 # ---- prune --------------------------------------------------------------------------------------
 
-def test_prune_drops_the_least_influential_layers_into_a_model_plain_transformers_loads(demo_run, cli, tmp_path):
+def test_prune_drops_the_least_influential_layers_into_a_model_plain_transformers_loads_and_compare_measures(
+        demo_run, cli, tmp_path):
     """Block influence ranks the demo's 4 layers; the 2 lowest go, the others keep their weights, and the result is a
-    plain 2-layer Llama with its own config, measured before and after."""
+    plain 2-layer Llama with its own config, measured before and after, planned, and compared with the run."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "pruned"
-    result = cli("prune", f"run={demo_run}", "prune.layers=2", f"prune.output_dir={out}", "eval.exact_match_samples=8")
+    result = cli("prune", f"run={demo_run}", "prune.layers=2", f"prune.output_dir={out}", "eval.exact_match_samples=8",
+                 "data.eval_max_samples=8", "plan.gpu=rtx3060")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "prune.json").read_text())
     scores, dropped = report["scores"], report["dropped"]
@@ -370,6 +372,26 @@ def test_prune_drops_the_least_influential_layers_into_a_model_plain_transformer
         assert torch.equal(pruned[name.format(new)], source[name.format(old)])
     assert report["params_after"] < report["params_before"] and report["after"]["eval_loss"] > 0
     assert set(report["before"]) == set(report["after"]) == {"eval_loss", "exact_match"}
+    # plan's figures of both: the parameters as built, and the smaller model faster to train and to decode
+    planned = report["plan"]
+    assert (planned["before"]["params"], planned["after"]["params"]) == (report["params_before"], report["params_after"])
+    assert planned["train_speedup"] > 1.2 and planned["decode_speedup"] > 1.2
+    assert planned["after"]["train_peak_gib"] < planned["before"]["train_peak_gib"]
+
+    # `eval compare=`: the run and its pruned model on the same rows, with the GPU-hours that made each
+    compared = cli("eval", f"run={demo_run}", f"compare={out}", "plan.gpu=rtx3060", "data.eval_max_samples=8")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    original, smaller = json.loads((demo_run / "compare" / "eval.json").read_text())["rows"]
+    assert (original["kind"], smaller["kind"], original["agreement_original"]) == ("original", "pruned", 1)
+    assert smaller["loss"] == pytest.approx(report["after"]["eval_loss"], rel=1e-4)  # what prune measured
+    assert smaller["weights_gb"] < original["weights_gb"] and smaller["agreement_original"] < 1
+    assert 0 < smaller["gpu_hours"] < original["gpu_hours"] == original["gpu_hours_total"]
+    assert smaller["gpu_hours_total"] == pytest.approx(smaller["gpu_hours"] + original["gpu_hours"])
+    assert "GPU-hours on the NVIDIA GeForce RTX 3060" in compared.stdout and "pruned: pruned" in compared.stdout
+    for args, said in ((["compare=/nowhere"], "neither a run directory"),
+                       ([f"compare={out}", "eval.quant=[nf4,none]"], "every model is measured at one precision")):
+        refused = cli("eval", f"run={demo_run}", *args)
+        assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -112,6 +112,31 @@ def test_a_recipe_that_fits_and_its_cost():
     assert h100["tokens_per_second"] / plan["tokens_per_second"] == pytest.approx(989 * HOPPER_REACH / 25.6)
 
 
+def test_a_distillation_plan_covers_the_teacher_pass_and_its_store():
+    """The teacher runs forward, one row at a time, before the student loads: its 16-bit weights, one row's KV cache
+    and every position's logits with their fp32 log-softmax; its hours are one pass over the training rows at the
+    planned forward speed; the store keeps k word ids (4 bytes) and k log-probs (2 bytes) per token, and Arrow's
+    offsets. A 70B teacher does not fit an 80 GB card and takes its size's share longer."""
+    from finetune.plan import render
+
+    rows = ["recipe=qlora_llama3_8b", "data.max_samples=1000"]  # UltraChat's own eval split: 1000 training rows
+    plan = plan_of(*rows, "distill.teacher=meta-llama/Llama-3.1-8B-Instruct", gpu="a100-80gb")
+    t = plan["teacher"]
+    weights = sum(v for k, v in t["memory_gib"].items() if k.startswith(("base weights", "embeddings")))
+    assert weights * GIB == pytest.approx(t["params"] * 2) and t["quant"] == "none"
+    assert t["memory_gib"]["logits of every position: 2048 x 128256, and their fp32 log-softmax"] * GIB == 2048 * 128256 * 10
+    assert t["fits"] and t["peak_gib"] > sum(t["memory_gib"].values())  # with the allocator's share and the context
+    assert t["tokens"] == 1000 * 2048 and t["hours"] == pytest.approx(t["tokens"] / t["tokens_per_second"] / 3600)
+    assert t["store_gb"] * GB == pytest.approx(1000 * 2048 * (6 * 32 + 8))
+    assert plan_of(*rows, "distill.teacher=meta-llama/Llama-3.1-8B-Instruct", "distill.top_k=64",
+                   gpu="a100-80gb")["teacher"]["store_gb"] * GB == pytest.approx(1000 * 2048 * (6 * 64 + 8))
+    big = plan_of(*rows, "distill.teacher=meta-llama/Llama-3.3-70B-Instruct", gpu="a100-80gb")
+    assert not big["teacher"]["fits"] and big["teacher"]["peak_gib"] > 130
+    assert big["teacher"]["hours"] / t["hours"] == pytest.approx(big["teacher"]["params"] / t["params"], rel=0.15)
+    assert "teacher pass (distill.teacher)" in render(big) and "does NOT fit" in render(big)
+    assert "teacher" not in plan_of(*rows, gpu="a100-80gb")
+
+
 def test_checkpointing_and_quantization_change_the_peak_the_right_way():
     on = plan_of("recipe=qlora_llama7b", "train.gradient_checkpointing=true")
     off = plan_of("recipe=qlora_llama7b", "train.gradient_checkpointing=false")
