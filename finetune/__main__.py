@@ -92,12 +92,12 @@ def print_compare(out_dir, result: dict) -> None:
     from finetune.eval import table
 
     print(table(result))
-    print(f"GPU-hours on the {result['gpu']} (plan's speed):" if result["gpu"] else
+    print(f"GPU-hours on the {result['gpu']} at plan's speed, and what made each model:" if result["gpu"] else
           "GPU-hours: name a GPU to plan them on with plan.gpu=NAME")
     for r in result["rows"] if result["gpu"] else []:
-        steps = "; ".join(f"{s['step']} {s['gpu_hours']:.3g} h" if s["gpu_hours"] is not None else f"{s['step']} ?"
-                          for s in r.get("made_by", []))
-        print(f"  {r['label']}: {steps or 'not made here'}")
+        print(f"  {r['label']}" + ("" if r.get("made_by") else ": not made here"))
+        for s in r.get("made_by", []):
+            print(f"    {s['step']}: " + (f"{s['gpu_hours']:.3g} GPU-hours" if s["gpu_hours"] is not None else "unknown"))
     print(f"eval.json and eval.png in {out_dir}")
 
 
