@@ -36,19 +36,19 @@ class Candidate:
         return f"{self.kind}: {self.path.name}"
 
 
-def candidate(path: str, original: Run, kind: Optional[str] = None) -> Candidate:
+def candidate(path: str, original: Run) -> Candidate:
     """A run directory or a model folder, measured on the original's rows with the original's settings."""
     folder = Path(path).expanduser()
     if (folder / "config.yaml").is_file():
         run = Run.open(str(folder))
-        if not run.cfg.lora.enabled:  # a full fine-tune: its model/
-            return candidate(str(run.model_dir), original, kind or "tuned")
-        kind = kind or ("healed" if pruned_from(Path(run.cfg.model.name_or_path), original) else
-                        "distilled" if run.cfg.distill.teacher else "tuned")
+        kind = ("healed" if pruned_from(Path(run.cfg.model.name_or_path), original) else
+                "distilled" if run.cfg.distill.teacher else "tuned")
+        if not run.cfg.lora.enabled:  # a full fine-tune: its model/ is loaded, the run made it
+            return Candidate(folder, kind, candidate(str(run.model_dir), original).run)
     elif (folder / "config.json").is_file():
         cfg = dataclasses.replace(original.cfg, output_dir=str(folder), model=dataclasses.replace(
             original.cfg.model, name_or_path=str(folder), tokenizer=str(folder), revision=None, hub_id=None))
-        run, kind = Run.for_base(cfg), kind or ("pruned" if (folder / "prune.json").is_file() else "model")
+        run, kind = Run.for_base(cfg), "pruned" if (folder / "prune.json").is_file() else "model"
     else:
         raise UserError(f"compare: {path} is neither a run directory (config.yaml) nor a model folder (config.json). "
                         "Give runs of train, distill or prune.heal, or folders prune wrote, separated by commas.")
@@ -92,6 +92,8 @@ def production(path: Path, gpu: str, own: bool = True) -> list[dict]:
         steps.append({"step": f"{path.name}: training, {tokens} tokens",
                       "gpu_hours": tokens / speed / 3600 if tokens else None, "own": own})
         return steps
+    if not (path / "prune.json").is_file():  # a model nobody here made
+        return []
     report = json.loads((path / "prune.json").read_text())
     if "scored_tokens" not in report:  # written before prune recorded it
         return [{"step": f"{path.name}: block influence", "gpu_hours": None, "own": own}]
@@ -106,7 +108,7 @@ def production(path: Path, gpu: str, own: bool = True) -> list[dict]:
 
 def cost(c: Candidate, gpu: Optional[str]) -> dict:
     """GPU-hours of the candidate's own step(s) and in all, and the steps (nothing without a GPU to plan for)."""
-    if gpu is None or c.kind == "model":
+    if gpu is None:
         return {}
     try:
         steps = production(c.path, gpu)
@@ -121,8 +123,7 @@ def cost(c: Candidate, gpu: Optional[str]) -> dict:
 
 def compare(original: Run, paths: list[str], checkpoint: Optional[str] = None) -> tuple[Path, dict]:
     """Every model measured on the original's eval rows; eval.json and eval.png in RUN_DIR/compare/."""
-    from finetune.data import load_splits
-    from finetune.eval import Variant, measure, plot, unquantized_dtype
+    from finetune.eval import Variant, eval_splits, measure, plot, unquantized_dtype
     from finetune.plan import pick_gpu, planned_gpu
 
     if checkpoint or not original.cfg.lora.enabled:
@@ -132,10 +133,7 @@ def compare(original: Run, paths: list[str], checkpoint: Optional[str] = None) -
     models = [Candidate(original.dir, "original", original)] + [candidate(p, original) for p in paths]
     quant, dtype = precision(original), unquantized_dtype(original.cfg)
     gpu = planned_gpu(original.cfg.plan.gpu, "compare's GPU-hours")
-    splits = load_splits(original.cfg.data, original.cfg.train.seed)
-    if splits.eval is None:
-        raise UserError("`eval` runs on the recipe's eval split and it has none: set data.eval_path, data.eval_split "
-                        "or data.eval_fraction > 0.")
+    splits = eval_splits(original.cfg)
     rows_out = []
     for c in models:
         log.info("compare: %s on %d rows", c.label, len(splits.eval))

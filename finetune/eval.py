@@ -201,23 +201,29 @@ def harness(model, tokenizer, cfg: FinetuneConfig) -> dict:
     return out
 
 
+def eval_splits(cfg: FinetuneConfig):
+    """The recipe's splits, which must have an eval split: what `eval` measures on."""
+    from finetune.data import load_splits
+
+    splits = load_splits(cfg.data, cfg.train.seed)
+    if splits.eval is None:
+        raise UserError("`eval` runs on the recipe's eval split and it has none: set data.eval_path, data.eval_split "
+                        "or data.eval_fraction > 0.")
+    return splits
+
+
 # ---- the verb -----------------------------------------------------------------------------------
 
 def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpoint: Optional[str] = None) -> dict:
     """Every variant on the eval split; agreement with the unquantized answers; eval.json and eval.png in out_dir.
     `trained`: how a run's base was loaded in training (None for a bare base)."""
-    from finetune.data import load_splits
-
     cfg = run.cfg
     check_skeleton(cfg.model, cfg.quant, cfg.lora)
     if cfg.eval.harness_tasks:
         check_harness(cfg)
     if any(q.startswith("gguf:") for q in cfg.eval.quant):
         check_gguf(run, checkpoint)
-    splits = load_splits(cfg.data, cfg.train.seed)
-    if splits.eval is None:
-        raise UserError("`eval` runs on the recipe's eval split and it has none: set data.eval_path, data.eval_split "
-                        "or data.eval_fraction > 0.")
+    splits = eval_splits(cfg)
     rows = list(splits.eval)
     if not splits.conversational:
         log.info("the eval data is in the %s format: loss and perplexity only (exact match scores assistant replies)",

@@ -28,7 +28,7 @@ import transformers.utils.logging  # noqa: E402  (after HF_HOME is set: huggingf
 
 transformers.utils.logging.get_logger("transformers")
 
-DEMO_STEPS = 30  # a shortened demo: enough for the loss to fall and the replies to end, ~35 s on 2 cores
+DEMO_STEPS = 20  # a shortened demo: enough for the loss to fall and the replies to end (it levels off by step 20)
 DEMO_SAVE = DEMO_STEPS // 2  # a checkpoint half way, and one at the end
 TINY_RUN_STEPS = 16  # the shared tiny run: 91 training rows / micro-batch 8 = 12 steps per epoch, 13-16 in the second
 
