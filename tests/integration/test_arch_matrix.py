@@ -307,3 +307,10 @@ def test_healing_restores_the_exact_match_pruning_took(trained, tmp_path):
     report = json.loads((pruned / "prune.json").read_text())
     healed = json.loads((pruned / "heal" / "summary.json").read_text())
     assert report["before"]["exact_match"] == 1 and report["after"]["exact_match"] < 0.5 and healed["exact_match"] == 1
+    # side by side: the healed model's GPU-hours in all are the run's training, the pruning and the healing
+    compared = run_main("eval", f"run={out}", f"compare={pruned},{pruned / 'heal'}", "plan.gpu=l4", wandb_mode=None)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    rows = {r["kind"]: r for r in json.loads((out / "compare" / "eval.json").read_text())["rows"]}
+    assert list(rows) == ["original", "pruned", "healed"] and rows["healed"]["exact_match"] == 1 > rows["pruned"]["exact_match"]
+    assert rows["healed"]["gpu_hours_total"] == pytest.approx(
+        rows["original"]["gpu_hours"] + rows["pruned"]["gpu_hours"] + rows["healed"]["gpu_hours"])
