@@ -185,7 +185,7 @@ def teach(teacher: Teacher, distill, dataset):
     covers: what `plan` and `eval compare=` count its GPU-hours by)."""
     import pyarrow.compute as pc
 
-    tokens = pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0
+    tokens = pc.sum(pc.list_value_length(dataset.with_format("arrow")["input_ids"])).as_py() or 0  # the rows kept
     return teacher_store(teacher.load, dataset, distill.top_k, teacher.identity)[0], tokens
 
 

@@ -33,8 +33,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 @torch.no_grad()
-def block_influence(model, items: list[dict]) -> list[float]:
-    """Each decoder layer's mean 1 - cos(input, output) over the tokens of `items` (input_ids), in layer order."""
+def block_influence(model, items: list[dict]) -> tuple[list[float], int]:
+    """Each decoder layer's mean 1 - cos(input, output) over the tokens of `items` (input_ids), in layer order; and
+    the number of those tokens (the pass's cost: prune.json, `eval compare=`'s GPU-hours)."""
     layers, totals, count = decoder_layers(model), None, 0
 
     def hook(index):
@@ -57,8 +58,7 @@ def block_influence(model, items: list[dict]) -> list[float]:
         model.train(training)
         for h in handles:
             h.remove()
-    model.scored_tokens = count  # the pass's cost (prune.json, `eval compare=`'s GPU-hours)
-    return [t / max(count, 1) for t in totals]
+    return [t / max(count, 1) for t in totals], count
 
 
 def layers_to_drop(scores: list[float], layer_params: int, total_params: int, p: PruneConfig) -> list[int]:
@@ -133,8 +133,10 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     if (p.layers is None) == (p.target_params is None):
         raise UserError("`prune` needs one of prune.layers=N (the number of decoder layers to drop) or "
                         "prune.target_params=P (the most parameters the pruned model may keep).")
+    from finetune.plan import planned_gpu
     from finetune.run import Run
 
+    gpu = planned_gpu(cfg.plan.gpu, "prune.json's plan")  # before anything runs
     run = run or Run.for_base(cfg)
     out = Path(p.output_dir or run.dir / "pruned")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -143,7 +145,7 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     rows = splits.eval if splits.eval is not None else splits.train
     model, tokenizer, source = source_model(run)
     items = loss_items(tokenizer, rows.select(range(min(len(rows), p.samples))), cfg.data)
-    scores = block_influence(model, items)
+    scores, scored_tokens = block_influence(model, items)
     total = sum(t.numel() for t in model.parameters())
     layer_params = sum(t.numel() for t in decoder_layers(model)[0].parameters())
     drop = layers_to_drop(scores, layer_params, total, p)
@@ -152,27 +154,25 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     after = measured(model, tokenizer, rows, cfg)
     report = {"source": source, "source_run": None if run.is_base else str(run.dir.resolve()),
               "source_model": cfg.model.name_or_path, "scores": scores,
-              "scored_tokens": model.scored_tokens, "dropped": drop, "layers_before": len(scores),
+              "scored_tokens": scored_tokens, "dropped": drop, "layers_before": len(scores),
               "layers_after": len(scores) - len(drop), "params_before": total,
               "params_after": sum(t.numel() for t in model.parameters()), "before": before, "after": after}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    report["plan"] = planned(cfg, out)
+    report["plan"] = planned(cfg, out, gpu)
     (out / "prune.json").write_text(json.dumps(report, indent=1))
     log.info("prune: dropped layers %s of %d (block influence %s); %s -> %s", drop, len(scores),
              ", ".join(f"{s:.3f}" for s in scores), before, after)
     return out, report
 
 
-def planned(cfg: FinetuneConfig, pruned: Path) -> Optional[dict]:
-    """`plan`'s figures for the model before and after, on plan.gpu (the local GPU for auto; none where there is no
-    GPU to plan for): parameters, the peak and tokens/s of the recipe's training (what healing runs), and the peak
-    and decode tokens/s of inference."""
+def planned(cfg: FinetuneConfig, pruned: Path, gpu: Optional[str]) -> Optional[dict]:
+    """`plan`'s figures for the model before and after on `gpu` (none without one): parameters, the peak and tokens/s
+    of the recipe's training (what healing runs), and the peak and decode tokens/s of inference."""
     from finetune.config import ModelConfig
-    from finetune.plan import make_plan, pick_gpu, planned_gpu
+    from finetune.plan import make_plan, pick_gpu
 
-    gpu = planned_gpu(cfg.plan.gpu, "prune.json's plan")
     if gpu is None:
         return None
 
@@ -183,7 +183,11 @@ def planned(cfg: FinetuneConfig, pruned: Path) -> Optional[dict]:
                 "train_tokens_per_second": train["tokens_per_second"], "inference_peak_gib": serve["peak_gib"],
                 "decode_tokens_per_second": serve["decode_tokens_per_second"]}
 
-    before, after = figures(cfg.model), figures(ModelConfig(name_or_path=str(pruned)))
+    try:
+        before, after = figures(cfg.model), figures(ModelConfig(name_or_path=str(pruned)))
+    except UserError as e:  # the settings do not plan on that GPU (bf16 on a T4): the pruned model stands
+        log.info("prune: no plan on %s (%s)", gpu, e)
+        return None
     return {"gpu": pick_gpu(gpu).name, "before": before, "after": after,
             "train_speedup": after["train_tokens_per_second"] / before["train_tokens_per_second"],
             "decode_speedup": after["decode_tokens_per_second"] / before["decode_tokens_per_second"]}
