@@ -668,7 +668,10 @@ def teacher_pass(cfg: FinetuneConfig, gpu: GPU, tokens: Optional[float] = None) 
     from finetune.distill import teacher_model
 
     model_cfg, quant = teacher_model(cfg.distill.teacher)
-    arch = load_arch(model_cfg)
+    try:
+        arch = load_arch(model_cfg)
+    except UserError as e:
+        raise UserError(f"distill.teacher={cfg.distill.teacher}: {e}") from None
     teacher_cfg = dataclasses.replace(cfg, model=model_cfg, quant=quant)
     s = dataclasses.replace(setting_of(teacher_cfg, arch), micro_batch=1, gpus=1, offload="none")
     p = dtype_bytes_of(cfg)

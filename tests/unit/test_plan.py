@@ -135,6 +135,8 @@ def test_a_distillation_plan_covers_the_teacher_pass_and_its_store():
     assert big["teacher"]["hours"] / t["hours"] == pytest.approx(big["teacher"]["params"] / t["params"], rel=0.15)
     assert "teacher pass (distill.teacher)" in render(big) and "does NOT fit" in render(big)
     assert "teacher" not in plan_of(*rows, gpu="a100-80gb")
+    with pytest.raises(UserError, match="distill.teacher=/nowhere: model.name_or_path=/nowhere: its config.json"):
+        plan_of(*rows, "distill.teacher=/nowhere", gpu="a100-80gb")
 
 
 def test_checkpointing_and_quantization_change_the_peak_the_right_way():
