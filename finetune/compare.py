@@ -64,6 +64,10 @@ def pruned_from(folder: Path, original: Run) -> bool:
 
 def precision(original: Run) -> str:
     """The one precision every model is loaded at: eval.quant's, or unquantized."""
+    if original.cfg.eval.harness_tasks:
+        raise UserError("eval.harness_tasks with compare=: lm-eval runs on one model at a time here. Run it with eval "
+                        "run=RUN eval.harness_tasks=[...] for a run, or eval recipe=NAME model.name_or_path=FOLDER "
+                        "eval.harness_tasks=[...] for a pruned model.")
     quant = list(original.cfg.eval.quant)
     if len(quant) > 1 or any(q.startswith("gguf:") for q in quant):
         raise UserError(f"eval.quant={quant} with compare=: every model is measured at one precision (nf4, int8 or "

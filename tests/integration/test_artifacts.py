@@ -389,7 +389,8 @@ def test_prune_drops_the_least_influential_layers_into_a_model_plain_transformer
     assert smaller["gpu_hours_total"] == pytest.approx(smaller["gpu_hours"] + original["gpu_hours"])
     assert "GPU-hours on the NVIDIA GeForce RTX 3060" in compared.stdout and "pruned: pruned" in compared.stdout
     for args, said in ((["compare=/nowhere"], "neither a run directory"),
-                       ([f"compare={out}", "eval.quant=[nf4,none]"], "every model is measured at one precision")):
+                       ([f"compare={out}", "eval.quant=[nf4,none]"], "every model is measured at one precision"),
+                       ([f"compare={out}", "eval.harness_tasks=[hellaswag]"], "lm-eval runs on one model at a time")):
         refused = cli("eval", f"run={demo_run}", *args)
         assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
