@@ -63,7 +63,7 @@ def run_verb(verb: str, argv: list[str]) -> int:
         if verb == "eval" and args.compare:
             from finetune.compare import compare
 
-            print_compare(*compare(run, [p for p in args.compare.split(",") if p], args.checkpoint))
+            print_compare(*compare(run, args.compare, args.checkpoint))
         elif verb == "eval":
             from finetune.eval import eval_run
 
@@ -205,7 +205,14 @@ def dispatch(verb: str, argv: list[str], world) -> int:
     setup_logging()
     if verb in ("distill", "plan"):  # teacher=X is distill.teacher=X
         argv = [f"distill.{a}" if a.startswith("teacher=") else a for a in argv]
-    cfg = registry.load_config(argv)
+    compared = [a.split("=", 1)[1] for a in argv if verb == "eval" and a.startswith("compare=")]
+    cfg = registry.load_config([a for a in argv if not (verb == "eval" and a.startswith("compare="))])
+    if compared:  # eval recipe=NAME compare=...: the base beside the models made from it
+        from finetune.compare import compare
+        from finetune.run import Run
+
+        print_compare(*compare(Run.for_base(cfg), compared[-1]))
+        return 0
     if verb == "distill" and not cfg.distill.teacher:
         raise UserError("distill needs its teacher: python -m finetune distill teacher=RUN_DIR|MODEL recipe=STUDENT "
                         "(a finished run's directory, or a model's Hub id or folder, with the student's tokenizer).")

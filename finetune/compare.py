@@ -1,4 +1,5 @@
-"""`eval run=ORIGINAL compare=A,B,...`: the original model beside the smaller ones made from it, on its eval rows.
+"""`eval run=ORIGINAL compare=A,B,...` (or `eval recipe=NAME compare=...` for a bare base): the original model beside
+the smaller ones made from it, on its eval rows.
 
 Each of A, B, ... is a run directory (a healing run of `prune`, a `distill` student, any tuned run: its adapter on
 its base) or a model folder (what `prune` wrote). All are loaded at one precision (eval.quant, default unquantized)
@@ -28,7 +29,7 @@ log = logging.getLogger("finetune")
 class Candidate:
     """One model of the comparison: what it is, how it loads (a Run; a bare model folder is a base-only Run)."""
     path: Path
-    kind: str   # original, pruned, healed, distilled, tuned, model
+    kind: str   # original (a run) or base, then pruned, healed, distilled, tuned, model
     run: Run
 
     @property
@@ -57,9 +58,14 @@ def candidate(path: str, original: Run) -> Candidate:
 
 
 def pruned_from(folder: Path, original: Run) -> bool:
-    """Whether the model folder is what `prune` made of the original run (a run on it heals it)."""
-    report = folder.expanduser() / "prune.json"
-    return report.is_file() and json.loads(report.read_text()).get("source_run") == str(original.dir.resolve())
+    """Whether the model folder is what `prune` made of the original (a run, or a bare base): a run on it heals it."""
+    path = folder.expanduser() / "prune.json"
+    if not path.is_file():
+        return False
+    report = json.loads(path.read_text())
+    if original.is_base:
+        return report.get("source_run") is None and report.get("source_model") == original.cfg.model.name_or_path
+    return report.get("source_run") == str(original.dir.resolve())
 
 
 def precision(original: Run) -> str:
@@ -119,22 +125,27 @@ def cost(c: Candidate, gpu: Optional[str]) -> dict:
     except UserError as e:  # plan cannot read an architecture: the figure is missing, the comparison stands
         log.info("compare: no GPU-hours for %s (%s)", c.path, e)
         return {}
+    if not steps:  # a base model nobody here made
+        return {}
     own = [s for s in steps if s["own"]]
     hours = [s["gpu_hours"] for s in steps]
     return {"gpu_hours": sum(s["gpu_hours"] for s in own) if all(s["gpu_hours"] is not None for s in own) else None,
             "gpu_hours_total": sum(hours) if None not in hours else None, "made_by": steps}
 
 
-def compare(original: Run, paths: list[str], checkpoint: Optional[str] = None) -> tuple[Path, dict]:
-    """Every model measured on the original's eval rows; eval.json and eval.png in RUN_DIR/compare/."""
+def compare(original: Run, paths: str, checkpoint: Optional[str] = None) -> tuple[Path, dict]:
+    """Every model of `paths` (separated by commas) measured beside the original (a run, or a bare base) on its eval
+    rows; eval.json and eval.png in RUN_DIR/compare/ (output_dir/compare/ for a base)."""
     from finetune.eval import Variant, eval_splits, measure, plot, unquantized_dtype
     from finetune.plan import pick_gpu, planned_gpu
 
-    if checkpoint or not original.cfg.lora.enabled:
+    if checkpoint or not (original.is_base or original.cfg.lora.enabled):
         raise UserError("eval compare= measures a run's final adapter beside the models made from it: "
                         + ("leave out checkpoint=." if checkpoint else "this run trained every weight; give its model/ "
                            "in compare= and another tuned run as run=."))
-    models = [Candidate(original.dir, "original", original)] + [candidate(p, original) for p in paths]
+    first = (Candidate(Path(original.cfg.model.name_or_path), "base", original) if original.is_base else
+             Candidate(original.dir, "original", original))
+    models = [first] + [candidate(p, original) for p in paths.split(",") if p]
     quant, dtype = precision(original), unquantized_dtype(original.cfg)
     gpu = planned_gpu(original.cfg.plan.gpu, "compare's GPU-hours")
     splits = eval_splits(original.cfg)

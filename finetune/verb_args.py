@@ -53,7 +53,7 @@ class EvalArgs:
                                     "written to RUN_DIR/exports/checkpoint-N/")
     compare: Optional[str] = opt(None, "models made from the run, side by side with it: run directories (prune.heal, "
                                  "distill) and model folders (prune) separated by commas; with the GPU-hours each took "
-                                 "on plan.gpu; written to RUN_DIR/compare/")
+                                 "on plan.gpu; written to RUN_DIR/compare/ (eval recipe=NAME compare=...: beside the base)")
 
 
 @dataclass

@@ -395,6 +395,24 @@ def test_prune_drops_the_least_influential_layers_into_a_model_plain_transformer
         assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
 
+def test_a_base_is_compared_with_the_model_pruned_from_it(cli, tmp_path):
+    """prune recipe=NAME on the embedded base, then eval recipe=NAME compare=...: both measured as prune measured them,
+    and the GPU-hours are the pruning's alone (nobody here made the base)."""
+    small = ["data.eval_max_samples=8", "eval.exact_match_samples=8", "eval.max_new_tokens=8", "plan.gpu=l4"]
+    out = tmp_path / "pruned"
+    result = cli("prune", "recipe=tiny_qlora", "prune.layers=1", "prune.samples=8", f"prune.output_dir={out}",
+                 f"output_dir={tmp_path / 'base'}", *small)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "prune.json").read_text())
+    compared = cli("eval", "recipe=tiny_qlora", f"compare={out}", f"output_dir={tmp_path / 'cmp'}", *small)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    base, smaller = json.loads((tmp_path / "cmp" / "compare" / "eval.json").read_text())["rows"]
+    assert (base["kind"], smaller["kind"]) == ("base", "pruned") and "gpu_hours" not in base
+    assert base["loss"] == pytest.approx(report["before"]["eval_loss"], rel=1e-4)
+    assert smaller["loss"] == pytest.approx(report["after"]["eval_loss"], rel=1e-4)
+    assert smaller["gpu_hours"] == smaller["gpu_hours_total"] > 0 and smaller["weights_gb"] < base["weights_gb"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["prune.layers=4"], "prune.layers=4 would drop 4 of the model's 4 decoder layers: at least one must stay"),
     ([], "`prune` needs one of prune.layers=N"),
