@@ -153,8 +153,8 @@ def compare(original: Run, paths: str, checkpoint: Optional[str] = None) -> tupl
     for c in models:
         log.info("compare: %s on %d rows", c.label, len(splits.eval))
         row = measure(c.run, Variant(quant, dtype=dtype), list(splits.eval), splits.conversational, None)
-        rows_out.append(row | {"label": c.label, "kind": c.kind, "path": str(c.path), "adapter": c.kind not in ("base", "pruned", "model"),
-                               **cost(c, gpu)})
+        rows_out.append(row | {"label": c.label, "kind": c.kind, "path": str(c.path),
+                               "adapter": c.kind not in ("base", "pruned", "model"), **cost(c, gpu)})
     reference = rows_out[0]
     for r in rows_out:
         r["agreement_original"] = (sum(a == b for a, b in zip(r["answers"], reference["answers"])) / len(splits.eval)
