@@ -136,15 +136,23 @@ class Teacher:
         from finetune.run import Run
 
         run = Run.open(spec)
-        for source, kwargs in ((run.merged_dir, {"merged": True}), (run.adapter_dir, {})):
-            if (source / "config.json").is_file() or (source / "adapter_config.json").is_file():
-                return cls(spec, fingerprint(source), run.tokenizer(source),
-                           lambda: run.load_for_inference(**kwargs).model)
-        if (run.model_dir / "config.json").is_file():
-            return cls.of(str(run.model_dir), device)
-        raise UserError(f"teacher={spec} is a run directory with neither an adapter (adapter/) nor a merged model "
-                        f"(merged/) to teach with: it did not finish. Name a finished run, or write its merged model "
-                        f"with python -m finetune export run={spec} export.merge=true.")
+        kind, source = run_source(run, spec)
+        if kind == "model":
+            return cls.of(str(source), device)
+        return cls(spec, fingerprint(source), run.tokenizer(source),
+                   lambda: run.load_for_inference(merged=kind == "merged").model)
+
+
+def run_source(run, spec: str) -> tuple[str, Path]:
+    """Which of a finished run's models teaches, (kind, folder): its merged/ model (16-bit), else adapter/ on its base
+    as trained, else a full fine-tune's model/."""
+    for kind, folder, marker in (("merged", run.merged_dir, "config.json"), ("adapter", run.adapter_dir,
+                                 "adapter_config.json"), ("model", run.model_dir, "config.json")):
+        if (folder / marker).is_file():
+            return kind, folder
+    raise UserError(f"teacher={spec} is a run directory with neither an adapter (adapter/) nor a merged model "
+                    f"(merged/) to teach with: it did not finish. Name a finished run, or write its merged model "
+                    f"with python -m finetune export run={spec} export.merge=true.")
 
 
 def teacher_model(spec: str):
@@ -156,11 +164,10 @@ def teacher_model(spec: str):
     if not (Path(spec).expanduser() / "config.yaml").is_file():
         return ModelConfig(name_or_path=spec), QuantConfig(method="none")
     run = Run.open(spec)
-    if (run.merged_dir / "config.json").is_file():
-        return ModelConfig(name_or_path=str(run.merged_dir)), QuantConfig(method="none")
-    if (run.adapter_dir / "adapter_config.json").is_file():
+    kind, source = run_source(run, spec)
+    if kind == "adapter":
         return run.cfg.model, run.cfg.quant
-    return ModelConfig(name_or_path=str(run.model_dir)), QuantConfig(method="none")
+    return ModelConfig(name_or_path=str(source)), QuantConfig(method="none")
 
 
 def fingerprint(folder: Path) -> str:

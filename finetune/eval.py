@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-
 from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
 from finetune.model import check_skeleton, release_memory

@@ -633,14 +633,21 @@ def forward_speed(arch: Arch, gpu: GPU, method: str, max_length: int) -> float:
     return gpu.tflops * 1e12 * EFFICIENCY[method] * gpu.reach / flops
 
 
+@functools.lru_cache(maxsize=8)
+def jsonl_rows(path: str, size: int, mtime_ns: int) -> int:
+    """The rows of a .jsonl file, counted once per version of it (a plan asks for them several times)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def dataset_rows(cfg: FinetuneConfig) -> tuple[Optional[int], str]:
     """Training rows of the recipe (the eval split taken out) and how they were counted (None where unknown)."""
     d = cfg.data
     rows, how = d.max_samples, f"data.max_samples={d.max_samples}"
     if rows is None and d.path and Path(d.path).expanduser().is_file() and d.path.endswith(".jsonl"):
-        with open(Path(d.path).expanduser(), "rb") as f:
-            rows = sum(1 for line in f if line.strip())
-        how = f"{rows} rows in {Path(d.path).name}"
+        path = Path(d.path).expanduser()
+        rows = jsonl_rows(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        how = f"{rows} rows in {path.name}"
     if rows is None:
         return None, "the row count of the data is unknown without loading it: set train.max_steps or data.max_samples"
     if not (d.eval_path or d.eval_split):

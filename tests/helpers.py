@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -117,6 +118,13 @@ def tiny_overrides(tiny_model: Path, data: Path, out: Path, *extra: str) -> list
     args = {a.split("=", 1)[0]: a for a in [f"model.name_or_path={tiny_model}", f"data.path={data}",
                                              f"output_dir={out}", *TINY_RUN, *extra]}
     return list(args.values())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(name: str, *argv: str) -> int:

@@ -153,7 +153,6 @@ def char_limit(max_length: int, longest: int) -> int:
 
 def _key(ds, tokenizer, cfg: DataConfig, name: str) -> str:
     """The rows' Arrow data (fast and exact), the tokenizer, the template and the settings that change the result."""
-
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, (str, type(None))) else json.dumps(
         tokenizer.chat_template, sort_keys=True)
     h = hashlib.sha256()

@@ -2,12 +2,11 @@
 losses of one process at the same effective batch."""
 
 import json
-import socket
 
 import pytest
 
 from finetune.__main__ import main
-from tests.helpers import ROOT, read_wandb_log, run_cli, wandb_config, wandb_history
+from tests.helpers import ROOT, free_port, read_wandb_log, run_cli, wandb_config, wandb_history
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +18,6 @@ COMMON = ["recipe=tiny_qlora", f"train.max_steps={STEPS}", "train.eval_steps=0",
 # Per-step training loss, two processes vs one: measured 7e-4 at most (float32 on the CPU, 8-bit AdamW);
 # processes that do not all-reduce their gradients drift by 0.03 within 3 steps.
 LOSS_TOLERANCE = 5e-3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
