@@ -27,7 +27,8 @@ def opt(default: Any, help: str, choices: Optional[list] = None, min: Optional[f
 
 COMPUTE_DTYPES = ["auto", "bfloat16", "float16", "float32"]
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
-DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text"]  # see finetune/data/formats.py
+DATA_FORMATS = ["auto", "messages", "sharegpt", "instruction", "prompt_completion", "text", "preference",
+                "preference_chat"]  # see finetune/data/formats.py
 # adamw_kahan: torch-optimi's AdamW, which keeps Kahan-summation buffers for 16-bit weights (train.master_weights=16bit)
 OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_kahan", "adafactor"]
 # llama.cpp's file types that need no importance matrix (its i-quants and Q2_K_S do; TQ* are for ternary models only),
@@ -122,6 +123,8 @@ class Columns:
     prompt: Optional[str] = opt(None, "column holding the prompt")
     completion: Optional[str] = opt(None, "column holding the completion")
     text: Optional[str] = opt(None, "column holding the raw text")
+    chosen: Optional[str] = opt(None, "column holding the preferred answer (preference data)")
+    rejected: Optional[str] = opt(None, "column holding the answer not preferred (preference data)")
 
     def mapping(self) -> dict[str, str]:
         """{our name: the dataset's column} for the fields that are renamed."""
@@ -180,6 +183,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    objective: str = opt("sft", "what is learned: sft = the data's replies (supervised fine-tuning); dpo = to prefer "
+                         "each pair's chosen answer over its rejected one, against a reference (Direct Preference "
+                         "Optimization; with LoRA the reference is the model with the adapter off: no second copy)",
+                         ["sft", "dpo"])
+    beta: float = opt(0.1, "train.objective=dpo: how far from the reference the model may move to prefer the chosen "
+                      "answers (smaller: further)", min=0, min_exclusive=True)
+    sft_weight: float = opt(0.0, "train.objective=dpo: also this times the chosen answers' cross-entropy (RPO, TRL's "
+                            "loss_type [sigmoid, sft]): the chosen answers stay likely while the rejected fall, "
+                            "which keeps greedy answers sound", min=0)
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", min=0)
     max_steps: int = opt(-1, "optimizer steps; -1 = run `epochs`")
     micro_batch_size: int = opt(4, "sequences per forward pass", min=1)
@@ -336,6 +348,8 @@ class FinetuneConfig:
     output_dir: str = opt("outputs/${recipe}/${now:%Y-%m-%d_%H-%M-%S}", "run directory")
     overwrite: bool = opt(False, "replace an existing non-empty output_dir")
     resume: bool = opt(False, "continue an existing output_dir from its last checkpoint")
+    init_from: Optional[str] = opt(None, "a finished LoRA run directory whose adapter this run keeps training (e.g. DPO "
+                                   "after SFT), on that run's base model; null = a new adapter")
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -412,8 +426,8 @@ def validate(cfg: FinetuneConfig) -> None:
     """Settle the defaults that follow another key, check every field, then the combinations across groups;
     raise one UserError listing all problems."""
     cfg.quant.double_quant = cfg.quant.nested
-    problems = (field_problems(cfg) + training_problems(cfg) + output_problems(cfg) + data_problems(cfg)
-                + offload_problems(cfg.model))
+    problems = (field_problems(cfg) + training_problems(cfg) + objective_problems(cfg) + output_problems(cfg)
+                + data_problems(cfg) + offload_problems(cfg.model))
     problems = [p for p in problems if p]
     if problems:
         raise UserError(*problems)
@@ -452,6 +466,27 @@ def training_problems(cfg: FinetuneConfig) -> list[str]:
     if lora.target_parameters and (lora.dropout > 0 or lora.use_dora):
         problems.append(f"lora.target_parameters adapts fused expert weights through PEFT's ParamWrapper, which has no "
                         f"dropout or DoRA: set lora.dropout=0{' and lora.use_dora=false' if lora.use_dora else ''}.")
+    return problems
+
+
+def objective_problems(cfg: FinetuneConfig) -> list[str]:
+    """Settings that train.objective=dpo has no use for (it would otherwise ignore them), and init_from's adapter."""
+    problems = []
+    if cfg.init_from and not cfg.lora.enabled:
+        problems.append("init_from continues a run's LoRA adapter, and lora.enabled=false trains every weight: "
+                        "set lora.enabled=true, or start from a model with model.name_or_path instead.")
+    if cfg.train.objective == "sft" and cfg.train.sft_weight:
+        problems.append(f"train.sft_weight={cfg.train.sft_weight:g} weighs a cross-entropy term of the DPO loss, and "
+                        "train.objective=sft is all cross-entropy: remove it, or set train.objective=dpo.")
+    if cfg.train.objective == "sft":
+        return problems
+    unused = {"data.packing=true": cfg.data.packing, "data.padding_free=true": cfg.data.padding_free,
+              "data.train_on_inputs=true": cfg.data.train_on_inputs, f"distill.teacher={cfg.distill.teacher}":
+              cfg.distill.teacher, "train.liger_kernel=true": cfg.train.liger_kernel}
+    for key, given in unused.items():
+        if given:
+            problems.append(f"{key} is for supervised fine-tuning; train.objective={cfg.train.objective} compares "
+                            f"whole answers, each pair padded in its own batch row: remove {key.split('=')[0]}.")
     return problems
 
 

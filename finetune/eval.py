@@ -22,7 +22,9 @@ from finetune.config import FinetuneConfig, QuantConfig
 from finetune.errors import UserError
 from finetune.model import check_skeleton, release_memory
 from finetune.run import Run, write_whole
-from finetune.scoring import eval_loss, measures_of, scored_answers
+from finetune.data import chosen_rows
+from finetune.data.pairs import tokenize_pairs
+from finetune.scoring import eval_loss, measures_of, pair_logps, preference_figures, scored_answers
 
 log = logging.getLogger("finetune")
 
@@ -34,13 +36,14 @@ class Variant:
     skip_modules: list = field(default_factory=list)
     adapter: bool = True
     dtype: str = "bf16"       # what quant=none loads in (the compute dtype: fp32 on a CPU)
+    start: bool = False       # the adapter the run started from (init_from), not the one it trained
 
     @property
     def label(self) -> str:
         name = f"none ({self.dtype})" if self.quant == "none" else self.quant
         if self.skip_modules:
             name += f" ({', '.join(self.skip_modules)} unquantized)"
-        return name if self.adapter else f"base, {name}"
+        return f"init_from, {name}" if self.start else name if self.adapter else f"base, {name}"
 
 
 def variants(cfg: FinetuneConfig, trained: Optional[Variant]) -> list[Variant]:
@@ -53,6 +56,8 @@ def variants(cfg: FinetuneConfig, trained: Optional[Variant]) -> list[Variant]:
         precisions.append("none")
     dtype = trained.dtype if trained else unquantized_dtype(cfg)
     out = [] if trained is None else [Variant(trained.quant, trained.skip_modules, adapter=False, dtype=dtype),
+                                      *([Variant(trained.quant, trained.skip_modules, dtype=dtype, start=True)]
+                                        if cfg.init_from else []),
                                       Variant(trained.quant, trained.skip_modules, dtype=dtype)]
     for q in precisions:
         for skip in ([[]] if q == "none" or q.startswith("gguf:") else [[], *([list(cfg.quant.skip_modules)] if cfg.quant.skip_modules else [])]):
@@ -82,15 +87,21 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(_once)
 
 
 def measure(run: Run, variant: Variant, rows, conversational: bool, checkpoint: Optional[str],
-            with_harness: bool = False) -> dict:
-    """Every measure of one variant on the eval rows."""
+            with_harness: bool = False, pairs=None) -> dict:
+    """Every measure of one variant on the eval rows (of preference `pairs`: their chosen sides, and how much the
+    model prefers each chosen answer)."""
     loaded = run.load_for_inference(quant=variant.quant, skip_modules=variant.skip_modules, checkpoint=checkpoint,
-                                    adapter=variant.adapter)
+                                    adapter=variant.adapter, adapter_dir=Run.open(run.cfg.init_from).adapter_dir
+                                    if variant.start else None)
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, run.cfg
     try:
         row = {"label": variant.label, "quant": variant.quant, "skip_modules": variant.skip_modules,
                "adapter": variant.adapter and not run.is_base, "weights_gb": model.get_memory_footprint() / 1e9}
         row.update(eval_loss(model, tokenizer, rows, cfg.data, cfg.eval.batch_size, f"{variant.label}: loss"))
+        if pairs is not None:
+            tokens = tokenize_pairs(pairs, tokenizer, cfg.data, "eval").dataset
+            row.update(preference_figures(*pair_logps(model, tokens, tokenizer.pad_token_id, cfg.eval.batch_size,
+                                                      cfg.data.max_length)))
         if conversational:
             row.update(scored_answers(model, tokenizer, rows, cfg.eval, f"{variant.label}: answers",
                                       bool(run.summary.get("reasoning"))))
@@ -223,8 +234,9 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
     if any(q.startswith("gguf:") for q in cfg.eval.quant):
         check_gguf(run, checkpoint)
     splits = eval_splits(cfg)
-    rows = list(splits.eval)
-    if not splits.conversational:
+    pairs = splits.eval if splits.preference else None  # rows are then each pair's chosen side
+    rows = chosen_rows(splits.eval) if pairs is not None else list(splits.eval)
+    if not splits.chat:
         log.info("the eval data is in the %s format: loss and perplexity only (exact match scores assistant replies)",
                  splits.format)
     rows_out = []
@@ -233,9 +245,9 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
         # the harness (slow) on the base and the adapter as trained, or on the first precision of a bare base
         with_harness = bool(cfg.eval.harness_tasks) and (i < 2 if trained else i == 0)
         if v.quant.startswith("gguf:"):
-            rows_out.append(measure_gguf(run, v, rows, splits.conversational))
+            rows_out.append(measure_gguf(run, v, rows, splits.chat))
         else:
-            rows_out.append(measure(run, v, rows, splits.conversational, checkpoint, with_harness))
+            rows_out.append(measure(run, v, rows, splits.chat, checkpoint, with_harness, pairs))
     reference = next((r for r in rows_out if r["quant"] == "none" and r["adapter"] == (not run.is_base)
                       and not r["skip_modules"]), None)
     for r in rows_out:
@@ -291,15 +303,17 @@ def plot(result: dict, png: Path) -> None:
 def summary_figures(result: dict) -> dict:
     """What summary.json and the model card keep: base vs tuned, and the precision trained at vs unquantized."""
     def compact(r):
-        return {k: r.get(k) for k in ("label", "loss", "perplexity", "exact_match", "task_accuracy", "agreement",
-                                      "weights_gb", "tokens_per_second", "harness")} if r else None
+        return {k: r.get(k) for k in ("label", "loss", "perplexity", "exact_match", "task_accuracy",
+                                      "preference_accuracy", "preference_margin", "agreement", "weights_gb",
+                                      "tokens_per_second", "harness")} if r else None
 
     rows = result["rows"]
     base = next((r for r in rows if not r["adapter"]), None)
+    start = next((r for r in rows if r["label"].startswith("init_from, ")), None)
     tuned = next((r for r in rows if r["adapter"] and r["label"] == result["trained"]), None)
     reference = next((r for r in rows if r["label"] == result["reference"]), None)
-    return {"eval_rows": result["eval_rows"], "task": result["task"], "base": compact(base), "tuned": compact(tuned),
-            "tuned_unquantized": compact(reference), "variants": [compact(r) for r in rows]}
+    return {"eval_rows": result["eval_rows"], "task": result["task"], "base": compact(base), "start": compact(start),
+            "tuned": compact(tuned), "tuned_unquantized": compact(reference), "variants": [compact(r) for r in rows]}
 
 
 def eval_run(run: Run, checkpoint: Optional[str]) -> tuple[Path, dict]:

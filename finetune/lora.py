@@ -1,8 +1,15 @@
-"""LoRA config -> peft.LoraConfig, and the trainable-parameter report."""
+"""LoRA config -> peft.LoraConfig, the adapter a run starts from (init_from), and the trainable-parameter report."""
 
 from __future__ import annotations
 
-from finetune.config import LoraConfig
+import logging
+from pathlib import Path
+from typing import Optional
+
+from finetune.config import FinetuneConfig, LoraConfig
+from finetune.errors import UserError
+
+log = logging.getLogger("finetune")
 
 
 def build_peft_config(cfg: LoraConfig):
@@ -71,3 +78,46 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two bases are one model: the same Hub id or folder, or two folders with the same config and weight
+    files (a copy, the bundled demo model of another checkout)."""
+    if a == b:
+        return True
+    folders = [Path(x) for x in (a, b)]
+    if not all((f / "config.json").is_file() for f in folders):
+        return False
+
+    def weights(f: Path) -> list:
+        return sorted((w.name, w.stat().st_size) for w in f.glob("*.safetensors"))
+
+    return (folders[0] / "config.json").read_bytes() == (folders[1] / "config.json").read_bytes() and \
+        weights(folders[0]) == weights(folders[1])
+
+
+def initial_adapter(cfg: FinetuneConfig) -> Optional[Path]:
+    """init_from=RUN_DIR: that finished run's adapter/, which this run trains further on the same base. Its LoRA
+    settings become this run's (cfg.lora: the adapter's shape cannot change), as config.yaml then records."""
+    if not cfg.init_from:
+        return None
+    from finetune.export import local_base
+    from finetune.run import Run
+
+    run = Run.open(cfg.init_from)
+    adapter = run.adapter_dir
+    if not run.cfg.lora.enabled:
+        raise UserError(f"init_from={cfg.init_from} trained every weight (lora.enabled=false), so it has no adapter "
+                        f"to continue: start from its model instead, model.name_or_path={run.model_dir}")
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"init_from={cfg.init_from} has no adapter/ (adapter_config.json): the run did not finish. "
+                        f"Finish it with python -m finetune recipe={run.cfg.recipe} output_dir={run.dir} resume=true.")
+    if not same_model(local_base(run.cfg.model), local_base(cfg.model)):
+        raise UserError(f"init_from={cfg.init_from} trained its adapter on {run.cfg.model.name_or_path}, and this run "
+                        f"loads {cfg.model.name_or_path}: an adapter only fits the base it was trained on. Set "
+                        f"model.name_or_path={run.cfg.model.name_or_path}.")
+    if run.cfg.lora != cfg.lora:
+        log.info("init_from: the adapter's LoRA settings are %s's (r=%d, alpha=%g)", run.dir, run.cfg.lora.r,
+                 run.cfg.lora.alpha)
+    cfg.lora = run.cfg.lora
+    return adapter

@@ -413,8 +413,9 @@ def offloaded_placement(model) -> dict:
     return {"device_map": {f"base_model.model.{k}" if k else "": v for k, v in device_map.items()}}
 
 
-def attach_adapter(model, adapter_dir: Path):
-    """The PEFT adapter saved in adapter_dir, on top of `model` (a base loaded by load_base_model)."""
+def attach_adapter(model, adapter_dir: Path, trainable: bool = False):
+    """The PEFT adapter saved in adapter_dir, on top of `model` (a base loaded by load_base_model); `trainable`: to
+    train further (init_from)."""
     import warnings
 
     from peft import PeftModel
@@ -423,7 +424,7 @@ def attach_adapter(model, adapter_dir: Path):
     with warnings.catch_warnings():  # PEFT still asks transformers 5.2x for the renamed attribute
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
         if not placement:
-            return PeftModel.from_pretrained(model, str(adapter_dir))
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
         return attach_to_offloaded(model, Path(adapter_dir).resolve(), placement)
 
 

@@ -23,24 +23,25 @@ import torch
 
 from finetune import distributed
 from finetune.config import FinetuneConfig
-from finetune.data import Splits, check_paths, load_splits
+from finetune.data import Splits, check_objective, check_paths, chosen_rows, load_splits
+from finetune.data.pairs import tokenize_pairs
 from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import Tokenized, tokenize
 from finetune.errors import Preempted, UserError, write_error
 from finetune.export import MergeRejected, export_artifacts
-from finetune.lora import build_peft_config, count_parameters
+from finetune.lora import build_peft_config, count_parameters, initial_adapter
 from finetune.gguf import check_export
-from finetune.model import (Device, check_skeleton, detect_device, fit_cpu_threads, load_base_model,
-                            weights_dtype)
+from finetune.model import (Device, attach_adapter, check_skeleton, detect_device, fit_cpu_threads,
+                            load_base_model, weights_dtype)
 from finetune.registry import to_dict
 from finetune.checkpoints import checkpoint_step, finished, last_good_checkpoint
 from finetune.run import Run
-from finetune.scoring import exact_match
+from finetune.scoring import exact_match, pair_logps, preference_figures
 from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
-from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_sft_config,
-                              build_trainer, optimizer_of, packing_efficiency, settle_liger, settle_padding_free,
+from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_dpo_config,
+                              build_sft_config, build_trainer, optimizer_of, packing_efficiency, settle_liger, settle_padding_free,
                               unmark_prepared)
 
 log = logging.getLogger("finetune")
@@ -71,6 +72,7 @@ class Session:
     totals: Optional[RunTotals] = None  # tokens and seconds of training over the whole run, across resumes
     teacher: object = None             # distill.teacher resolved (finetune.distill.Teacher)
     teacher_tokens: int = 0            # the tokens its pass covered
+    init_adapter: Optional[Path] = None  # init_from's adapter/, trained on from where that run left it
 
 
 def train(cfg: FinetuneConfig) -> dict:
@@ -110,10 +112,11 @@ def prepare(cfg: FinetuneConfig) -> Session:
     cfg.output_dir = distributed.broadcast(cfg.output_dir)
     # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
     run_dir, resume_from = distributed.on_main(lambda: check_start(cfg, world, device.type))
+    init_adapter = initial_adapter(cfg)  # init_from: its adapter's LoRA settings become this run's
     check_skeleton(cfg.model, cfg.quant, cfg.lora)  # a typo is said before any weight is loaded
     check_export(cfg.model, cfg.export)  # llama.cpp's tools, where GGUF files are asked for
     log.info("device: %s, precision %s", device.describe(), device.precision)
-    s = Session(cfg, device, world, run_dir, resume_from, fit_to_gpu(cfg, world))
+    s = Session(cfg, device, world, run_dir, resume_from, fit_to_gpu(cfg, world), init_adapter=init_adapter)
     if cfg.hub.push:  # a missing or rejected token fails now, not after hours of training
         from finetune.publish import check_access
 
@@ -187,14 +190,21 @@ def load_data(s: Session) -> None:
     s.tokenizer = load_tokenizer(cfg.model)
     s.template = apply_chat_template_choice(s.tokenizer, cfg.data.chat_template)
     s.splits = splits = load_splits(cfg.data, cfg.train.seed)
+    check_objective(splits, cfg.train.objective, f"data.path={cfg.data.path}" if cfg.data.path else "data.sources")
     log.info("data: %s format, %d train rows, %d eval rows (%s); chat template: %s", splits.format,
              len(splits.train), len(splits.eval) if splits.eval is not None else 0, splits.eval_source, s.template)
-    if cfg.eval.exact_match_samples and not splits.conversational:  # known now, before the costly tokenization
+    if cfg.eval.exact_match_samples and not splits.chat:  # known now, before the costly tokenization
         raise UserError(f"eval.exact_match_samples={cfg.eval.exact_match_samples} scores assistant replies, but "
                         f"the data is in the {splits.format} format: set eval.exact_match_samples=0.")
-    if splits.conversational:
+    if splits.chat:
         use_end_of_turn(s.tokenizer)
+    if splits.conversational:
         s.reasoning = has_reasoning(splits.train)
+    if splits.preference:
+        s.train_tok = tokenize_pairs(splits.train, s.tokenizer, cfg.data, "train", splits.train_where)
+        if splits.eval is not None:
+            s.eval_tok = tokenize_pairs(splits.eval, s.tokenizer, cfg.data, "eval", splits.eval_where)
+        return
     s.train_tok = tokenize(splits.train, s.tokenizer, cfg.data, "train", splits.conversational, splits.train_where)
     if splits.eval is not None:
         s.eval_tok = tokenize(splits.eval, s.tokenizer, cfg.data, "eval", splits.conversational, splits.eval_where)
@@ -221,22 +231,28 @@ def build(s: Session):
         s.train_tok.dataset, s.teacher_tokens = teach(s.teacher, cfg.distill, s.train_tok.dataset)
     model = load_base_model(cfg.model, cfg.quant, s.device, dtype=weights_dtype(cfg.train, cfg.lora, s.device),
                             world=s.world)
-    s.concatenation_kl = settle_padding_free(cfg.data, model, s.train_tok.dataset, s.world.sharded)
+    if s.init_adapter is not None:
+        model = attach_adapter(model, s.init_adapter, trainable=True)
+    preference = cfg.train.objective != "sft"
+    s.concatenation_kl = None if preference else settle_padding_free(cfg.data, model, s.train_tok.dataset,
+                                                                       s.world.sharded)
     settle_liger(cfg.train, s.device.type, model)
     has_eval = s.eval_tok is not None
-    args = build_sft_config(cfg.train, cfg.data, s.device, s.run_dir / "checkpoints",
-                            report_to="wandb" if s.wandb_run is not None else "none", run_name=s.run_dir.name,
-                            eos_token=s.tokenizer.eos_token, has_eval=has_eval,
-                            eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval),
-                            keep_columns=bool(cfg.distill.teacher))
+    where = dict(device=s.device, checkpoints=s.run_dir / "checkpoints", run_name=s.run_dir.name,
+                 report_to="wandb" if s.wandb_run is not None else "none", has_eval=has_eval,
+                 eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
+    args = (build_dpo_config(cfg.train, cfg.data, **where, reference_pass=not cfg.lora.enabled) if preference else
+            build_sft_config(cfg.train, cfg.data, **where, eos_token=s.tokenizer.eos_token,
+                             keep_columns=bool(cfg.distill.teacher)))
     trainer = build_trainer(model, s.tokenizer, s.train_tok.dataset, s.eval_tok.dataset if has_eval else None,
-                            build_peft_config(cfg.lora), args, [MetricsCallback(s.metrics, s.device.type)],
-                            optimizer=optimizer_of(cfg.train, args), distill=cfg.distill if cfg.distill.teacher else None)
+                            None if s.init_adapter else build_peft_config(cfg.lora), args,
+                            [MetricsCallback(s.metrics, s.device.type)], optimizer=optimizer_of(cfg.train, args),
+                            distill=cfg.distill if cfg.distill.teacher else None, objective=cfg.train.objective)
     if cfg.data.packing:
         s.packing = packing_efficiency(trainer.train_dataset, cfg.data.max_length)
         log.info("packing: %d rows in %d sequences of %d tokens, %.1f%% of the slots filled", len(s.train_tok.dataset),
                  len(trainer.train_dataset), cfg.data.max_length, 100 * s.packing)
-    else:
+    elif not preference:  # (a pair whose prompt fills max_length was dropped by finetune.data.pairs)
         check_rows_kept(len(s.train_tok.dataset), len(trainer.train_dataset), cfg.data.max_length)
     s.params = trainable, total = count_parameters(trainer.model)
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -270,18 +286,19 @@ def measure_base(s: Session, trainer) -> dict:
 
 
 def logged_base(metrics: MetricsLog) -> Optional[dict]:
-    """The base's eval loss and exact match as the run measured them at step 0, or None if it did not get there."""
+    """The base's eval loss, exact match and preference figures as the run measured them at step 0, or None if it
+    did not get there."""
     base = [r for r in metrics.read() if r.get("step") == 0]
-    loss = next((r["eval_loss"] for r in base if "eval_loss" in r), None)
-    if loss is None:
+    if not any("eval_loss" in r for r in base):
         return None
-    return {"eval_loss": loss, "exact_match": next((r["exact_match"] for r in base if "exact_match" in r), None),
-            "examples": []}
+    keys = ("eval_loss", "exact_match", "preference_accuracy", "preference_margin")
+    return {k: next((r[k] for r in base if k in r), None) for k in keys} | {"examples": []}
 
 
 def measure(s: Session, trainer, generate: bool = True) -> dict:
-    """Eval loss on the eval split (the trainer logs it to metrics.jsonl and W&B), and the exact-match
-    score of greedy answers where asked for."""
+    """Eval loss on the eval split (the trainer logs it to metrics.jsonl and W&B: for preference pairs, the DPO loss
+    and TRL's reward figures), the model's own preference on the eval pairs, and the exact-match score of greedy
+    answers where asked for (against a pair's chosen answer)."""
     cfg, out = s.cfg, {"eval_loss": None, "exact_match": None, "examples": []}
     if s.splits.eval is None:
         return out
@@ -289,17 +306,28 @@ def measure(s: Session, trainer, generate: bool = True) -> dict:
     done = [r["eval_loss"] for r in trainer.state.log_history
             if "eval_loss" in r and r.get("step") == trainer.state.global_step and trainer.state.global_step > 0]
     out["eval_loss"] = done[-1] if done else trainer.evaluate()["eval_loss"]
+    if s.splits.preference and not s.world.sharded:  # (the model is whole in each process)
+        out |= preference_figures(*pair_logps(trainer.model, s.eval_tok.dataset, s.tokenizer.pad_token_id,
+                                              cfg.train.eval_batch_size, cfg.data.max_length))
+        log_eval(s, trainer, {k: out[k] for k in ("preference_accuracy", "preference_margin")})
     if cfg.eval.exact_match_samples and generate:
         rows = s.splits.eval.select(range(min(cfg.eval.exact_match_samples, len(s.splits.eval))))
+        rows = chosen_rows(rows) if s.splits.preference else rows  # the chosen answer is the reference
         em = exact_match(trainer.model, s.tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, s.reasoning)
         out["exact_match"], out["examples"] = em["exact_match"], em["examples"]
-        if s.world.is_main:
-            s.metrics.append({"step": trainer.state.global_step, "exact_match": em["exact_match"], "n": em["n"]})
-        if s.world.is_main and "wandb" in trainer.args.report_to:
-            import wandb
-
-            wandb.log({"eval/exact_match": em["exact_match"]})
+        log_eval(s, trainer, {"exact_match": em["exact_match"]}, n=em["n"])
     return out
+
+
+def log_eval(s: Session, trainer, figures: dict, **more) -> None:
+    """Figures measured outside the Trainer: into metrics.jsonl at this step, and W&B's eval/ panel."""
+    if not s.world.is_main:
+        return
+    s.metrics.append({"step": trainer.state.global_step, **figures, **more})
+    if "wandb" in trainer.args.report_to:
+        import wandb
+
+        wandb.log({f"eval/{k}": v for k, v in figures.items()})
 
 
 # ---- fit ----------------------------------------------------------------------------------------
@@ -385,9 +413,13 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
     tokens = s.totals.tokens() or None
     return {
         "recipe": cfg.recipe, "base_model": cfg.model.name_or_path, "quantization": cfg.quant.method,
+        "objective": cfg.train.objective, "beta": cfg.train.beta if cfg.train.objective == "dpo" else None,
+        "init_from": cfg.init_from,
         "train_loss": logged_train_loss(trainer.state.log_history) if s.resume_from else result.metrics.get("train_loss"),
         "eval_loss_base": before["eval_loss"], "eval_loss": after["eval_loss"],
         "exact_match_base": before["exact_match"], "exact_match": after["exact_match"],
+        **{f"{k}{end}": figures.get(k) for k in ("preference_accuracy", "preference_margin")
+           for end, figures in (("_base", before), ("", after))},
         "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_second": tokens / runtime if tokens else None,
         "peak_memory_gb": peak_memory_gb(device.type),
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
@@ -421,6 +453,9 @@ def finish(s: Session, trainer, summary: dict) -> dict:
     summary.json, loss.png, W&B, and the Hub. Under FSDP every process takes part in gathering the model."""
     cfg, run_dir = s.cfg, s.run_dir
     rows = s.splits.eval if s.splits.eval is not None else s.splits.train
+    rows = chosen_rows(rows) if s.splits.preference else rows  # a pair's chosen side: what the merge is checked on
+    if "ref" in getattr(trainer.model, "peft_config", {}):  # TRL's frozen copy of init_from's adapter, the DPO
+        trainer.model.delete_adapter("ref")                 # reference: not part of what the run made
     gathered = distributed.gather_for_export(s.world, trainer, cfg, s.tokenizer, rows)
     if not s.world.is_main:
         return summary

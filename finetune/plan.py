@@ -392,6 +392,13 @@ class Setting:
     max_memory_cpu: Optional[float] = None
     gpus: int = 1               # processes of an accelerate launch, one per GPU
     sharding: str = "ddp"       # with gpus > 1: ddp (replicas) or fsdp (shards)
+    pairs: bool = False         # preference pairs (train.objective=dpo): a row is two sequences, and a reference pass
+
+    @property
+    def sequences(self) -> int:
+        """Sequences a micro-batch runs through the model: a preference pair's chosen and rejected answers each
+        follow its prompt."""
+        return self.micro_batch * (2 if self.pairs else 1)
 
     @property
     def shards(self) -> int:
@@ -406,10 +413,11 @@ def setting_of(cfg: FinetuneConfig, arch: Optional[Arch] = None) -> Setting:
     return Setting(cfg.quant.method, cfg.quant.double_quant, cfg.lora.enabled, cfg.lora.r, t.micro_batch_size,
                    t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, t.optim,
                    master_weights=t.master_weights, loss=loss_of(cfg), attention=attention,
-                   padded=not cfg.data.packing and cfg.data.padding_free is False,
+                   padded=cfg.train.objective != "sft" or (not cfg.data.packing and cfg.data.padding_free is False),
                    activation_offloading=t.activation_offloading,
                    offload=cfg.model.offload, max_memory_gpu=size(cfg.model.max_memory.gpu),
-                   max_memory_cpu=size(cfg.model.max_memory.cpu), gpus=cfg.plan.gpus, sharding=cfg.plan.sharding)
+                   max_memory_cpu=size(cfg.model.max_memory.cpu), gpus=cfg.plan.gpus, sharding=cfg.plan.sharding,
+                   pairs=cfg.train.objective != "sft")
 
 
 def loss_of(cfg: FinetuneConfig) -> str:
@@ -490,9 +498,10 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
         if s.gpus > 1 and n_sh == 1:  # DDP all-reduces the gradients through buckets: one more copy of them
             rows.append(("DDP gradient buckets (a copy of the gradients)", grads))
         act = activations(arch, cfg, s, p)
-        tokens = s.micro_batch * s.max_length
+        tokens = s.sequences * s.max_length
         kept = act["layers"] if not s.activation_offloading else min(act["layers"], 2 * act["layers"] / arch.layers)
-        rows.append((f"activations: {s.micro_batch} x {s.max_length} tokens, checkpointing "
+        pairs = f" ({s.micro_batch} pair{'s' * (s.micro_batch > 1)}: chosen and rejected)" if s.pairs else ""
+        rows.append((f"activations: {s.sequences}{pairs} x {s.max_length} tokens, checkpointing "
                      f"{'on' if s.checkpointing else 'off'}"
                      + (", offloaded (on the GPU: the two layers in flight)" if s.activation_offloading else ""),
                      tokens * (kept + act["recompute"] + act["other"])))
@@ -502,9 +511,9 @@ def memory(arch: Arch, cfg: FinetuneConfig, s: Setting, dtype_bytes: int, mode: 
                          min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab, LOSS_TILE_VOCAB) * p))
         if s.attention == "eager":
             rows.append(("eager attention: one layer's fp32 softmax over the sequence",
-                         s.micro_batch * arch.heads * s.max_length ** 2 * 4))
+                         s.sequences * arch.heads * s.max_length ** 2 * 4))
         if s.padded and s.attention == "sdpa":
-            rows.append(("SDPA's attention mask of the padded batch", s.micro_batch * s.max_length ** 2))
+            rows.append(("SDPA's attention mask of the padded batch", s.sequences * s.max_length ** 2))
     return rows
 
 
@@ -548,7 +557,7 @@ def dropout_held(arch: Arch, lora, p: int) -> float:
 def offloaded_activations(arch: Arch, cfg: FinetuneConfig, s: Setting, p: int) -> float:
     """train.activation_offloading: the bytes of a micro-batch's activations that wait in CPU RAM for the backward
     pass (every layer's; TRL keeps the two in flight on the GPU)."""
-    return s.micro_batch * s.max_length * activations(arch, cfg, s, p)["layers"]
+    return s.sequences * s.max_length * activations(arch, cfg, s, p)["layers"]
 
 
 def place_layers(arch: Arch, s: Setting, p: int, gpu: GPU, rows: list) -> tuple[list, list, dict]:
@@ -619,10 +628,12 @@ def matmul_params(arch: Arch) -> float:
 
 def flops_per_token(arch: Arch, s: Setting) -> float:
     """Training FLOPs per token: forward 2N; backward 2N for the input gradients plus 2N for weight
-    gradients when the weights train (LoRA's are negligible); one more forward with checkpointing; and
-    causal attention, 2 x layers x seq x hidden per forward."""
-    passes = 2 + 2 + (0 if s.lora else 2) + (2 if s.checkpointing else 0)
-    attention = 2 * arch.layers * s.max_length * arch.hidden * (3 + (1 if s.checkpointing else 0))
+    gradients when the weights train (LoRA's are negligible); one more forward with checkpointing, and one for the
+    reference of preference pairs (the adapter off, or before training for a full fine-tune); and causal
+    attention, 2 x layers x seq x hidden per forward."""
+    forwards = 1 + (1 if s.checkpointing else 0) + (1 if s.pairs else 0)
+    passes = 2 * forwards + 2 + (0 if s.lora else 2)
+    attention = 2 * arch.layers * s.max_length * arch.hidden * (2 + forwards)
     return passes * matmul_params(arch) + attention
 
 
@@ -883,7 +894,7 @@ def make_plan(cfg: FinetuneConfig, gpu_name: Optional[str] = None, mode: Optiona
         tps = train_speed(arch, cfg, gpu, s, efficiency, result["paged_bytes"]) * s.gpus  # communication between
         # GPUs not modelled: an upper bound
         steps, how = dataset_steps(cfg)
-        tokens = steps * s.micro_batch * s.grad_accum * s.gpus * s.max_length if steps else None
+        tokens = steps * s.sequences * s.grad_accum * s.gpus * s.max_length if steps else None
         hours = tokens / tps / 3600 if tokens else None
         out.update({"flops_per_token": fpt, "efficiency": efficiency, "tokens_per_second": tps,
                     "steps": steps, "steps_from": how, "train_tokens": tokens,
@@ -922,9 +933,9 @@ def train_speed(arch: Arch, cfg: FinetuneConfig, gpu: GPU, s: Setting, efficienc
     tps = gpu.tflops * 1e12 * efficiency / flops_per_token(arch, s)
     pcie = cfg.plan.pcie_gbs * 1e9
     if s.activation_offloading:
-        per_token = offloaded_activations(arch, cfg, s, dtype_bytes_of(cfg)) / (s.micro_batch * s.max_length)
+        per_token = offloaded_activations(arch, cfg, s, dtype_bytes_of(cfg)) / (s.sequences * s.max_length)
         tps = min(tps, pcie / (2 * per_token))
-    step_tokens = s.micro_batch * s.grad_accum * s.max_length
+    step_tokens = s.sequences * s.grad_accum * s.max_length
     return step_tokens / (step_tokens / tps + 2 * paged / pcie)
 
 
@@ -957,7 +968,7 @@ def cpu_estimate(cfg: FinetuneConfig, hours_of_interest: float = 0.0) -> Optiona
         return None
     s = setting_of(cfg, arch)
     steps, how = dataset_steps(cfg)
-    flops = s.micro_batch * s.grad_accum * s.max_length * flops_per_token(arch, s) * (steps or 100)
+    flops = s.sequences * s.grad_accum * s.max_length * flops_per_token(arch, s) * (steps or 100)
     at_best = flops / FASTEST_CPU_FLOPS / 3600
     return {"params": arch.params, "steps": steps or 100, "steps_from": how if steps else "100 steps (rows unknown)",
             "hours": at_best if at_best <= hours_of_interest else flops / cpu_flops() / 3600}
@@ -975,7 +986,10 @@ def render(plan: dict) -> str:
     for k, v in plan.get("off_gpu_gib", {}).items():
         lines.append(f"  off the GPU, {k}: {v:.2f} GiB")
     if plan["mode"] == "train" and not plan.get("packing"):
-        lines.append(f"  (every micro-batch counted as {s['micro_batch']} rows of {s['max_length']} tokens: the worst case "
+        rows = (f"{s['micro_batch']} preference pair{'s' * (s['micro_batch'] > 1)}, {2 * s['micro_batch']} sequences"
+                if s.get("pairs") else
+                f"{s['micro_batch']} rows")
+        lines.append(f"  (every micro-batch counted as {rows} of {s['max_length']} tokens: the worst case "
                      "without packing; with data.packing=true every sequence is that full)")
     lines.append("")
     if plan["fits"]:
@@ -1015,9 +1029,11 @@ def render(plan: dict) -> str:
                      + (f"; what is offloaded or paged moves over {moving}" if offloading else "")
                      + (f", {gpus} GPUs; their communication is not modelled: an upper bound)" if gpus > 1 else ")"))
         if plan["steps"]:
-            lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum'] * gpus} "
+            per = 2 if s.get("pairs") else 1
+            lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum'] * gpus * per} "
                          f"sequences x {s['max_length']} tokens = {plan['train_tokens'] / 1e6:,.1f}M tokens (at most) -> "
-                         f"{plan['hours']:.2f} h = {plan['gpu_hours']:.2f} GPU-hours")
+                         f"{plan['hours']:.2f} h = {plan['gpu_hours']:.2f} GPU-hours"
+                         + (" (each pair's chosen and rejected answers, and a reference forward of both)" if per == 2 else ""))
         else:
             lines.append(f"cost: {plan['steps_from']}")
     if plan.get("teacher"):

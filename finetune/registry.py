@@ -60,12 +60,17 @@ def asset(name: str) -> str:
     return str(path)
 
 
+def register_asset_resolver() -> None:
+    """`${asset:NAME}` resolvable: in recipes and group options, and in a config.yaml shipped among the assets."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset)
+
+
 @lru_cache(maxsize=None)
 def _register() -> None:
     from hydra.core.config_store import ConfigStore
 
-    if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", asset)
+    register_asset_resolver()
     register_schema()
     store = ConfigStore.instance()
     for name in recipes():

@@ -228,17 +228,18 @@ class Run:
         return AutoTokenizer.from_pretrained(str(folder))
 
     def load_for_inference(self, quant: Optional[str] = None, skip_modules: Optional[list] = None,
-                           checkpoint: Optional[str] = None, adapter: bool = True, merged: bool = False) -> Loaded:
+                           checkpoint: Optional[str] = None, adapter: bool = True, merged: bool = False,
+                           adapter_dir: Optional[Path] = None) -> Loaded:
         """The model as trained, for inference: the base loaded in `quant` (nf4, int8, none; default: as trained,
-        `skip_modules` kept unquantized; default: as trained) with the adapter (or a checkpoint's) on top, or
-        without it (adapter=False); or merged/ (16-bit unless `quant` says otherwise)."""
+        `skip_modules` kept unquantized; default: as trained) with the adapter (or a checkpoint's, or the one in
+        `adapter_dir`) on top, or without it (adapter=False); or merged/ (16-bit unless `quant` says otherwise)."""
         from finetune.model import attach_adapter, detect_device, load_base_model
 
         if merged:
             source = self.merged_source(checkpoint)
             model_cfg, quant_cfg = ModelConfig(name_or_path=str(source)), QuantConfig(method=quant or "none")
         else:
-            source = None if self.is_base else self.adapter_source(checkpoint)
+            source = None if self.is_base else adapter_dir or self.adapter_source(checkpoint)
             model_cfg, quant_cfg = self.cfg.model, self.cfg.quant.at(quant or self.cfg.quant.method, skip_modules)
         device = detect_device(self.cfg.train, quant_cfg, self.cfg.model)
         tokenizer = self.tokenizer(source)
@@ -333,6 +334,9 @@ def read_config(path: Path, overrides: list[str], run_arg: str) -> FinetuneConfi
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from finetune.registry import register_asset_resolver
+
+    register_asset_resolver()  # (the SFT demo run shipped among the assets names its model and data so)
     try:
         stat = path.stat()
         cfg = copy.deepcopy(_schema_with(str(path), stat.st_mtime_ns, stat.st_size))

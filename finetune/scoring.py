@@ -20,7 +20,9 @@ from finetune.errors import UserError
 
 # (key, name in the table and chart, name in the model card, format): what `eval` measures, as it is shown
 MEASURES = [("loss", "loss", "loss", "{:.4f}"), ("perplexity", "ppl", "perplexity", "{:.3g}"),
-            ("exact_match", "exact", "exact match", "{:.3f}"), ("task_accuracy", "task", "task accuracy", "{:.3f}"),
+            ("exact_match", "exact", "exact match", "{:.3f}"),
+            ("preference_accuracy", "prefers", "preference accuracy", "{:.3f}"),
+            ("preference_margin", "margin", "preference margin (nats)", "{:.3g}"), ("task_accuracy", "task", "task accuracy", "{:.3f}"),
             ("agreement", "agree w/ none", "answers as unquantized", "{:.3f}"),
             ("agreement_original", "agree w/ orig", "answers as the original's", "{:.3f}"),
             ("weights_gb", "weights GB", "weights (GB)", "{:.4f}"), ("tokens_per_second", "tok/s", "tokens/s", "{:,.0f}"),
@@ -101,6 +103,35 @@ def loss_figures(total: float, count: int, desc: str, max_length: int) -> dict:
                         "there is no loss to measure.")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": count}
+
+
+# ---- preference pairs ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def pair_logps(model, pairs, pad: int, batch_size: int, max_length: Optional[int] = None) -> tuple[list, list]:
+    """Each pair's summed log-probability of its chosen and of its rejected answer given the prompt, from
+    finetune.data.pairs' tokens, batched as TRL's DPO collator batches them (cut at max_length as in training)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    collate = DataCollatorForPreference(pad_token_id=pad, max_length=max_length)
+    device, chosen, rejected = next(model.parameters()).device, [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate([{k: list(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                         for i in range(start, min(start + batch_size, len(pairs)))])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logps = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        token = logps.gather(-1, ids[:, 1:, None])[..., 0] * batch["completion_mask"][:, 1:].to(device)
+        c, r = token.sum(-1).cpu().chunk(2)
+        chosen, rejected = chosen + c.tolist(), rejected + r.tolist()
+    return chosen, rejected
+
+
+def preference_figures(chosen: list, rejected: list) -> dict:
+    """How much the model itself prefers the chosen answers: the share of pairs whose chosen answer is the more
+    likely (preference accuracy), and the mean log-probability margin chosen - rejected, in nats."""
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "preference_margin": sum(margins) / len(margins), "pairs": len(margins)}
 
 
 # ---- greedy answers -----------------------------------------------------------------------------
@@ -230,9 +261,14 @@ def words_to_number(text: str) -> Optional[int]:
 
 
 def number_words(answer: str, reference: str) -> bool:
-    """The demo task: the answer names the reference's number, however it is spelled or punctuated."""
-    want = words_to_number(reference)
-    return want is not None and words_to_number(answer) == want
+    """The demo task: the answer names the reference's number, however it is spelled (in words or digits) or
+    punctuated."""
+    def number(text: str) -> Optional[int]:
+        digits = text.strip().rstrip(".")
+        return int(digits) if digits.isdigit() else words_to_number(text)
+
+    want = number(reference)
+    return want is not None and number(answer) == want
 
 
 TASKS = {"number_words": number_words}

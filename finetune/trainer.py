@@ -63,6 +63,8 @@ LIGER_MEASURED = ("llama",)
 
 def settle_liger(train: TrainConfig, device_type: str, model) -> None:
     """Decide train.liger_kernel=null: on for a measured family on a CUDA GPU with liger-kernel installed."""
+    if train.objective != "sft":  # TRL's DPO computes its log-probabilities with its own fused head
+        train.liger_kernel = False
     if train.liger_kernel is not None:
         return
     installed = importlib.util.find_spec("liger_kernel") is not None
@@ -117,13 +119,11 @@ def version_dependent_args(sft_config, train: TrainConfig) -> dict:
     return args
 
 
-def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
-                     report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True,
-                     eval_on_start: bool = False, keep_columns: bool = False):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        **version_dependent_args(SFTConfig, train),
+def trainer_args(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path, report_to: str,
+                 run_name: str, has_eval: bool, eval_on_start: bool, config_class) -> dict:
+    """What every objective's Trainer takes from our schema: schedule, batch, precision, logging and checkpoints."""
+    return dict(
+        **version_dependent_args(config_class, train),
         output_dir=str(checkpoints),
         run_name=run_name,
         report_to=report_to,
@@ -145,10 +145,8 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         bf16=device.precision == "bf16",
         fp16=device.precision == "fp16",
         use_cpu=device.type == "cpu",
-        use_liger_kernel=train.liger_kernel,
         activation_offloading=train.activation_offloading,  # TRL's: saved tensors to pinned CPU memory, on streams
         dataloader_pin_memory=device.type == "cuda",
-        remove_unused_columns=not keep_columns,  # distillation: the teacher's columns reach our collator
         # Logging, evaluation, checkpoints
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -159,6 +157,21 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
+        torch_compile=train.compile,
+        ddp_find_unused_parameters=False,  # every LoRA (or full) weight is used in each step: no extra graph walk
+        dataset_num_proc=data.num_proc,
+    )
+
+
+def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path,
+                     report_to: str, run_name: str, eos_token: Optional[str] = None, has_eval: bool = True,
+                     eval_on_start: bool = False, keep_columns: bool = False):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_args(train, data, device, checkpoints, report_to, run_name, has_eval, eval_on_start, SFTConfig),
+        use_liger_kernel=train.liger_kernel,
+        remove_unused_columns=not keep_columns,  # distillation: the teacher's columns reach our collator
         # Data arrives tokenized, with labels (finetune/data/tokenize.py): TRL truncates to max_length and,
         # with packing, packs best-fit and trains padding-free (position ids keep the rows apart).
         # Padding-free without packing: TRL leaves truncation to us, and our tokenization already applied
@@ -167,22 +180,75 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
         packing=data.packing,
         packing_strategy="bfd",
         padding_free=bool(data.padding_free),  # null until settle_padding_free decides; (bfd packing is padding-free anyway)
-        torch_compile=train.compile,
-        ddp_find_unused_parameters=False,  # every LoRA (or full) weight is used in each step: no extra graph walk
-        dataset_num_proc=data.num_proc,
         # The chat template's end-of-turn token: TRL adds it to the model's generation config, so it stops there.
         eos_token=eos_token,
     )
 
 
-def trainer_class():
-    """TRL's SFTTrainer with checkpoints written atomically and resumes that keep the adapter's dtype. (Its two
-    overrides are of the Trainer's private methods: tests/unit/test_internals.py fails the day they move.) With
-    `distill` set (a DistillConfig), its training loss is the distillation loss on the teacher's stored top-k."""
+def build_dpo_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path, report_to: str,
+                     run_name: str, has_eval: bool = True, eval_on_start: bool = False, reference_pass: bool = False):
+    """train.objective=dpo: TRL's DPOConfig, the sigmoid loss at train.beta. The pairs arrive tokenized
+    (finetune/data/pairs.py) and within data.max_length (data.too_long); TRL's collator cuts at max_length
+    (data.too_long=truncate), keeping the prompt and the answers' start. The reference is the model with its
+    adapter off (LoRA), or, training every weight (reference_pass), the model's log-probabilities computed once
+    before the first step: never a second model in memory."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **trainer_args(train, data, device, checkpoints, report_to, run_name, has_eval, eval_on_start, DPOConfig),
+        beta=train.beta,
+        loss_type=["sigmoid", "sft"] if train.sft_weight else ["sigmoid"],
+        loss_weights=[1.0, train.sft_weight] if train.sft_weight else None,
+        max_length=data.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=reference_pass,
+    )
+
+
+def checkpoint_mixin():
+    """What our trainers add to TRL's, whatever the objective: checkpoints written atomically and resumes that keep
+    the adapter's dtype. (Its overrides are of the Trainer's private methods: tests/unit/test_internals.py fails the
+    day they move.)"""
+
+    class Checkpoints:
+        _staging: Optional[str] = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            write = super()._save_checkpoint
+            save_atomically(self, super()._get_output_dir(trial), lambda: write(model, trial))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """Loading the adapter back re-creates it in PEFT's default fp32, but TRL trains a quantized model's
+            adapter in bf16: restore the dtypes it had, or the resumed run computes something else."""
+            target = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in target.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
+    return Checkpoints
+
+
+def trainer_class(objective: str = "sft"):
+    """The trainer of train.objective: TRL's SFTTrainer or DPOTrainer, with checkpoint_mixin()'s checkpoints.
+    SFT with `distill` set (a DistillConfig): its training loss is the distillation loss on the teacher's stored
+    top-k. DPO takes the pairs as finetune.data.pairs tokenized them (masks from the chat template, checked and
+    cached) instead of tokenizing them again."""
+    if objective == "dpo":
+        from trl import DPOTrainer
+
+        class PreferenceTrainer(checkpoint_mixin(), DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset
+
+        return PreferenceTrainer
     from trl import SFTTrainer
 
-    class Trainer(SFTTrainer):
-        _staging: Optional[str] = None
+    class Trainer(checkpoint_mixin(), SFTTrainer):
         distill = None  # finetune.config.DistillConfig: distil (set by build_trainer)
         _parts: Optional[dict] = None  # the distillation loss's two terms since the last log
 
@@ -202,23 +268,6 @@ def trainer_class():
                 logs |= {k: v / n for k, v in self._parts.items()}
                 self._parts = None
             return super().log(logs, *args, **kwargs)
-
-        def _get_output_dir(self, trial):
-            return self._staging or super()._get_output_dir(trial)
-
-        def _save_checkpoint(self, model, trial):
-            write = super()._save_checkpoint
-            save_atomically(self, super()._get_output_dir(trial), lambda: write(model, trial))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            """Loading the adapter back re-creates it in PEFT's default fp32, but TRL trains a quantized model's
-            adapter in bf16: restore the dtypes it had, or the resumed run computes something else."""
-            target = model if model is not None else self.model
-            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            for n, p in target.named_parameters():
-                if n in dtypes and p.dtype != dtypes[n]:
-                    p.data = p.data.to(dtypes[n])
 
     return Trainer
 
@@ -338,17 +387,18 @@ def optimizer_of(train: TrainConfig, args) -> Optional[tuple]:
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, args, callbacks, optimizer=None,
-                  distill=None):
-    """The trainer, printing one progress line per log (ProgressLine) instead of its dicts (PrinterCallback, which
-    it adds when its bars are off); `optimizer`: optimizer_of()'s (class, kwargs), or None; `distill`: the
-    DistillConfig when train_dataset carries the teacher's top-k (finetune.distill.teach)."""
+                  distill=None, objective: str = "sft"):
+    """The trainer of `objective`, printing one progress line per log (ProgressLine) instead of its dicts
+    (PrinterCallback, which it adds when its bars are off); `optimizer`: optimizer_of()'s (class, kwargs), or None;
+    `distill`: the DistillConfig when train_dataset carries the teacher's top-k (finetune.distill.teach);
+    `peft_config` None with a PeftModel: its adapter is trained on (init_from)."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # TRL's passes over rows we tokenized and checked: quick, and said by us
     try:
-        trainer = trainer_class()(
+        trainer = trainer_class(objective)(
             model=model,
             args=args,
             train_dataset=train_dataset,
@@ -356,12 +406,12 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, peft_config, ar
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[*callbacks, ProgressLine()],
-            optimizer_cls_and_kwargs=optimizer,
         )
     finally:
         if shown:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)
+    trainer.optimizer_cls_and_kwargs = optimizer  # (read when the optimizer is made; DPOTrainer has no such argument)
     if distill is not None:
         trainer.distill, trainer.data_collator = distill, TeacherCollator(trainer.data_collator)
         trainer.model_accepts_loss_kwargs = False  # a mean per micro-batch: the Trainer divides by the accumulation

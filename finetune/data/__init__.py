@@ -51,6 +51,37 @@ class Splits:
     def conversational(self) -> bool:
         return self.format in formats.CONVERSATIONAL
 
+    @property
+    def preference(self) -> bool:
+        return self.format in formats.PREFERENCE
+
+    @property
+    def chat(self) -> bool:
+        """Rendered by the chat template: conversations, or preference pairs of conversations."""
+        return self.conversational or self.format == "preference_chat"
+
+
+def chosen_rows(rows) -> list[dict]:
+    """Each preference pair's chosen side as an SFT row (a conversation, or prompt/completion): what greedy answers,
+    the loss of `eval` and the export's merge check score a preference run on."""
+    if rows is None:
+        return None
+    return [{"messages": r["prompt"] + r["chosen"], **({"tools": r["tools"]} if r.get("tools") else {})}
+            if isinstance(r["chosen"], list) else {"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+
+
+def check_objective(splits: Splits, objective: str, where: str) -> None:
+    """Preference pairs train with train.objective=dpo, and only they do."""
+    if splits.preference and objective == "sft":
+        raise UserError(f"{where} holds preference pairs ({splits.format}: prompt, chosen, rejected), which "
+                        "supervised fine-tuning (train.objective=sft) cannot learn from: set train.objective=dpo, "
+                        "or give rows like " + formats.EXAMPLES["messages"] + ".")
+    if not splits.preference and objective != "sft":
+        raise UserError(f"train.objective={objective} learns from preference pairs, but {where} is in the "
+                        f"{splits.format} format (no chosen and rejected answers). Give rows like "
+                        f"{formats.EXAMPLES['preference_chat']} or {formats.EXAMPLES['preference']}, or set "
+                        "train.objective=sft.")
+
 
 def _is_file(path: str) -> bool:
     """A local file or folder (or a path meant as one) rather than a Hub dataset id."""
@@ -261,7 +292,8 @@ def _load_one(cfg: DataConfig, seed: int) -> Splits:
 
 
 def _kind(fmt: str) -> str:
-    """What a format trains as: conversations, prompt/completion or text. Mixed sources must agree."""
+    """What a format trains as: conversations, prompt/completion, text or preference pairs (as text or as
+    conversations). Mixed sources must agree."""
     return "conversations" if fmt in formats.CONVERSATIONAL else fmt
 
 

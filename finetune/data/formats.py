@@ -5,6 +5,12 @@
     instruction        {"instruction", "input" (optional), "output"}           -> messages (loss on the output)
     prompt_completion  {"prompt", "completion"}                                -> prompt/completion (loss on the completion)
     text               {"text"}                                                -> text (loss on everything)
+    preference         {"prompt", "chosen", "rejected"} as text                -> a pair (train.objective=dpo|orpo)
+    preference_chat    {"prompt"?, "chosen", "rejected"} as conversations      -> a pair of replies to one prompt
+
+Preference rows are TRL's preference format: the prompt and the two answers, plain text or conversations (the
+prompt's messages, and each answer as one assistant message; without a prompt, "chosen" and "rejected" are whole
+conversations that share every message but their last, the answer).
 
 Conversations are read as users find them in public data: content as text or as a list of text parts
 (OpenAI's), a `reasoning_content` or `thinking` field on assistant turns, and tool calls in OpenAI's format
@@ -28,15 +34,21 @@ REQUIRED = {
     "instruction": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "preference_chat": ("chosen", "rejected"),
 }
 FORMATS = list(REQUIRED)  # also the order in which a tie between formats is broken
-CONVERSATIONAL = {"messages", "sharegpt", "instruction"}
+CONVERSATIONAL = {"messages", "sharegpt", "instruction"}  # SFT rows trained as conversations
+PREFERENCE = {"preference", "preference_chat"}  # pairs for train.objective=dpo|orpo; the others are for sft
 EXAMPLES = {
     "messages": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}',
     "sharegpt": '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}',
     "instruction": '{"instruction": "Translate to French", "input": "cat", "output": "chat"}',
     "prompt_completion": '{"prompt": "The capital of France is", "completion": " Paris."}',
     "text": '{"text": "Any text to continue pre-training on."}',
+    "preference": '{"prompt": "Write 947 in words.", "chosen": "nine hundred forty seven", "rejected": "947"}',
+    "preference_chat": '{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": '
+                       '"Hello! How can I help?"}], "rejected": [{"role": "assistant", "content": "What?"}]}',
 }
 Problem = Optional[tuple[str, str]]
 
@@ -49,13 +61,22 @@ def rename(row: dict, columns: dict[str, str]) -> dict:
     return {theirs.get(k, k): v for k, v in row.items()}
 
 
+def fits(row: dict, fmt: str) -> bool:
+    """Whether `row` has every field `fmt` requires (a preference pair: as text or as conversations)."""
+    if not all(k in row for k in REQUIRED[fmt]):
+        return False
+    if fmt in PREFERENCE:
+        return isinstance(row["chosen"], list) == (fmt == "preference_chat")
+    return True
+
+
 def detect(rows: list, columns: dict[str, str]) -> tuple[str, Counter]:
     """The format most rows have every required field of (ties: the first in FORMATS), and the counts."""
     counts: Counter = Counter()
     for row in rows:
         row = rename(row, columns)
         if isinstance(row, dict):
-            counts.update(f for f, keys in REQUIRED.items() if all(k in row for k in keys))
+            counts.update(f for f in REQUIRED if fits(row, f))
     if not counts:
         return "", counts
     best = max(counts.values())
@@ -112,8 +133,8 @@ def _tool_calls(calls, where: str) -> Problem:
     return None
 
 
-def _message(messages: list, i: int) -> Problem:
-    m, where = messages[i], f"messages[{i}]"
+def _message(messages: list, i: int, field: str = "messages") -> Problem:
+    m, where = messages[i], f"{field}[{i}]"
     if not isinstance(m, dict) or "role" not in m:
         return ("missing field", f"{where} must be an object with 'role' and 'content'")
     role = m["role"]
@@ -152,18 +173,74 @@ def _answers_a_call(messages: list, i: int) -> bool:
     return wanted is None or any(isinstance(c, dict) and c.get("id") == wanted for c in calls)
 
 
-def _conversation(row: dict) -> Problem:
-    messages = row["messages"]
+def _messages(messages, field: str) -> Problem:
     if not isinstance(messages, list) or not messages:
-        return ("wrong type", "field 'messages' must be a non-empty list of {role, content} objects")
-    problem = next(filter(None, (_message(messages, i) for i in range(len(messages)))), None)
-    if problem:
-        return problem
-    if not any(m["role"] == "assistant" for m in messages):
-        return ("no assistant turn", "has no assistant message, so there is nothing to learn")
+        return ("wrong type", f"field '{field}' must be a non-empty list of {{role, content}} objects")
+    return next(filter(None, (_message(messages, i, field) for i in range(len(messages)))), None)
+
+
+def _tools(row: dict) -> Problem:
     tools = row.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         return ("wrong type", "field 'tools' must be a list of tool schemas (objects)")
+    return None
+
+
+def _conversation(row: dict) -> Problem:
+    problem = _messages(row["messages"], "messages")
+    if problem:
+        return problem
+    if not any(m["role"] == "assistant" for m in row["messages"]):
+        return ("no assistant turn", "has no assistant message, so there is nothing to learn")
+    return _tools(row)
+
+
+def _text_pair(row: dict) -> Problem:
+    problem = _text(row, "prompt") or _text(row, "chosen") or _text(row, "rejected")
+    if not problem and row["chosen"].strip() == row["rejected"].strip():
+        return ("identical pair", "has the same 'chosen' and 'rejected' text: there is nothing to prefer")
+    return problem
+
+
+def split_pair(row: dict) -> tuple[list, dict, dict]:
+    """(prompt messages, chosen reply, rejected reply) of a checked conversational pair, its prompt explicit (a list
+    of messages) or shared by both sides (UltraFeedback's rows also carry the prompt as text: the sides are read)."""
+    if isinstance(row.get("prompt"), list):
+        return row["prompt"], row["chosen"][0], row["rejected"][0]
+    return row["chosen"][:-1], row["chosen"][-1], row["rejected"][-1]
+
+
+def _chat_pair(row: dict) -> Problem:
+    explicit = isinstance(row.get("prompt"), list)
+    fields = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
+    problem = next(filter(None, (_messages(row[f], f) for f in fields)), None) or _tools(row)
+    if problem:
+        return problem
+    if explicit:
+        side = next((f for f in ("chosen", "rejected") if len(row[f]) != 1), None)
+        if side:
+            return ("not one reply", f"field '{side}' has {len(row[side])} messages: with a 'prompt', each side is "
+                    "one assistant message")
+    else:
+        chosen, rejected = row["chosen"], row["rejected"]
+        if len(chosen) < 2:
+            return ("no prompt", "has no 'prompt', and 'chosen' is one message: give a 'prompt' (a list of "
+                    "messages), or whole conversations on both sides")
+        differ = next((i for i in range(max(len(chosen), len(rejected)) - 1)
+                       if i >= min(len(chosen), len(rejected)) - 1 or stored(chosen[i]) != stored(rejected[i])), None)
+        if differ is not None:
+            return ("prompts differ", f"'chosen' and 'rejected' differ at message {differ}, before their last one: "
+                    "both sides must be the same conversation up to the answer")
+    prompt, chosen, rejected = split_pair(row)
+    if prompt[-1]["role"] not in ("user", "tool"):
+        return ("prompt ends with a reply", f"the prompt's last message is {prompt[-1]['role']!r}: it must end "
+                "with the user (or tool) turn the answers reply to")
+    wrong = next(((f, m["role"]) for f, m in (("chosen", chosen), ("rejected", rejected)) if m["role"] != "assistant"),
+                 None)
+    if wrong:
+        return ("answer not a reply", f"the '{wrong[0]}' answer has role {wrong[1]!r}: answers are assistant messages")
+    if stored(chosen) == stored(rejected):
+        return ("identical pair", "has the same 'chosen' and 'rejected' answer: there is nothing to prefer")
     return None
 
 
@@ -185,6 +262,10 @@ def check(row, fmt: str) -> Problem:
         return _text(row, "instruction") or _text(row, "input", optional=True) or _text(row, "output")
     if fmt == "prompt_completion":
         return _text(row, "prompt") or _text(row, "completion")
+    if fmt == "preference":
+        return _text_pair(row)
+    if fmt == "preference_chat":
+        return _chat_pair(row)
     return _text(row, "text")
 
 
@@ -204,6 +285,13 @@ def convert(row: dict, fmt: str, fold_system: bool = False) -> dict:
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
     if fmt == "prompt_completion":
         return {"prompt": row["prompt"], "completion": row["completion"]}
+    if fmt == "preference":
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+    if fmt == "preference_chat":
+        prompt, chosen, rejected = split_pair(row)
+        prompt = [stored(m) for m in prompt]
+        return ({"prompt": fold(prompt) if fold_system else prompt, "chosen": [stored(chosen)],
+                 "rejected": [stored(rejected)]} | ({"tools": json.dumps(row["tools"])} if row.get("tools") else {}))
     return {"text": row["text"]}
 
 

@@ -6,6 +6,7 @@ import sys
 
 from finetune.config import FinetuneConfig
 from finetune.data import check_paths, load_splits
+from finetune.data.pairs import tokenize_pairs
 from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import tokenize
 from finetune.tokenizer import load_tokenizer
@@ -69,7 +70,7 @@ def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     template = apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     splits = load_splits(cfg.data, cfg.train.seed)
-    if splits.conversational:
+    if splits.chat:
         use_end_of_turn(tokenizer)
     figures = {"format": splits.format, "chat_template": template, "rows_dropped": dict(splits.dropped)}
     print(f"data: {cfg.data.path or 'mixed sources'}  format: {splits.format}  chat template: {template}")
@@ -81,22 +82,35 @@ def report(cfg: FinetuneConfig, color: bool | None = None) -> dict:
     tokenized = {}
     for name, ds, where in (("train", splits.train, splits.train_where), ("eval", splits.eval, splits.eval_where)):
         if ds is not None:
-            tokenized[name] = figures[name] = split_report(cfg, tokenizer, name, ds, where, splits.conversational)
+            tokenized[name] = figures[name] = split_report(cfg, tokenizer, name, ds, where, splits.conversational,
+                                                           splits.preference)
     example = tokenized["train"]["dataset"][0]
     marks = "green" if color else "[[ ]]"
-    print(f"\none training row as the model sees it (trained tokens in {marks}):\n")
-    print(render(tokenizer, example["input_ids"], example["labels"], color))
+    if splits.preference:
+        print(f"\none training pair as the model sees it (the tokens compared in {marks}):\n")
+        for side in ("chosen", "rejected"):
+            prompt, answer = list(example["prompt_ids"]), list(example[f"{side}_ids"])
+            print(f"{side}:\n{render(tokenizer, prompt + answer, [-100] * len(prompt) + answer, color)}\n")
+    else:
+        print(f"\none training row as the model sees it (trained tokens in {marks}):\n")
+        print(render(tokenizer, example["input_ids"], example["labels"], color))
     for split in tokenized.values():
         del split["dataset"]
     return figures
 
 
-def split_report(cfg: FinetuneConfig, tokenizer, name: str, ds, where, conversational: bool) -> dict:
-    """One split: every row's length (before anything is dropped), what training does with the long ones, the
-    trained tokens of the rows it keeps."""
-    tok = tokenize(ds, tokenizer, cfg.data, name, conversational, where, length_policy=False)
+def split_report(cfg: FinetuneConfig, tokenizer, name: str, ds, where, conversational: bool,
+                 preference: bool = False) -> dict:
+    """One split: every row's length (before anything is dropped; a pair's: its prompt and longer answer), what
+    training does with the long ones, the trained tokens of the rows it keeps (a pair's: both answers)."""
+    if preference:
+        tok = tokenize_pairs(ds, tokenizer, cfg.data, name, where, length_policy=False)
+        trained = [len(c) + len(r) for c, r in zip(tok.dataset["chosen_ids"], tok.dataset["rejected_ids"])]
+    else:
+        tok = tokenize(ds, tokenizer, cfg.data, name, conversational, where, length_policy=False)
+        trained = tok.dataset["trained"]
     lengths, limit = tok.lengths, cfg.data.max_length
-    kept = [t for n, t in zip(lengths, tok.dataset["trained"]) if n <= limit or cfg.data.too_long == "truncate"]
+    kept = [t for n, t in zip(lengths, trained) if n <= limit or cfg.data.too_long == "truncate"]
     p = percentiles(lengths)
     what = {"drop": "dropped", "truncate": "truncated", "error": "refused"}[cfg.data.too_long]
     print(f"\n{name}: {len(ds)} rows ({tok.too_long} longer than max_length={limit}: {what}), "
