@@ -135,13 +135,15 @@ def quiet_library_notices() -> None:
     """Notices a user cannot act on are dropped; every other warning stays:
     - bitsandbytes, on every CPU import with AVX512-BF16: it could not fetch an optional faster CPU kernel;
     - bitsandbytes: paged optimizers fall back to unpaged on a CPU (summary.json's optimizer.is_paged says so);
-    - transformers: is_gradient_checkpointing is deprecated (PEFT and TRL read it, not us)."""
+    - transformers: is_gradient_checkpointing and gradient_checkpointing_enable/disable are deprecated (PEFT and
+      TRL call them, not us: TRL's DPO around every reference forward)."""
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "kernels-community" not in record.getMessage())
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_(en|dis)able` is deprecated", category=FutureWarning)
 
 
 def setup_logging() -> None:
@@ -300,8 +302,9 @@ def train_verb(cfg, world) -> int:
     summary = pipeline.train(cfg)
     if not world.is_main:
         return 0
-    keys = ("eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "train_runtime_s", "peak_memory_gb")
-    print("\n".join(f"{k:>18}: {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))))
+    keys = ("eval_loss_base", "eval_loss", "exact_match_base", "exact_match", "preference_accuracy_base",
+            "preference_accuracy", "train_runtime_s", "peak_memory_gb")
+    print("\n".join(f"{k:>24}: {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))))
     run_dir = shlex.quote(os.path.abspath(cfg.output_dir))
     print(f"run directory: {run_dir}")
     print(f"next: python -m finetune generate run={run_dir} prompt='...'   (answers with the tuned model)\n"

@@ -110,9 +110,9 @@ def prepare(cfg: FinetuneConfig) -> Session:
     # differs by the second between processes), and only rank 0 writes files, W&B and the Hub.
     world = distributed.init(cpu=device.type == "cpu")
     cfg.output_dir = distributed.broadcast(cfg.output_dir)
+    init_adapter = initial_adapter(cfg)  # init_from: its adapter's LoRA settings become this run's (resume compares)
     # Everything a user can get wrong is checked before anything is written: a typo leaves no run behind.
     run_dir, resume_from = distributed.on_main(lambda: check_start(cfg, world, device.type))
-    init_adapter = initial_adapter(cfg)  # init_from: its adapter's LoRA settings become this run's
     check_skeleton(cfg.model, cfg.quant, cfg.lora)  # a typo is said before any weight is loaded
     check_export(cfg.model, cfg.export)  # llama.cpp's tools, where GGUF files are asked for
     log.info("device: %s, precision %s", device.describe(), device.precision)

@@ -221,10 +221,11 @@ def checkpoint_mixin():
             save_atomically(self, super()._get_output_dir(trial), lambda: write(model, trial))
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            """Loading the adapter back re-creates it in PEFT's default fp32, but TRL trains a quantized model's
-            adapter in bf16: restore the dtypes it had, or the resumed run computes something else."""
+            """Loading the adapters back re-creates them in PEFT's default fp32, but TRL trains a quantized model's
+            adapter in bf16 (and DPO's frozen reference copy is computed as it: match_reference_dtype): restore the
+            dtypes they had, or the resumed run computes something else."""
             target = model if model is not None else self.model
-            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad or ".ref." in n}
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             for n, p in target.named_parameters():
                 if n in dtypes and p.dtype != dtypes[n]:
@@ -242,6 +243,10 @@ def trainer_class(objective: str = "sft"):
         from trl import DPOTrainer
 
         class PreferenceTrainer(checkpoint_mixin(), DPOTrainer):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                match_reference_dtype(self.model)
+
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return dataset
 
@@ -270,6 +275,18 @@ def trainer_class(objective: str = "sft"):
             return super().log(logs, *args, **kwargs)
 
     return Trainer
+
+
+def match_reference_dtype(model) -> None:
+    """TRL's DPO on a quantized base casts the trained adapter to bf16 after copying it as the reference adapter
+    ("ref", for a run that starts from an adapter), which stays in fp32: the same values (they came from the same
+    file), computed at another precision, so the reference was not the policy at step 0 (a loss of 0.6928 instead of
+    log 2). The copy takes the trained adapter's dtype, as the exact copy it is meant to be."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        twin = params.get(name.replace(".ref.", ".default."))
+        if ".ref." in name and twin is not None and p.dtype != twin.dtype:
+            p.data = p.data.to(twin.dtype)
 
 
 def distillation_loss(model, inputs: dict, distill) -> tuple:

@@ -1,0 +1,183 @@
+"""DPO runs end to end: the loss starts at log 2, the reference is the model the run started from, the preference
+moves, the figures reach metrics.jsonl, W&B and `eval`, resume is exact, and the adapter loads in plain PEFT.
+
+The shared run is the preference demo (recipes/dpo_tiny.yaml) shortened, in this process: from the shipped SFT
+demo run, pure DPO (train.sft_weight=0), a checkpoint every 2 steps."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import read_wandb_log, wandb_history
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+RUN = ["recipe=dpo_tiny", f"train.max_steps={STEPS}", "train.save_steps=2", "train.save_total_limit=5",
+       "train.sft_weight=0", "train.learning_rate=2e-3", "train.logging_steps=1", "data.eval_max_samples=12",
+       "eval.exact_match_samples=6", "export=adapter"]
+
+
+def records(run) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def captured_run(cli, monkeypatch, *args) -> dict:
+    """A run through the CLI in this process, its trainer kept, and as training ends (before export lets the
+    reference go) TRL's reference log-probabilities of the first eval pairs and the policy's."""
+    from transformers import TrainerCallback
+
+    import finetune.pipeline as pipeline
+
+    captured, real = {}, pipeline.build_trainer
+
+    class AtTheEnd(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            trainer = captured["trainer"]
+            captured["reference"] = trainer.compute_ref_log_probs(trainer.model, eval_batch(trainer))
+            captured["policy"] = logps_of(trainer.model, trainer)
+
+    def build_and_capture(*a, **k):
+        captured["trainer"] = real(*a, **k)
+        captured["trainer"].add_callback(AtTheEnd())
+        return captured["trainer"]
+
+    monkeypatch.setattr(pipeline, "build_trainer", build_and_capture)
+    result = cli(*args)
+    monkeypatch.undo()
+    assert result.returncode == 0, result.stderr[-3000:]
+    return captured | {"stdout": result.stdout}
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    from _pytest.monkeypatch import MonkeyPatch
+
+    from tests.helpers import run_main
+
+    out = tmp_path_factory.mktemp("dpo") / "run"
+    with MonkeyPatch.context() as monkeypatch:
+        captured = captured_run(run_main, monkeypatch, *RUN, f"output_dir={out}")
+    return captured | {"dir": out, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def eval_batch(trainer, n: int = 8):
+    return trainer.data_collator([trainer.eval_dataset[i] for i in range(n)])
+
+
+def logps_of(model, trainer, n: int = 8) -> tuple:
+    """Summed log-probabilities of the first n eval pairs' chosen and rejected answers under `model`."""
+    from finetune.scoring import pair_logps
+
+    return pair_logps(model, trainer.eval_dataset.select(range(n)), trainer.processing_class.pad_token_id, 8)
+
+
+def test_dpo_starts_at_log_2_and_moves_the_models_own_preference(dpo_run):
+    """The reference equals the policy at step 0, so every pair's loss is -log sigmoid(0) = log 2; four steps
+    later the model prefers the chosen answers by a wider margin (no fewer of them); TRL's figures reach metrics.jsonl."""
+    s, logged = dpo_run["summary"], records(dpo_run["dir"])
+    assert s["objective"] == "dpo" and s["beta"] == 0.1 and s["data_format"] == "preference_chat"
+    assert s["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6)
+    first = next(r for r in logged if "loss" in r)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-5) and first["rewards/accuracies"] == 0
+    assert s["eval_loss"] < math.log(2) - 0.05
+    assert s["preference_accuracy"] >= s["preference_accuracy_base"] and s["preference_margin"] > s["preference_margin_base"] + 1
+    trained = [r for r in logged if "loss" in r]
+    assert len(trained) == STEPS and all({"rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
+                                         <= set(r) for r in trained)
+    assert trained[-1]["rewards/margins"] > 0
+    measured = [r for r in logged if "preference_accuracy" in r]
+    assert [r["step"] for r in measured] == [0, STEPS] and measured[-1]["preference_accuracy"] == s["preference_accuracy"]
+    assert "preference_accuracy" in dpo_run["stdout"]
+
+
+def test_the_figures_reach_wandb(dpo_run):
+    (log,) = (dpo_run["dir"] / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = read_wandb_log(log)
+    assert len(wandb_history(logged, "train/rewards/margins")) == STEPS
+    assert wandb_history(logged, "eval/preference_accuracy") == [dpo_run["summary"]["preference_accuracy_base"],
+                                                                 dpo_run["summary"]["preference_accuracy"]]
+
+
+def test_the_reference_is_the_adapter_the_run_started_from_with_no_second_model(dpo_run):
+    """TRL's reference forward (a frozen copy of init_from's adapter, in the same weights) gives the log-probabilities
+    of that adapter loaded on its own base (to bf16 rounding); the trained policy's are far from them."""
+    from finetune.run import Run
+
+    trainer, reference = dpo_run["trainer"], dpo_run["reference"]
+    assert trainer.ref_model is None
+    start = Run.open(str(dpo_run["dir"])).cfg.init_from
+    chosen, rejected = logps_of(Run.open(start).load_for_inference().model, trainer)
+    # the same adapter, computed in bf16 in training (TRL's cast for a quantized base) and in fp32 here
+    assert torch.allclose(reference[0], torch.tensor(chosen), rtol=2e-3, atol=1e-3)
+    assert torch.allclose(reference[1], torch.tensor(rejected), rtol=2e-3, atol=1e-3)
+    assert max(abs(a - b) for a, b in zip(dpo_run["policy"][0], chosen)) > 0.1
+
+
+def test_a_new_adapters_reference_is_the_base_itself(tmp_path, cli, monkeypatch):
+    """Without init_from, DPO trains a new adapter and the reference is the model with it off: the base's own
+    log-probabilities. The loss starts at log 2 there too."""
+    from finetune.model import detect_device, load_base_model
+    from finetune.registry import load_config
+
+    run = captured_run(cli, monkeypatch, *RUN[:1], "init_from=null", "train.max_steps=2", "train.sft_weight=0",
+                       "train.learning_rate=5e-3", "data.eval_max_samples=8", "eval.exact_match_samples=0",
+                       "export=adapter", "tracking=none", f"output_dir={tmp_path / 'run'}")
+    trainer, reference = run["trainer"], run["reference"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6) and summary["init_from"] is None
+    cfg = load_config(["recipe=dpo_tiny"])
+    base = load_base_model(cfg.model, cfg.quant, detect_device(cfg.train, cfg.quant, cfg.model)).eval()
+    chosen, rejected = logps_of(base, trainer)
+    assert torch.allclose(reference[0], torch.tensor(chosen), atol=1e-3)
+    assert torch.allclose(reference[1], torch.tensor(rejected), atol=1e-3)
+    assert max(abs(a - b) for a, b in zip(run["policy"][0], chosen)) > 1e-3  # it trained
+
+
+def test_dpo_resume_is_exact(dpo_run, cli, tmp_path):
+    run = tmp_path / "at2"
+    shutil.copytree(dpo_run["dir"], run)
+    shutil.rmtree(run / "checkpoints" / f"checkpoint-{STEPS}")
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    result = cli(*RUN, f"output_dir={run}", "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [{r["step"]: r["loss"] for r in records(d) if "loss" in r} for d in (run, dpo_run["dir"])]
+    assert losses[0] == losses[1]
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run, dpo_run["dir"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["preference_accuracy_base"] == dpo_run["summary"]["preference_accuracy_base"]
+
+
+def test_the_adapter_is_the_trained_one_alone_and_loads_in_plain_peft(dpo_run):
+    """adapter/ holds the trained adapter, not TRL's reference copy, and plain PEFT puts it on the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.run import Run
+
+    adapter = dpo_run["dir"] / "adapter"
+    assert not (adapter / "ref").exists()
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and not any(".ref." in k for k in weights)
+    base = AutoModelForCausalLM.from_pretrained(Run.open(str(dpo_run["dir"])).cfg.model.name_or_path)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    assert model.peft_config["default"].r == 32
+
+
+def test_eval_reports_the_preference_of_the_base_the_start_and_the_tuned_adapter(dpo_run, cli):
+    result = cli("eval", f"run={dpo_run['dir']}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((dpo_run["dir"] / "eval.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["base, nf4", "init_from, nf4", "nf4"]
+    base, start, tuned = rows
+    assert all(r["pairs"] == 12 for r in rows) and start["preference_accuracy"] > base["preference_accuracy"]
+    assert tuned["preference_margin"] > start["preference_margin"] + 1 > base["preference_margin"] + 1
+    assert tuned["preference_accuracy"] == dpo_run["summary"]["preference_accuracy"]
+    assert tuned["preference_margin"] == pytest.approx(dpo_run["summary"]["preference_margin"], rel=0.01)
+    assert "prefers" in result.stdout
