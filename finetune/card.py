@@ -20,6 +20,8 @@ TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 FIGURES = [  # summary.json key -> what the card calls it
     ("eval_loss_base", "eval loss, base"), ("eval_loss", "eval loss, tuned"),
     ("exact_match_base", "exact match, base"), ("exact_match", "exact match, tuned"),
+    ("preference_accuracy_base", "preference accuracy, base"), ("preference_accuracy", "preference accuracy, tuned"),
+    ("preference_margin_base", "preference margin (nats), base"), ("preference_margin", "preference margin (nats), tuned"),
     ("train_loss", "train loss"), ("train_tokens", "train tokens"), ("train_runtime_s", "train time (s)"),
     ("device", "device"), ("peak_memory_gb", "peak memory (GB)"), ("trainable_params", "trainable parameters"),
 ]
@@ -63,7 +65,7 @@ def card_data(cfg: FinetuneConfig, base: Optional[str], merged: bool, repo_id: O
         pipeline_tag="text-generation",
         license=cfg.hub.license or base_license(cfg.model, online),
         datasets=hub_datasets or None,
-        tags=["finetune", method, "sft", "trl"] + (["base_model:adapter:" + base] if base and not merged else [])
+        tags=["finetune", method, cfg.train.objective, "trl"] + (["base_model:adapter:" + base] if base and not merged else [])
         + (["gguf", "llama.cpp", *gguf_levels] if cfg.hub.gguf else []),
         model_name=repo_id.split("/")[-1] if repo_id else None,
     )
@@ -101,14 +103,26 @@ def training(cfg: FinetuneConfig, summary: dict) -> list[tuple[str, str]]:
     """The recipe's key settings."""
     lora, t = cfg.lora, cfg.train
     schedule = "max_steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
-    return [("base", f"{describe_base(cfg.model)} in {cfg.quant.method}"),
+    return [("objective", objective(cfg, summary)),
+            ("base", f"{describe_base(cfg.model)} in {cfg.quant.method}"),
             ("LoRA", f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets={','.join(lora.target_modules)}"
                      f"{', rsLoRA' if lora.use_rslora else ''}{', DoRA' if lora.use_dora else ''}"),
             ("optimizer", f"{t.optim}, lr {t.learning_rate:g} ({t.lr_scheduler})"),
-            ("batch", f"{t.micro_batch_size} x {t.grad_accum} sequences of up to {cfg.data.max_length} tokens"
+            ("batch", f"{t.micro_batch_size} x {t.grad_accum} {'sequences' if t.objective == 'sft' else 'pairs'} of up "
+                      f"to {cfg.data.max_length} tokens"
                       f"{', packed' if cfg.data.packing else ''}"),
             ("schedule", f"{summary.get('steps', '?')} steps ({schedule})"),
             ("chat template", summary.get("chat_template") or cfg.data.chat_template or "tokenizer")]
+
+
+def objective(cfg: FinetuneConfig, summary: dict) -> str:
+    """What was learned, from which data: supervised replies, or the preference pairs (DPO, its beta, its start)."""
+    if cfg.train.objective == "sft":
+        return f"supervised fine-tuning on the data's replies ({summary.get('data_format', '?')} rows)"
+    start = f"; continued from the adapter of {Path(cfg.init_from).name}" if cfg.init_from else ""
+    rpo = f", plus {cfg.train.sft_weight:g} x the chosen answers' cross-entropy" if cfg.train.sft_weight else ""
+    return (f"DPO on preference pairs ({summary.get('data_format', '?')}: prompt, chosen and rejected answers), "
+            f"beta={cfg.train.beta:g}{rpo}{start}")
 
 
 def describe_base(model: ModelConfig) -> str:

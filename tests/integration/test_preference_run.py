@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_wandb_log, wandb_history
+from tests.helpers import ROOT, free_port, read_wandb_log, run_cli, wandb_history
+from tests.integration.test_distributed import LOSS_TOLERANCE
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -168,6 +169,9 @@ def test_the_adapter_is_the_trained_one_alone_and_loads_in_plain_peft(dpo_run):
     base = AutoModelForCausalLM.from_pretrained(Run.open(str(dpo_run["dir"])).cfg.model.name_or_path)
     model = PeftModel.from_pretrained(base, str(adapter))
     assert model.peft_config["default"].r == 32
+    card = (adapter / "README.md").read_text()  # what `publish` uploads: the objective and the pairs it learned from
+    assert "- dpo\n" in card and "| objective | DPO on preference pairs (preference_chat: prompt, chosen and " in card
+    assert "continued from the adapter of demo_sft_run |" in card and "| preference accuracy, tuned |" in card
 
 
 def test_eval_reports_the_preference_of_the_base_the_start_and_the_tuned_adapter(dpo_run, cli):
@@ -181,3 +185,21 @@ def test_eval_reports_the_preference_of_the_base_the_start_and_the_tuned_adapter
     assert tuned["preference_accuracy"] == dpo_run["summary"]["preference_accuracy"]
     assert tuned["preference_margin"] == pytest.approx(dpo_run["summary"]["preference_margin"], rel=0.01)
     assert "prefers" in result.stdout
+
+
+def test_two_processes_train_as_one_at_the_same_effective_batch(dpo_run, tmp_path):
+    """The shared run (one process, 16 pairs a step) again under `accelerate launch` with two DDP processes of 8
+    pairs each, the pairs and the reference pass split between them: the same losses within LOSS_TOLERANCE, and
+    the model's own preference measured once."""
+    two = tmp_path / "two"
+    result = run_cli(*RUN, "train.micro_batch_size=8", "tracking=none", f"output_dir={two}", launch=(
+        "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+        "--main_process_port", str(free_port())))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [{r["step"]: r["loss"] for r in records(run) if "loss" in r} for run in (two, dpo_run["dir"])]
+    assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, STEPS + 1))
+    assert max(abs(losses[0][s] - losses[1][s]) for s in losses[1]) < LOSS_TOLERANCE, losses
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["processes"], summary["effective_batch"]) == (2, dpo_run["summary"]["effective_batch"])
+    assert [r["step"] for r in records(two) if "preference_accuracy" in r] == [0, STEPS]
+    assert summary["preference_margin"] == pytest.approx(dpo_run["summary"]["preference_margin"], rel=0.05)

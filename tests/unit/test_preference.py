@@ -141,3 +141,14 @@ def test_plan_holds_both_answers_of_a_pair_and_adds_the_reference_forward():
     assert dpo["train_tokens"] == 2 * sft["train_tokens"]
     assert dpo["hours"] / sft["hours"] == pytest.approx(2 * dpo["flops_per_token"] / sft["flops_per_token"], rel=0.02)
     assert math.isfinite(dpo["peak_gib"]) and dpo["peak_gib"] > sft["peak_gib"]
+
+
+def test_the_data_verb_previews_a_pair_with_the_compared_tokens_marked(cli):
+    """Both sides of the first training pair: the prompt as the template renders it, each answer and its end-of-turn
+    token marked; the counts are of pairs, their trained tokens both answers'."""
+    result = cli("data", "recipe=dpo_tiny")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "format: preference_chat" in out and "train: 180 rows" in out and "eval: 30 rows" in out
+    prompt = "<s><|user|>\nWrite 664 in words.</s>\n<|assistant|>\n"
+    assert f"chosen:\n{prompt}[[six hundred sixty four</s>]]\n" in out and f"rejected:\n{prompt}[[664</s>]]\n" in out
