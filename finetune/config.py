@@ -185,10 +185,12 @@ class DataConfig:
 class TrainConfig:
     objective: str = opt("sft", "what is learned: sft = the data's replies (supervised fine-tuning); dpo = to prefer "
                          "each pair's chosen answer over its rejected one, against a reference (Direct Preference "
-                         "Optimization; with LoRA the reference is the model with the adapter off: no second copy)",
-                         ["sft", "dpo"])
+                         "Optimization; with LoRA the reference is the model with the adapter off: no second copy); "
+                         "orpo = the chosen answers' cross-entropy plus an odds-ratio preference term, no reference "
+                         "(Odds Ratio Preference Optimization: SFT and preference in one run)", ["sft", "dpo", "orpo"])
     beta: float = opt(0.1, "train.objective=dpo: how far from the reference the model may move to prefer the chosen "
-                      "answers (smaller: further)", min=0, min_exclusive=True)
+                      "answers (smaller: further); orpo: the odds-ratio term's weight (ORPO's lambda)", min=0,
+                      min_exclusive=True)
     sft_weight: float = opt(0.0, "train.objective=dpo: also this times the chosen answers' cross-entropy (RPO, TRL's "
                             "loss_type [sigmoid, sft]): the chosen answers stay likely while the rejected fall, "
                             "which keeps greedy answers sound", min=0)
@@ -475,9 +477,10 @@ def objective_problems(cfg: FinetuneConfig) -> list[str]:
     if cfg.init_from and not cfg.lora.enabled:
         problems.append("init_from continues a run's LoRA adapter, and lora.enabled=false trains every weight: "
                         "set lora.enabled=true, or start from a model with model.name_or_path instead.")
-    if cfg.train.objective == "sft" and cfg.train.sft_weight:
+    if cfg.train.objective != "dpo" and cfg.train.sft_weight:
         problems.append(f"train.sft_weight={cfg.train.sft_weight:g} weighs a cross-entropy term of the DPO loss, and "
-                        "train.objective=sft is all cross-entropy: remove it, or set train.objective=dpo.")
+                        f"train.objective={cfg.train.objective} has its own (all of SFT's loss; ORPO's beside its "
+                        "odds-ratio term): remove it, or set train.objective=dpo.")
     if cfg.train.objective == "sft":
         return problems
     unused = {"data.packing=true": cfg.data.packing, "data.padding_free=true": cfg.data.padding_free,
@@ -487,6 +490,9 @@ def objective_problems(cfg: FinetuneConfig) -> list[str]:
         if given:
             problems.append(f"{key} is for supervised fine-tuning; train.objective={cfg.train.objective} compares "
                             f"whole answers, each pair padded in its own batch row: remove {key.split('=')[0]}.")
+    if cfg.train.objective == "orpo" and cfg.train.activation_offloading:
+        problems.append("train.activation_offloading=true: TRL's ORPO trainer has no activation offloading. Remove "
+                        "it (or use train.objective=dpo, which has).")
     return problems
 
 

@@ -41,7 +41,7 @@ from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
 from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_dpo_config,
-                              build_sft_config, build_trainer, optimizer_of, packing_efficiency, settle_liger, settle_padding_free,
+                              build_orpo_config, build_sft_config, build_trainer, optimizer_of, packing_efficiency, settle_liger, settle_padding_free,
                               unmark_prepared)
 
 log = logging.getLogger("finetune")
@@ -241,9 +241,13 @@ def build(s: Session):
     where = dict(device=s.device, checkpoints=s.run_dir / "checkpoints", run_name=s.run_dir.name,
                  report_to="wandb" if s.wandb_run is not None else "none", has_eval=has_eval,
                  eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
-    args = (build_dpo_config(cfg.train, cfg.data, **where, reference_pass=not cfg.lora.enabled) if preference else
-            build_sft_config(cfg.train, cfg.data, **where, eos_token=s.tokenizer.eos_token,
-                             keep_columns=bool(cfg.distill.teacher)))
+    if cfg.train.objective == "dpo":
+        args = build_dpo_config(cfg.train, cfg.data, **where, reference_pass=not cfg.lora.enabled)
+    elif cfg.train.objective == "orpo":
+        args = build_orpo_config(cfg.train, cfg.data, **where)
+    else:
+        args = build_sft_config(cfg.train, cfg.data, **where, eos_token=s.tokenizer.eos_token,
+                                keep_columns=bool(cfg.distill.teacher))
     trainer = build_trainer(model, s.tokenizer, s.train_tok.dataset, s.eval_tok.dataset if has_eval else None,
                             None if s.init_adapter else build_peft_config(cfg.lora), args,
                             [MetricsCallback(s.metrics, s.device.type)], optimizer=optimizer_of(cfg.train, args),
@@ -413,7 +417,7 @@ def summarize(s: Session, trainer, result, before: dict, after: dict) -> dict:
     tokens = s.totals.tokens() or None
     return {
         "recipe": cfg.recipe, "base_model": cfg.model.name_or_path, "quantization": cfg.quant.method,
-        "objective": cfg.train.objective, "beta": cfg.train.beta if cfg.train.objective == "dpo" else None,
+        "objective": cfg.train.objective, "beta": cfg.train.beta if cfg.train.objective != "sft" else None,
         "init_from": cfg.init_from,
         "train_loss": logged_train_loss(trainer.state.log_history) if s.resume_from else result.metrics.get("train_loss"),
         "eval_loss_base": before["eval_loss"], "eval_loss": after["eval_loss"],

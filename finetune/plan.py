@@ -392,7 +392,8 @@ class Setting:
     max_memory_cpu: Optional[float] = None
     gpus: int = 1               # processes of an accelerate launch, one per GPU
     sharding: str = "ddp"       # with gpus > 1: ddp (replicas) or fsdp (shards)
-    pairs: bool = False         # preference pairs (train.objective=dpo): a row is two sequences, and a reference pass
+    pairs: bool = False         # preference pairs (train.objective=dpo|orpo): a row is two sequences
+    reference: bool = False     # a reference forward of both (dpo)
 
     @property
     def sequences(self) -> int:
@@ -417,17 +418,18 @@ def setting_of(cfg: FinetuneConfig, arch: Optional[Arch] = None) -> Setting:
                    activation_offloading=t.activation_offloading,
                    offload=cfg.model.offload, max_memory_gpu=size(cfg.model.max_memory.gpu),
                    max_memory_cpu=size(cfg.model.max_memory.cpu), gpus=cfg.plan.gpus, sharding=cfg.plan.sharding,
-                   pairs=cfg.train.objective != "sft")
+                   pairs=cfg.train.objective != "sft", reference=cfg.train.objective == "dpo")
 
 
 def loss_of(cfg: FinetuneConfig) -> str:
     """plan.loss=auto: what this installation computes. TRL's SFTTrainer computes the loss through its fused LM head
     (tiles of the logits, never all of them) since its 1.x releases, Liger's kernels through their fused
     cross-entropy; before, transformers' loss over the whole fp32 logits. Distillation (distill.teacher) computes the
-    student's whole logits: its loss compares them with the teacher's top-k."""
+    student's whole logits: its loss compares them with the teacher's top-k; so does TRL's ORPO (its log-softmax over
+    them)."""
     if cfg.plan.loss != "auto":
         return cfg.plan.loss
-    if cfg.distill.teacher:
+    if cfg.distill.teacher or cfg.train.objective == "orpo":
         return "full"
     return "chunked" if cfg.train.liger_kernel or trl_fused_head() else "full"
 
@@ -631,7 +633,7 @@ def flops_per_token(arch: Arch, s: Setting) -> float:
     gradients when the weights train (LoRA's are negligible); one more forward with checkpointing, and one for the
     reference of preference pairs (the adapter off, or before training for a full fine-tune); and causal
     attention, 2 x layers x seq x hidden per forward."""
-    forwards = 1 + (1 if s.checkpointing else 0) + (1 if s.pairs else 0)
+    forwards = 1 + (1 if s.checkpointing else 0) + (1 if s.reference else 0)
     passes = 2 * forwards + 2 + (0 if s.lora else 2)
     attention = 2 * arch.layers * s.max_length * arch.hidden * (2 + forwards)
     return passes * matmul_params(arch) + attention
@@ -1033,7 +1035,8 @@ def render(plan: dict) -> str:
             lines.append(f"cost: {plan['steps']} steps ({plan['steps_from']}) x {s['micro_batch'] * s['grad_accum'] * gpus * per} "
                          f"sequences x {s['max_length']} tokens = {plan['train_tokens'] / 1e6:,.1f}M tokens (at most) -> "
                          f"{plan['hours']:.2f} h = {plan['gpu_hours']:.2f} GPU-hours"
-                         + (" (each pair's chosen and rejected answers, and a reference forward of both)" if per == 2 else ""))
+                         + (" (each pair's chosen and rejected answers" + (", and a reference forward of both)"
+                            if s.get("reference") else ")") if per == 2 else ""))
         else:
             lines.append(f"cost: {plan['steps_from']}")
     if plan.get("teacher"):

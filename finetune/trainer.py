@@ -145,7 +145,6 @@ def trainer_args(train: TrainConfig, data: DataConfig, device: Device, checkpoin
         bf16=device.precision == "bf16",
         fp16=device.precision == "fp16",
         use_cpu=device.type == "cpu",
-        activation_offloading=train.activation_offloading,  # TRL's: saved tensors to pinned CPU memory, on streams
         dataloader_pin_memory=device.type == "cuda",
         # Logging, evaluation, checkpoints
         logging_steps=train.logging_steps,
@@ -171,6 +170,7 @@ def build_sft_config(train: TrainConfig, data: DataConfig, device: Device, check
     return SFTConfig(
         **trainer_args(train, data, device, checkpoints, report_to, run_name, has_eval, eval_on_start, SFTConfig),
         use_liger_kernel=train.liger_kernel,
+        activation_offloading=train.activation_offloading,  # TRL's: saved tensors to pinned CPU memory, on streams
         remove_unused_columns=not keep_columns,  # distillation: the teacher's columns reach our collator
         # Data arrives tokenized, with labels (finetune/data/tokenize.py): TRL truncates to max_length and,
         # with packing, packs best-fit and trains padding-free (position ids keep the rows apart).
@@ -196,6 +196,7 @@ def build_dpo_config(train: TrainConfig, data: DataConfig, device: Device, check
 
     return DPOConfig(
         **trainer_args(train, data, device, checkpoints, report_to, run_name, has_eval, eval_on_start, DPOConfig),
+        activation_offloading=train.activation_offloading,
         beta=train.beta,
         loss_type=["sigmoid", "sft"] if train.sft_weight else ["sigmoid"],
         loss_weights=[1.0, train.sft_weight] if train.sft_weight else None,
@@ -203,6 +204,31 @@ def build_dpo_config(train: TrainConfig, data: DataConfig, device: Device, check
         truncation_mode="keep_start",
         precompute_ref_log_probs=reference_pass,
     )
+
+
+def build_orpo_config(train: TrainConfig, data: DataConfig, device: Device, checkpoints: Path, report_to: str,
+                      run_name: str, has_eval: bool = True, eval_on_start: bool = False):
+    """train.objective=orpo: TRL's ORPOConfig (trl.experimental.orpo), its odds-ratio term weighted by train.beta
+    (ORPO's lambda) beside the chosen answers' cross-entropy. No reference model at all. The pairs arrive tokenized
+    and within data.max_length, as for DPO."""
+    config_class = orpo_classes()[0]
+    return config_class(
+        **trainer_args(train, data, device, checkpoints, report_to, run_name, has_eval, eval_on_start, config_class),
+        beta=train.beta,
+        max_length=data.max_length,
+        remove_unused_columns=False,  # (its collator reads its own columns; it would set this itself, with a warning)
+    )
+
+
+def orpo_classes() -> tuple:
+    """(ORPOConfig, ORPOTrainer): TRL keeps ORPO under trl.experimental, whose import warns that its API may change
+    (tests/unit/test_internals.py fails the day what we use of it does)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
 
 
 def checkpoint_mixin():
@@ -235,10 +261,10 @@ def checkpoint_mixin():
 
 
 def trainer_class(objective: str = "sft"):
-    """The trainer of train.objective: TRL's SFTTrainer or DPOTrainer, with checkpoint_mixin()'s checkpoints.
-    SFT with `distill` set (a DistillConfig): its training loss is the distillation loss on the teacher's stored
-    top-k. DPO takes the pairs as finetune.data.pairs tokenized them (masks from the chat template, checked and
-    cached) instead of tokenizing them again."""
+    """The trainer of train.objective: TRL's SFTTrainer, DPOTrainer or ORPOTrainer, with checkpoint_mixin()'s
+    checkpoints. SFT with `distill` set (a DistillConfig): its training loss is the distillation loss on the
+    teacher's stored top-k. DPO and ORPO take the pairs as finetune.data.pairs tokenized them (masks from the chat
+    template, checked and cached) instead of tokenizing them again."""
     if objective == "dpo":
         from trl import DPOTrainer
 
@@ -251,6 +277,34 @@ def trainer_class(objective: str = "sft"):
                 return dataset
 
         return PreferenceTrainer
+    if objective == "orpo":
+        class OddsRatioTrainer(checkpoint_mixin(), orpo_classes()[1]):
+            def tokenize_row(self, feature, model=None):
+                return orpo_row(feature)
+
+            def concatenated_forward(self, model, batch):
+                """TRL's, with the cross-entropy over the chosen answers only: TRL's own also trains the prompt's
+                tokens, where SFT (and the ORPO paper) trains the reply."""
+                import torch.nn.functional as F
+
+                out = super().concatenated_forward(model, batch)
+                logits, labels = out[2], batch["chosen_labels"][:, 1:].to(out[2].device)  # logits: [:, :-1]
+                labels = F.pad(labels, (0, logits.shape[1] - labels.shape[1]), value=-100)
+                return (*out[:4], F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), *out[5:])
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                if model.training:  # TRL's ORPO counts no tokens: both sides' non-padding ones, as DPO counts them
+                    tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+                    self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + int(
+                        self.accelerator.gather_for_metrics(tokens.reshape(1)).sum())
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+            def log(self, logs, *args, **kwargs):
+                if "loss" in logs:
+                    logs["num_tokens"] = float(getattr(self, "_total_train_tokens", 0))
+                return super().log(logs, *args, **kwargs)
+
+        return OddsRatioTrainer
     from trl import SFTTrainer
 
     class Trainer(checkpoint_mixin(), SFTTrainer):
@@ -275,6 +329,18 @@ def trainer_class(objective: str = "sft"):
             return super().log(logs, *args, **kwargs)
 
     return Trainer
+
+
+def orpo_row(pair: dict) -> dict:
+    """A pair as finetune.data.pairs tokenized it, in the columns TRL's ORPO collator pads: each side the prompt and
+    its answer, labelled on the answer only."""
+    prompt, row = list(pair["prompt_ids"]), {"prompt_input_ids": list(pair["prompt_ids"]),
+                                              "prompt_attention_mask": [1] * len(pair["prompt_ids"])}
+    for side in ("chosen", "rejected"):
+        answer = list(pair[f"{side}_ids"])
+        row |= {f"{side}_input_ids": prompt + answer, f"{side}_attention_mask": [1] * (len(prompt) + len(answer)),
+                f"{side}_labels": [-100] * len(prompt) + answer}
+    return row
 
 
 def match_reference_dtype(model) -> None:

@@ -38,8 +38,9 @@ def captured_run(cli, monkeypatch, *args) -> dict:
     class AtTheEnd(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):
             trainer = captured["trainer"]
-            captured["reference"] = trainer.compute_ref_log_probs(trainer.model, eval_batch(trainer))
-            captured["policy"] = logps_of(trainer.model, trainer)
+            if hasattr(trainer, "compute_ref_log_probs"):  # DPO's
+                captured["reference"] = trainer.compute_ref_log_probs(trainer.model, eval_batch(trainer))
+                captured["policy"] = logps_of(trainer.model, trainer)
 
     def build_and_capture(*a, **k):
         captured["trainer"] = real(*a, **k)
@@ -203,3 +204,38 @@ def test_two_processes_train_as_one_at_the_same_effective_batch(dpo_run, tmp_pat
     assert (summary["processes"], summary["effective_batch"]) == (2, dpo_run["summary"]["effective_batch"])
     assert [r["step"] for r in records(two) if "preference_accuracy" in r] == [0, STEPS]
     assert summary["preference_margin"] == pytest.approx(dpo_run["summary"]["preference_margin"], rel=0.05)
+
+
+def test_orpo_scores_only_the_answers_and_resumes_exactly(cli, monkeypatch, tmp_path):
+    """ORPO: the chosen answers' cross-entropy plus the odds-ratio term, from the shipped SFT demo run, no reference.
+    Its cross-entropy covers the chosen answers alone (TRL's own also covers the prompt); TRL's figures and our
+    token count reach metrics.jsonl; resumed from its checkpoint-2, every loss and the adapter bit for bit."""
+    import torch.nn.functional as F
+
+    orpo = ["recipe=orpo_tiny", f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1",
+            "data.eval_max_samples=8", "eval.exact_match_samples=0", "export=adapter", "tracking=none"]
+    out, resumed = tmp_path / "orpo", tmp_path / "resumed"
+    trainer = captured_run(cli, monkeypatch, *orpo, f"output_dir={out}")["trainer"]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        nll = trainer.concatenated_forward(trainer.model, batch)[4]
+        answers = []
+        for ids, labels in zip(batch["chosen_input_ids"], batch["chosen_labels"]):
+            logits = trainer.model(input_ids=ids[None]).logits[0, :-1].float()
+            answers.append(F.cross_entropy(logits, labels[1:], reduction="none")[labels[1:] != -100])
+    assert nll.item() == pytest.approx(torch.cat(answers).mean().item(), rel=1e-4)
+    s, logged = json.loads((out / "summary.json").read_text()), records(out)
+    trained = [r for r in logged if "loss" in r]
+    assert s["objective"] == "orpo" and getattr(trainer, "ref_model", None) is None
+    assert trained[-1]["loss"] < trained[0]["loss"] and all({"nll_loss", "log_odds_ratio"} <= set(r) for r in trained)
+    assert s["train_tokens"] == trained[-1]["num_tokens"] > 0 and s["tokens_per_second"] > 0
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"checkpoint-{STEPS}")
+    shutil.rmtree(resumed / "adapter")
+    result = cli(*orpo, f"output_dir={resumed}", "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [{r["step"]: r["loss"] for r in records(d) if "loss" in r} for d in (resumed, out)]
+    assert losses[0] == losses[1]
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (resumed, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "summary.json").read_text())["train_tokens"] == s["train_tokens"]
