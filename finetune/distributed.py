@@ -78,6 +78,12 @@ def check_launch(cfg, w: World, device_type: str) -> None:
     if w.distributed and cfg.distill.teacher:
         raise UserError("distill.teacher: distillation runs in one process (the teacher's pass is stored once, then "
                         "the student trains): python -m finetune distill teacher=... without accelerate launch.")
+    if w.sharded and cfg.train.objective == "dpo" and not cfg.lora.enabled:
+        raise UserError("train.objective=dpo with lora.enabled=false under FSDP has no room for its reference: TRL "
+                        "loads a second, unsharded copy of the whole model in every process to compute the reference "
+                        "log-probabilities before training. Train a LoRA adapter (the reference is then the adapter "
+                        "off, in the same weights), or launch with configs/accelerate/ddp.yaml (or in one process), "
+                        "where they are computed by the model itself before its first step.")
     if w.sharded and os.environ.get("FSDP_VERSION") == "2" and cfg.train.optim in BITSANDBYTES_OPTIMIZERS:
         raise UserError(f"train.optim={cfg.train.optim} is a bitsandbytes optimizer, and its update kernels cannot take "
                         "FSDP2's sharded (DTensor) parameters (configs/accelerate/fsdp.yaml): set train.optim=adamw_torch "

@@ -239,3 +239,18 @@ def test_orpo_scores_only_the_answers_and_resumes_exactly(cli, monkeypatch, tmp_
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (resumed, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((resumed / "summary.json").read_text())["train_tokens"] == s["train_tokens"]
+
+
+def test_a_full_fine_tune_computes_its_reference_before_training_without_a_second_model(cli, monkeypatch, tmp_path):
+    """lora=off: the model's own log-probabilities of every pair, computed before its first step, are the reference
+    (TRL's precompute_ref_log_probs): no second model is loaded, and step 0 is log 2."""
+    run = captured_run(cli, monkeypatch, "recipe=dpo_tiny", "init_from=null", "lora=off", "quant=none",
+                       "train.optim=adamw_torch", "train.max_steps=2", "train.learning_rate=1e-4",
+                       "train.sft_weight=0", "data.eval_max_samples=8", "eval.exact_match_samples=0", "export=adapter",
+                       "tracking=none", f"output_dir={tmp_path / 'run'}")
+    trainer = run["trainer"]
+    assert trainer.ref_model is None and trainer.args.precompute_ref_log_probs
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6) and summary["eval_loss"] < math.log(2)
+    assert summary["trainable_params"] == summary["total_params"] and (tmp_path / "run" / "model").is_dir()

@@ -143,3 +143,19 @@ def test_llama_cpp_python_exposes_the_quantizer_and_the_output_silencer():
     params = llama_cpp.llama_model_quantize_default_params()
     assert hasattr(params, "ftype") and hasattr(params, "nthread") and llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M == 15
     assert "disable" in parameters(suppress_stdout_stderr.__init__)
+
+
+def test_trl_preference_trainers_internals_we_override():
+    """finetune.trainer feeds TRL's DPO and ORPO trainers our tokenized pairs through these, finds DPO's frozen copy of
+    a continued adapter under the name "ref", and fixes ORPO's cross-entropy from its forward's outputs."""
+    from trl import DPOTrainer
+
+    from finetune.trainer import orpo_classes
+
+    assert parameters(DPOTrainer._prepare_dataset) == ["self", "dataset", "processing_class", "args", "dataset_name"]
+    assert 'add_adapter("ref"' in inspect.getsource(DPOTrainer.__init__)
+    orpo = orpo_classes()[1]
+    assert parameters(orpo.tokenize_row) == ["self", "feature", "model"]
+    assert parameters(orpo.concatenated_forward) == ["self", "model", "batch"]
+    assert "return (chosen_logps, rejected_logps, chosen_logits, rejected_logits, chosen_nll_loss)" in \
+        inspect.getsource(orpo.concatenated_forward)

@@ -152,3 +152,18 @@ def test_the_data_verb_previews_a_pair_with_the_compared_tokens_marked(cli):
     assert "format: preference_chat" in out and "train: 180 rows" in out and "eval: 30 rows" in out
     prompt = "<s><|user|>\nWrite 664 in words.</s>\n<|assistant|>\n"
     assert f"chosen:\n{prompt}[[six hundred sixty four</s>]]\n" in out and f"rejected:\n{prompt}[[664</s>]]\n" in out
+
+
+def test_dpo_training_every_weight_under_fsdp_is_refused_for_want_of_room_for_its_reference():
+    """TRL would load an unsharded second copy of the model in every process; in one process or under DDP the model
+    computes its own reference before its first step, and LoRA needs no copy at all."""
+    from finetune import distributed
+    from finetune.distributed import World
+
+    full = load_config(["train.objective=dpo", "lora=off", "quant=none", "train.optim=adamw_torch", "export=adapter"])
+    with pytest.raises(UserError, match="train.objective=dpo with lora.enabled=false under FSDP has no room for its "
+                                        "reference"):
+        distributed.check_launch(full, World(2, 0, 0, "fsdp"), "cuda")
+    distributed.check_launch(full, World(2, 0, 0, "ddp"), "cuda")
+    distributed.check_launch(load_config(["train.objective=dpo", "train.optim=adamw_torch"]), World(2, 0, 0, "fsdp"),
+                             "cuda")
