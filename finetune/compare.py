@@ -136,7 +136,7 @@ def cost(c: Candidate, gpu: Optional[str]) -> dict:
 def compare(original: Run, paths: str, checkpoint: Optional[str] = None) -> tuple[Path, dict]:
     """Every model of `paths` (separated by commas) measured beside the original (a run, or a bare base) on its eval
     rows; eval.json and eval.png in RUN_DIR/compare/ (output_dir/compare/ for a base)."""
-    from finetune.eval import Variant, eval_splits, measure, plot, unquantized_dtype
+    from finetune.eval import Variant, eval_splits, measure, plot, rows_of, unquantized_dtype
     from finetune.plan import pick_gpu, planned_gpu
 
     if checkpoint or not (original.is_base or original.cfg.lora.enabled):
@@ -149,10 +149,11 @@ def compare(original: Run, paths: str, checkpoint: Optional[str] = None) -> tupl
     quant, dtype = precision(original), unquantized_dtype(original.cfg)
     gpu = planned_gpu(original.cfg.plan.gpu, "compare's GPU-hours")
     splits = eval_splits(original.cfg)
+    rows, pairs = rows_of(splits)
     rows_out = []
     for c in models:
         log.info("compare: %s on %d rows", c.label, len(splits.eval))
-        row = measure(c.run, Variant(quant, dtype=dtype), list(splits.eval), splits.conversational, None)
+        row = measure(c.run, Variant(quant, dtype=dtype), rows, splits.chat, None, pairs=pairs)
         rows_out.append(row | {"label": c.label, "kind": c.kind, "path": str(c.path),
                                "adapter": c.kind not in ("base", "pruned", "model"), **cost(c, gpu)})
     reference = rows_out[0]

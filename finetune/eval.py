@@ -222,6 +222,13 @@ def eval_splits(cfg: FinetuneConfig):
     return splits
 
 
+def rows_of(splits) -> tuple[list, Optional[object]]:
+    """(the eval rows `measure` scores, the preference pairs or None): of pairs, each one's chosen side."""
+    if splits.preference:
+        return chosen_rows(splits.eval), splits.eval
+    return list(splits.eval), None
+
+
 # ---- the verb -----------------------------------------------------------------------------------
 
 def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpoint: Optional[str] = None) -> dict:
@@ -234,8 +241,7 @@ def evaluate(run: Run, out_dir: Path, trained: Optional[Variant] = None, checkpo
     if any(q.startswith("gguf:") for q in cfg.eval.quant):
         check_gguf(run, checkpoint)
     splits = eval_splits(cfg)
-    pairs = splits.eval if splits.preference else None  # rows are then each pair's chosen side
-    rows = chosen_rows(splits.eval) if pairs is not None else list(splits.eval)
+    rows, pairs = rows_of(splits)
     if not splits.chat:
         log.info("the eval data is in the %s format: loss and perplexity only (exact match scores assistant replies)",
                  splits.format)

@@ -309,7 +309,7 @@ def save_model(model, tokenizer, folder: Path, cfg: FinetuneConfig, state_dict: 
 def export(run: Run, checkpoint: Optional[str]) -> tuple[Path, dict]:
     """`export`: write a run's adapter/ and merged/ again, from its final adapter (into the run directory)
     or from one of its checkpoints (into RUN_DIR/exports/checkpoint-N/). Returns (where, summary)."""
-    from finetune.data import load_splits
+    from finetune.data import check_rows, load_splits
     from finetune.gguf import check_export
 
     check_export(run.cfg.model, run.cfg.export)
@@ -323,8 +323,7 @@ def export(run: Run, checkpoint: Optional[str]) -> tuple[Path, dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     retry = f"python -m finetune export run={run.dir}" + (f" checkpoint={checkpoint}" if checkpoint else "")
     try:  # the weights as saved: re-saving the loaded adapter would write them in fp32
-        export_artifacts(run, out_dir, loaded.model, loaded.tokenizer,
-                         splits.eval if splits.eval is not None else splits.train, summary, retry,
+        export_artifacts(run, out_dir, loaded.model, loaded.tokenizer, check_rows(splits), summary, retry,
                          weights_from=loaded.source)
     except MergeRejected:
         run.write_summary(summary, out_dir)  # the figures of the merge that was refused

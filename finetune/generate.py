@@ -21,7 +21,7 @@ from finetune.run import Loaded, Run
 from finetune.verb_args import GenerateArgs
 
 log = logging.getLogger("finetune")
-RAW_FORMATS = ("text", "prompt_completion")  # trained on raw text: prompts are continued as they are
+RAW_FORMATS = ("text", "prompt_completion", "preference")  # trained on raw text: prompts are continued as they are
 
 
 def read_prompts(args: GenerateArgs) -> list[list[dict]]:

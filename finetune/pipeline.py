@@ -23,7 +23,7 @@ import torch
 
 from finetune import distributed
 from finetune.config import FinetuneConfig
-from finetune.data import Splits, check_objective, check_paths, chosen_rows, load_splits
+from finetune.data import Splits, check_objective, check_paths, check_rows, chosen_rows, load_splits
 from finetune.data.pairs import tokenize_pairs
 from finetune.data.templates import apply_chat_template_choice, use_end_of_turn
 from finetune.data.tokenize import Tokenized, tokenize
@@ -456,8 +456,7 @@ def finish(s: Session, trainer, summary: dict) -> dict:
     """Export (the adapter always; merged/, never from 4-bit weights, checked against the model as trained),
     summary.json, loss.png, W&B, and the Hub. Under FSDP every process takes part in gathering the model."""
     cfg, run_dir = s.cfg, s.run_dir
-    rows = s.splits.eval if s.splits.eval is not None else s.splits.train
-    rows = chosen_rows(rows) if s.splits.preference else rows  # a pair's chosen side: what the merge is checked on
+    rows = check_rows(s.splits)
     if "ref" in getattr(trainer.model, "peft_config", {}):  # TRL's frozen copy of init_from's adapter, the DPO
         trainer.model.delete_adapter("ref")                 # reference: not part of what the run made
     gathered = distributed.gather_for_export(s.world, trainer, cfg, s.tokenizer, rows)

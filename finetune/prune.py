@@ -126,7 +126,7 @@ def measured(model, tokenizer, rows, cfg: FinetuneConfig) -> dict:
 
 def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     """Score, drop, measure and write; returns (the pruned model's folder, its report, also in prune.json there)."""
-    from finetune.data import load_splits
+    from finetune.data import check_rows, load_splits
     from finetune.scoring import loss_items
 
     p = cfg.prune
@@ -141,8 +141,7 @@ def prune(cfg: FinetuneConfig, run=None) -> tuple[Path, dict]:
     out = Path(p.output_dir or run.dir / "pruned")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"{out} is not empty: choose another prune.output_dir, or overwrite=true to replace it.")
-    splits = load_splits(cfg.data, cfg.train.seed)
-    rows = splits.eval if splits.eval is not None else splits.train
+    rows = check_rows(load_splits(cfg.data, cfg.train.seed))
     model, tokenizer, source = source_model(run)
     items = loss_items(tokenizer, rows.select(range(min(len(rows), p.samples))), cfg.data)
     scores, scored_tokens = block_influence(model, items)

@@ -70,6 +70,15 @@ def chosen_rows(rows) -> list[dict]:
             if isinstance(r["chosen"], list) else {"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
 
 
+def check_rows(splits: Splits):
+    """The rows a finished model is checked on (export's merge check, `prune`'s scores): the eval split, else the
+    training rows; of preference pairs, their chosen sides (as a dataset)."""
+    import datasets
+
+    rows = splits.eval if splits.eval is not None else splits.train
+    return datasets.Dataset.from_list(chosen_rows(rows)) if splits.preference else rows
+
+
 def check_objective(splits: Splits, objective: str, where: str) -> None:
     """Preference pairs train with train.objective=dpo, and only they do."""
     if splits.preference and objective == "sft":
