@@ -140,22 +140,6 @@ def test_a_new_adapters_reference_is_the_base_itself(tmp_path, cli, monkeypatch)
     assert max(abs(a - b) for a, b in zip(run["policy"][0], chosen)) > 1e-3  # it trained
 
 
-def test_dpo_resume_is_exact(dpo_run, cli, tmp_path):
-    run = tmp_path / "at2"
-    shutil.copytree(dpo_run["dir"], run)
-    shutil.rmtree(run / "checkpoints" / f"checkpoint-{STEPS}")
-    shutil.rmtree(run / "adapter")
-    (run / "summary.json").unlink()
-    result = cli(*RUN, f"output_dir={run}", "resume=true")
-    assert result.returncode == 0, result.stderr[-2000:]
-    losses = [{r["step"]: r["loss"] for r in records(d) if "loss" in r} for d in (run, dpo_run["dir"])]
-    assert losses[0] == losses[1]
-    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run, dpo_run["dir"]))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    resumed = json.loads((run / "summary.json").read_text())
-    assert resumed["preference_accuracy_base"] == dpo_run["summary"]["preference_accuracy_base"]
-
-
 def test_the_adapter_is_the_trained_one_alone_and_loads_in_plain_peft(dpo_run):
     """adapter/ holds the trained adapter, not TRL's reference copy, and plain PEFT puts it on the base."""
     from peft import PeftModel
@@ -254,3 +238,63 @@ def test_a_full_fine_tune_computes_its_reference_before_training_without_a_secon
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6) and summary["eval_loss"] < math.log(2)
     assert summary["trainable_params"] == summary["total_params"] and (tmp_path / "run" / "model").is_dir()
+
+
+
+def test_sigterm_stops_dpo_at_a_checkpoint_and_resume_is_exact(dpo_run, cli, monkeypatch, tmp_path):
+    """The shared run again, a SIGTERM during step 3: checkpoint-3 written, exit 75; resume=true then gives every
+    loss and the adapter of the uninterrupted run bit for bit, and the base's figures measured once."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    import finetune.pipeline as pipeline
+
+    class SigtermDuringStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run, real = tmp_path / "run", pipeline.build_trainer
+    monkeypatch.setattr(pipeline, "build_trainer", lambda *a, **k: real(*a[:-1], [*a[-1], SigtermDuringStep3()], **k))
+    stopped = cli(*RUN, f"output_dir={run}")
+    monkeypatch.undo()
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert (run / "checkpoints" / "checkpoint-3").is_dir() and not (run / "adapter").exists()
+    result = cli(*RUN, f"output_dir={run}", "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [{r["step"]: r["loss"] for r in records(d) if "loss" in r} for d in (run, dpo_run["dir"])]
+    assert losses[0] == losses[1]
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run, dpo_run["dir"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["preference_accuracy_base"] == dpo_run["summary"]["preference_accuracy_base"]
+    assert [r["step"] for r in records(run) if "preference_accuracy" in r] == [0, STEPS]
+
+
+def test_a_non_finite_dpo_loss_stops_at_the_last_good_checkpoint(cli, monkeypatch, tmp_path):
+    """The NaN guard on DPO as on SFT: the loss made NaN at step 3 stops the run, naming the step and the checkpoint
+    it keeps."""
+    import finetune.pipeline as pipeline
+
+    real, calls = pipeline.build_trainer, []
+
+    def poisoned(*a, **k):
+        trainer = real(*a, **k)
+        loss = trainer.compute_loss
+
+        def nan_at_step_3(model, inputs, *args, **kwargs):
+            out = loss(model, inputs, *args, **kwargs)
+            calls.append(model.training)
+            return out * float("nan") if model.training and calls.count(True) == 3 else out
+
+        trainer.compute_loss = nan_at_step_3
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", poisoned)
+    result = cli(*RUN, "train.max_bad_steps=0", "tracking=none", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "Non-finite loss or gradient at step 3" in result.stderr and "checkpoint-2, is kept" in result.stderr
+    kept = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in kept.values())
