@@ -143,7 +143,8 @@ def quiet_library_notices() -> None:
         lambda record: "kernels-community" not in record.getMessage())
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="`gradient_checkpointing_(en|dis)able` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_(en|dis)able` is deprecated",
+                            category=FutureWarning)
 
 
 def setup_logging() -> None:

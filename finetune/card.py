@@ -21,7 +21,8 @@ FIGURES = [  # summary.json key -> what the card calls it
     ("eval_loss_base", "eval loss, base"), ("eval_loss", "eval loss, tuned"),
     ("exact_match_base", "exact match, base"), ("exact_match", "exact match, tuned"),
     ("preference_accuracy_base", "preference accuracy, base"), ("preference_accuracy", "preference accuracy, tuned"),
-    ("preference_margin_base", "preference margin (nats), base"), ("preference_margin", "preference margin (nats), tuned"),
+    ("preference_margin_base", "preference margin (nats), base"),
+    ("preference_margin", "preference margin (nats), tuned"),
     ("train_loss", "train loss"), ("train_tokens", "train tokens"), ("train_runtime_s", "train time (s)"),
     ("device", "device"), ("peak_memory_gb", "peak memory (GB)"), ("trainable_params", "trainable parameters"),
 ]

@@ -41,8 +41,8 @@ from finetune.tokenizer import load_tokenizer
 from finetune.tracking import (MetricsLog, finish_wandb, log_model, peak_memory_gb, peak_memory_reserved_gb, plot_loss,
                                start_wandb, wandb_link)
 from finetune.trainer import (MetricsCallback, NonFiniteGuard, PreemptionGuard, RunTotals, build_dpo_config,
-                              build_orpo_config, build_sft_config, build_trainer, optimizer_of, packing_efficiency, settle_liger, settle_padding_free,
-                              unmark_prepared)
+                              build_orpo_config, build_sft_config, build_trainer, optimizer_of, packing_efficiency,
+                              settle_liger, settle_padding_free, unmark_prepared)
 
 log = logging.getLogger("finetune")
 

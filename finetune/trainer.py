@@ -63,7 +63,7 @@ LIGER_MEASURED = ("llama",)
 
 def settle_liger(train: TrainConfig, device_type: str, model) -> None:
     """Decide train.liger_kernel=null: on for a measured family on a CUDA GPU with liger-kernel installed."""
-    if train.objective != "sft":  # TRL's DPO computes its log-probabilities with its own fused head
+    if train.objective != "sft":  # TRL's DPO and ORPO compute their log-probabilities themselves (DPO: its fused head)
         train.liger_kernel = False
     if train.liger_kernel is not None:
         return
