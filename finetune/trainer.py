@@ -262,49 +262,14 @@ def checkpoint_mixin():
 
 def trainer_class(objective: str = "sft"):
     """The trainer of train.objective: TRL's SFTTrainer, DPOTrainer or ORPOTrainer, with checkpoint_mixin()'s
-    checkpoints. SFT with `distill` set (a DistillConfig): its training loss is the distillation loss on the
-    teacher's stored top-k. DPO and ORPO take the pairs as finetune.data.pairs tokenized them (masks from the chat
-    template, checked and cached) instead of tokenizing them again."""
-    if objective == "dpo":
-        from trl import DPOTrainer
+    checkpoints. DPO and ORPO take the pairs as finetune.data.pairs tokenized them (masks from the chat template,
+    checked and cached) instead of tokenizing them again."""
+    return {"sft": sft_trainer, "dpo": dpo_trainer, "orpo": orpo_trainer}[objective]()
 
-        class PreferenceTrainer(checkpoint_mixin(), DPOTrainer):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                match_reference_dtype(self.model)
 
-            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-                return dataset
-
-        return PreferenceTrainer
-    if objective == "orpo":
-        class OddsRatioTrainer(checkpoint_mixin(), orpo_classes()[1]):
-            def tokenize_row(self, feature, model=None):
-                return orpo_row(feature)
-
-            def concatenated_forward(self, model, batch):
-                """TRL's, with the cross-entropy over the chosen answers only: TRL's own also trains the prompt's
-                tokens, where SFT (and the ORPO paper) trains the reply."""
-                import torch.nn.functional as F
-
-                out = super().concatenated_forward(model, batch)
-                logits, labels = out[2], batch["chosen_labels"][:, 1:].to(out[2].device)  # logits: [:, :-1]
-                labels = F.pad(labels, (0, logits.shape[1] - labels.shape[1]), value=-100)
-                return (*out[:4], F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), *out[5:])
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                if model.training:  # TRL's ORPO counts no tokens: both sides' non-padding ones, as DPO counts them
-                    tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
-                    self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + int(
-                        self.accelerator.gather_for_metrics(tokens.reshape(1)).sum())
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-            def log(self, logs, *args, **kwargs):
-                if "loss" in logs:
-                    logs["num_tokens"] = float(getattr(self, "_total_train_tokens", 0))
-                return super().log(logs, *args, **kwargs)
-
-        return OddsRatioTrainer
+def sft_trainer():
+    """SFT; with `distill` set (a DistillConfig), its training loss is the distillation loss on the teacher's stored
+    top-k."""
     from trl import SFTTrainer
 
     class Trainer(checkpoint_mixin(), SFTTrainer):
@@ -329,6 +294,52 @@ def trainer_class(objective: str = "sft"):
             return super().log(logs, *args, **kwargs)
 
     return Trainer
+
+
+def dpo_trainer():
+    """DPO, its reference copy of a continued adapter computed as the adapter is (match_reference_dtype)."""
+    from trl import DPOTrainer
+
+    class PreferenceTrainer(checkpoint_mixin(), DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            match_reference_dtype(self.model)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PreferenceTrainer
+
+
+def orpo_trainer():
+    """ORPO, its cross-entropy over the chosen answers only, counting the tokens it trains on."""
+    class OddsRatioTrainer(checkpoint_mixin(), orpo_classes()[1]):
+        def tokenize_row(self, feature, model=None):
+            return orpo_row(feature)
+
+        def concatenated_forward(self, model, batch):
+            """TRL's, with the cross-entropy over the chosen answers only: TRL's own also trains the prompt's
+            tokens, where SFT (and the ORPO paper) trains the reply."""
+            import torch.nn.functional as F
+
+            out = super().concatenated_forward(model, batch)
+            logits, labels = out[2], batch["chosen_labels"][:, 1:].to(out[2].device)  # logits: [:, :-1]
+            labels = F.pad(labels, (0, logits.shape[1] - labels.shape[1]), value=-100)
+            return (*out[:4], F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), *out[5:])
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:  # TRL's ORPO counts no tokens: both sides' non-padding ones, as DPO counts them
+                tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+                self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + int(
+                    self.accelerator.gather_for_metrics(tokens.reshape(1)).sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:
+                logs["num_tokens"] = float(getattr(self, "_total_train_tokens", 0))
+            return super().log(logs, *args, **kwargs)
+
+    return OddsRatioTrainer
 
 
 def orpo_row(pair: dict) -> dict:

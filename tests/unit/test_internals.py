@@ -14,7 +14,7 @@ def parameters(fn) -> list[str]:
 
 
 def test_the_trainers_checkpoint_methods_we_override():
-    """finetune.trainer.trainer_class overrides these to stage checkpoints and keep the adapter's dtype."""
+    """finetune.trainer.checkpoint_mixin overrides these to stage checkpoints and keep the adapters' dtypes."""
     from transformers import Trainer
 
     assert parameters(Trainer._save_checkpoint) == ["self", "model", "trial"]
