@@ -62,7 +62,7 @@ def dpo_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("dpo") / "run"
     with MonkeyPatch.context() as monkeypatch:
-        captured = captured_run(run_main, monkeypatch, *RUN, f"output_dir={out}")
+        captured = captured_run(run_main, monkeypatch, *RUN, "export=merged", f"output_dir={out}")
     return captured | {"dir": out, "summary": json.loads((out / "summary.json").read_text())}
 
 
@@ -141,7 +141,8 @@ def test_a_new_adapters_reference_is_the_base_itself(tmp_path, cli, monkeypatch)
 
 
 def test_the_adapter_is_the_trained_one_alone_and_loads_in_plain_peft(dpo_run):
-    """adapter/ holds the trained adapter, not TRL's reference copy, and plain PEFT puts it on the base."""
+    """adapter/ holds the trained adapter, not TRL's reference copy, and plain PEFT puts it on the base; merged/ was
+    checked against the 4-bit model as trained (on the eval pairs' chosen sides) and loads in plain transformers."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -157,6 +158,10 @@ def test_the_adapter_is_the_trained_one_alone_and_loads_in_plain_peft(dpo_run):
     card = (adapter / "README.md").read_text()  # what `publish` uploads: the objective and the pairs it learned from
     assert "- dpo\n" in card and "| objective | DPO on preference pairs (preference_chat: prompt, chosen and " in card
     assert "continued from the adapter of demo_sft_run |" in card and "| preference accuracy, tuned |" in card
+    summary = dpo_run["summary"]
+    assert summary["merge_fidelity"]["samples"] == 4 and summary["merge_mean_kl"] < 0.01
+    merged = AutoModelForCausalLM.from_pretrained(dpo_run["dir"] / "merged")
+    assert merged.config.num_hidden_layers == base.config.num_hidden_layers
 
 
 def test_eval_reports_the_preference_of_the_base_the_start_and_the_tuned_adapter(dpo_run, cli):
