@@ -220,7 +220,8 @@ def has_reasoning(rows) -> bool:
 # ---- build --------------------------------------------------------------------------------------
 
 def build(s: Session):
-    """The base model, quantized on load; SFTTrainer wraps it in the LoRA adapter (B = 0: still the base)."""
+    """The base model, quantized on load (and init_from's adapter on it); the objective's trainer wraps it in the LoRA
+    adapter (B = 0: still the base)."""
     cfg = s.cfg
     if s.world.sharded and cfg.eval.exact_match_samples:
         log.info("eval.exact_match_samples=%d: exact match is not measured under FSDP (generation needs the whole "
@@ -238,16 +239,7 @@ def build(s: Session):
                                                                        s.world.sharded)
     settle_liger(cfg.train, s.device.type, model)
     has_eval = s.eval_tok is not None
-    where = dict(device=s.device, checkpoints=s.run_dir / "checkpoints", run_name=s.run_dir.name,
-                 report_to="wandb" if s.wandb_run is not None else "none", has_eval=has_eval,
-                 eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
-    if cfg.train.objective == "dpo":
-        args = build_dpo_config(cfg.train, cfg.data, **where, reference_pass=not cfg.lora.enabled)
-    elif cfg.train.objective == "orpo":
-        args = build_orpo_config(cfg.train, cfg.data, **where)
-    else:
-        args = build_sft_config(cfg.train, cfg.data, **where, eos_token=s.tokenizer.eos_token,
-                                keep_columns=bool(cfg.distill.teacher))
+    args = training_config(s, has_eval)
     trainer = build_trainer(model, s.tokenizer, s.train_tok.dataset, s.eval_tok.dataset if has_eval else None,
                             None if s.init_adapter else build_peft_config(cfg.lora), args,
                             [MetricsCallback(s.metrics, s.device.type)], optimizer=optimizer_of(cfg.train, args),
@@ -261,6 +253,21 @@ def build(s: Session):
     s.params = trainable, total = count_parameters(trainer.model)
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
     return trainer
+
+
+def training_config(s: Session, has_eval: bool):
+    """The TRL config of train.objective: SFT's, DPO's (a full fine-tune computes its reference before training) or
+    ORPO's."""
+    cfg = s.cfg
+    common = dict(device=s.device, checkpoints=s.run_dir / "checkpoints", run_name=s.run_dir.name,
+                  report_to="wandb" if s.wandb_run is not None else "none", has_eval=has_eval,
+                  eval_on_start=distributed.base_eval_at_start(s.world, s.resume_from is not None, has_eval))
+    if cfg.train.objective == "dpo":
+        return build_dpo_config(cfg.train, cfg.data, **common, reference_pass=not cfg.lora.enabled)
+    if cfg.train.objective == "orpo":
+        return build_orpo_config(cfg.train, cfg.data, **common)
+    return build_sft_config(cfg.train, cfg.data, **common, eos_token=s.tokenizer.eos_token,
+                            keep_columns=bool(cfg.distill.teacher))
 
 
 def check_rows_kept(before: int, after: int, max_length: int) -> None:
