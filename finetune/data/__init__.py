@@ -61,7 +61,7 @@ class Splits:
         return self.conversational or self.format == "preference_chat"
 
 
-def chosen_rows(rows) -> list[dict]:
+def chosen_rows(rows) -> Optional[list[dict]]:
     """Each preference pair's chosen side as an SFT row (a conversation, or prompt/completion): what greedy answers,
     the loss of `eval` and the export's merge check score a preference run on."""
     if rows is None:
@@ -80,11 +80,11 @@ def check_rows(splits: Splits):
 
 
 def check_objective(splits: Splits, objective: str, where: str) -> None:
-    """Preference pairs train with train.objective=dpo, and only they do."""
+    """Preference pairs train with train.objective=dpo or orpo, and only they do."""
     if splits.preference and objective == "sft":
         raise UserError(f"{where} holds preference pairs ({splits.format}: prompt, chosen, rejected), which "
-                        "supervised fine-tuning (train.objective=sft) cannot learn from: set train.objective=dpo, "
-                        "or give rows like " + formats.EXAMPLES["messages"] + ".")
+                        "supervised fine-tuning (train.objective=sft) cannot learn from: set train.objective=dpo "
+                        "(or orpo), or give rows like " + formats.EXAMPLES["messages"] + ".")
     if not splits.preference and objective != "sft":
         raise UserError(f"train.objective={objective} learns from preference pairs, but {where} is in the "
                         f"{splits.format} format (no chosen and rejected answers). Give rows like "
