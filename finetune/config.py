@@ -472,7 +472,8 @@ def training_problems(cfg: FinetuneConfig) -> list[str]:
 
 
 def objective_problems(cfg: FinetuneConfig) -> list[str]:
-    """Settings that train.objective=dpo has no use for (it would otherwise ignore them), and init_from's adapter."""
+    """Settings that train.objective=dpo|orpo has no use for (they would be ignored), train.sft_weight outside DPO,
+    and init_from's adapter."""
     problems = []
     if cfg.init_from and not cfg.lora.enabled:
         problems.append("init_from continues a run's LoRA adapter, and lora.enabled=false trains every weight: "
