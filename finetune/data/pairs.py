@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from finetune.config import DataConfig
 from finetune.data import formats, masks
-from finetune.data.tokenize import (Tokenized, _common_prefix, _key, cache_dir, keep_cache_small, labelled,
-                                    map_cached, refused_rows, too_long_rows)
+from finetune.data.tokenize import (Tokenized, cache_path, common_prefix, keep_cache_small, labelled, map_cached,
+                                    refused_rows, token_ids, too_long_rows)
 from finetune.errors import UserError
 
 VERSION = "1"  # bump when the tokenization below changes
@@ -28,13 +28,13 @@ def side(row: dict, answer: str, tokenizer) -> tuple[list[int], int]:
         return seq["input_ids"], next(i for i, label in enumerate(seq["labels"]) if label != -100)
     text = row[answer] if row[answer].endswith(tokenizer.eos_token) else row[answer] + tokenizer.eos_token
     ids = tokenizer(row["prompt"] + text)["input_ids"]
-    return ids, min(_common_prefix(tokenizer(row["prompt"])["input_ids"], ids), len(ids) - 1)
+    return ids, min(common_prefix(tokenizer(row["prompt"])["input_ids"], ids), len(ids) - 1)
 
 
 def pair_row(row: dict, tokenizer) -> dict:
     """One converted pair as {"prompt_ids", "chosen_ids", "rejected_ids", "length"} (the longer side's tokens)."""
     (chosen, c), (rejected, r) = side(row, "chosen", tokenizer), side(row, "rejected", tokenizer)
-    start = min(c, r, _common_prefix(chosen, rejected))
+    start = min(c, r, common_prefix(chosen, rejected))
     return {"prompt_ids": chosen[:start], "chosen_ids": chosen[start:], "rejected_ids": rejected[start:],
             "length": max(len(chosen), len(rejected))}
 
@@ -57,7 +57,7 @@ def _pairs(batch: dict, indices: list[int], tokenizer) -> dict:
 def features(tokenizer):
     import datasets
 
-    ids = datasets.Sequence(datasets.Value("uint16" if len(tokenizer) <= 2**16 else "uint32"))
+    ids = token_ids(tokenizer)
     return datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
                               "length": datasets.Value("int32"), "row": datasets.Value("int32"),
                               "problem": datasets.Value("string")})
@@ -68,9 +68,7 @@ def tokenize_pairs(ds, tokenizer, cfg: DataConfig, name: str, where=None, length
     data.too_long to those over data.max_length (length_policy=False: only count them, for the `data` verb)."""
     if not len(ds):
         raise UserError(f"{name}: no preference pairs to train on.")
-    key = f"pairs{VERSION}-{name}"
-    path = cache_dir() / f"{key}-{_key(ds, tokenizer, cfg, key)}.arrow"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = cache_path(ds, tokenizer, cfg, f"pairs{VERSION}-{name}")
     out, cached = map_cached(ds, path, function=_pairs, fn_kwargs={"tokenizer": tokenizer}, batched=True,
                              with_indices=True, remove_columns=ds.column_names, features=features(tokenizer),
                              num_proc=cfg.num_proc if len(ds) > 1000 else None, desc=f"Tokenizing {name} pairs")

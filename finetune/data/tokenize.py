@@ -60,7 +60,7 @@ def tokenize_row(row: dict, tokenizer, train_on_inputs: bool, turns: str = "all"
         completion = row["completion"] if row["completion"].endswith(tokenizer.eos_token) else row["completion"] + tokenizer.eos_token
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
         ids = tokenizer(row["prompt"] + completion)["input_ids"]
-        start = 0 if train_on_inputs else _common_prefix(prompt_ids, ids)
+        start = 0 if train_on_inputs else common_prefix(prompt_ids, ids)
         return [_sequence(ids, [False] * start + [True] * (len(ids) - start))]
     text = row["text"] if row["text"].endswith(tokenizer.eos_token) else row["text"] + tokenizer.eos_token
     ids = tokenizer(text)["input_ids"]
@@ -82,7 +82,7 @@ def _sequence(ids: list[int], trained: list[bool]) -> dict:
             "trained": sum(trained)}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -176,14 +176,26 @@ def digest_rows(h, ds) -> None:
     h.update(sink.getvalue())
 
 
+def cache_path(ds, tokenizer, cfg: DataConfig, name: str) -> Path:
+    """The cache entry of these rows tokenized as `name` (its folder made)."""
+    path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def token_ids(tokenizer):
+    """The narrowest unsigned type that holds this tokenizer's token ids: the cache stays small."""
+    import datasets
+
+    return datasets.Sequence(datasets.Value("uint16" if len(tokenizer) <= 2**16 else "uint32"))
+
+
 def features(tokenizer):
     """The narrowest types that hold the token ids and labels (labels need -100): the cache stays small."""
     import datasets
 
-    vocab = len(tokenizer)
-    ids = "uint16" if vocab <= 2**16 else "uint32"
-    labels = "int16" if vocab <= 2**15 else "int32"
-    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value(ids)),
+    labels = "int16" if len(tokenizer) <= 2**15 else "int32"
+    return datasets.Features({"input_ids": token_ids(tokenizer),
                               "labels": datasets.Sequence(datasets.Value(labels)), "length": datasets.Value("int32"),
                               "trained": datasets.Value("int32"), "row": datasets.Value("int32"),
                               "problem": datasets.Value("string")})
@@ -199,8 +211,7 @@ def tokenize(ds, tokenizer, cfg: DataConfig, name: str, conversational: bool, wh
     if conversational and not cfg.train_on_inputs and len(ds):
         cross_check(tokenizer, cut_text(ds[0], limit), cfg.turns)
         reasoning_check(tokenizer, ds, name, limit)
-    path = cache_dir() / f"{name}-{_key(ds, tokenizer, cfg, name)}.arrow"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = cache_path(ds, tokenizer, cfg, name)
     kwargs = {"tokenizer": tokenizer, "train_on_inputs": cfg.train_on_inputs, "turns": cfg.turns,
               "longest": longest, "limit": limit, "truncate": cfg.too_long == "truncate"}
     out, cached = map_cached(ds, path, function=_rows, fn_kwargs=kwargs, batched=True, with_indices=True,
