@@ -66,7 +66,8 @@ def card_data(cfg: FinetuneConfig, base: Optional[str], merged: bool, repo_id: O
         pipeline_tag="text-generation",
         license=cfg.hub.license or base_license(cfg.model, online),
         datasets=hub_datasets or None,
-        tags=["finetune", method, cfg.train.objective, "trl"] + (["base_model:adapter:" + base] if base and not merged else [])
+        tags=["finetune", method, cfg.train.objective, "trl"]
+        + (["base_model:adapter:" + base] if base and not merged else [])
         + (["gguf", "llama.cpp", *gguf_levels] if cfg.hub.gguf else []),
         model_name=repo_id.split("/")[-1] if repo_id else None,
     )
@@ -117,13 +118,17 @@ def training(cfg: FinetuneConfig, summary: dict) -> list[tuple[str, str]]:
 
 
 def objective(cfg: FinetuneConfig, summary: dict) -> str:
-    """What was learned, from which data: supervised replies, or the preference pairs (DPO, its beta, its start)."""
-    if cfg.train.objective == "sft":
+    """What was learned, from which data: supervised replies, or the preference pairs (DPO or ORPO, its beta or
+    lambda, its start)."""
+    t = cfg.train
+    if t.objective == "sft":
         return f"supervised fine-tuning on the data's replies ({summary.get('data_format', '?')} rows)"
     start = f"; continued from the adapter of {Path(cfg.init_from).name}" if cfg.init_from else ""
-    rpo = f", plus {cfg.train.sft_weight:g} x the chosen answers' cross-entropy" if cfg.train.sft_weight else ""
-    return (f"DPO on preference pairs ({summary.get('data_format', '?')}: prompt, chosen and rejected answers), "
-            f"beta={cfg.train.beta:g}{rpo}{start}")
+    rpo = f", plus {t.sft_weight:g} x the chosen answers' cross-entropy" if t.sft_weight else ""
+    weight = (f"beta={t.beta:g}{rpo}" if t.objective == "dpo" else
+              f"the chosen answers' cross-entropy plus lambda={t.beta:g} x the odds-ratio term")
+    return (f"{t.objective.upper()} on preference pairs ({summary.get('data_format', '?')}: prompt, chosen and "
+            f"rejected answers), {weight}{start}")
 
 
 def describe_base(model: ModelConfig) -> str:

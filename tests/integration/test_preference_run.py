@@ -216,6 +216,8 @@ def test_orpo_scores_only_the_answers_and_resumes_exactly(cli, monkeypatch, tmp_
     s, logged = json.loads((out / "summary.json").read_text()), records(out)
     trained = [r for r in logged if "loss" in r]
     assert s["objective"] == "orpo" and getattr(trainer, "ref_model", None) is None
+    assert "| objective | ORPO on preference pairs (preference_chat: prompt, chosen and rejected answers), the " \
+        "chosen answers' cross-entropy plus lambda=0.1 x the odds-ratio term;" in (out / "adapter" / "README.md").read_text()
     assert trained[-1]["loss"] < trained[0]["loss"] and all({"nll_loss", "log_odds_ratio"} <= set(r) for r in trained)
     assert s["train_tokens"] == trained[-1]["num_tokens"] > 0 and s["tokens_per_second"] > 0
     shutil.copytree(out, resumed)
